@@ -1,0 +1,218 @@
+//! Command-line arguments (clap; each flag also read from a `CITED_*` variable) validated into a
+//! [`Config`] that the rest of the program takes by reference.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use clap::{Parser, Subcommand};
+
+use crate::models::llama::QuantMode;
+
+/// Errors in the command line or environment, reported before anything loads.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{what} not found at {path} (run models/fetch.sh, or pass --{flag})")]
+    MissingModel {
+        what: &'static str,
+        path: PathBuf,
+        flag: &'static str,
+    },
+    #[error("invalid --device `{0}` (cpu | cuda | cuda:N)")]
+    BadDevice(String),
+    #[error("--device {0} asks for CUDA, but this binary was built without the `cuda` feature")]
+    NoCuda(String),
+    #[error("CUDA device {0} is not available: {1}")]
+    CudaUnavailable(usize, String),
+}
+
+/// cited: cancer questions answered from retrieved clinical passages, with citations.
+#[derive(Debug, Parser)]
+#[command(name = "cited", version, about)]
+pub struct Args {
+    #[command(flatten)]
+    pub models: ModelArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the models are and how they run.
+#[derive(Debug, clap::Args)]
+pub struct ModelArgs {
+    /// Sentence-embedding model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(
+        long,
+        env = "CITED_EMBEDDER",
+        default_value = "models/all-minilm-l6-v2",
+        global = true
+    )]
+    pub embedder: PathBuf,
+    /// Generator GGUF file.
+    #[arg(
+        long,
+        env = "CITED_GENERATOR",
+        default_value = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
+        global = true
+    )]
+    pub generator: PathBuf,
+    /// Device the models run on: cpu, cuda or cuda:N.
+    #[arg(long, env = "CITED_DEVICE", default_value = "cpu", global = true)]
+    pub device: String,
+    /// How quantized GGUF matrices are computed: quantized (on the blocks) or dequantized (f32).
+    #[arg(
+        long,
+        env = "CITED_WEIGHTS",
+        default_value = "quantized",
+        global = true
+    )]
+    pub weights: QuantMode,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the embedding of each text as a JSON array.
+    Embed {
+        /// Texts to embed (one forward pass for all).
+        #[arg(required = true)]
+        texts: Vec<String>,
+    },
+    /// Generate a reply to a prompt with the chat template, streamed to stdout (greedy).
+    Generate {
+        /// The user's message.
+        prompt: String,
+        /// System prompt (the model's template default is never used).
+        #[arg(long, default_value = DEFAULT_SYSTEM)]
+        system: String,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+    },
+    /// Print the generator's token ids for a text.
+    Tokenize {
+        text: String,
+        /// Match control tokens such as <|im_start|> written in the text.
+        #[arg(long)]
+        special: bool,
+    },
+}
+
+/// The system prompt of `cited generate`.
+pub const DEFAULT_SYSTEM: &str =
+    "You are cited, an assistant that explains cancer care in plain language. You are not a \
+     substitute for the patient's care team.";
+
+/// Which device to run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| ConfigError::BadDevice(s.to_string())),
+        }
+    }
+
+    /// Opens the device; a clear error when CUDA is asked for and not there.
+    pub fn open(self) -> Result<Device, ConfigError> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) if !cfg!(feature = "cuda") => {
+                Err(ConfigError::NoCuda(format!("cuda:{n}")))
+            }
+            Self::Cuda(n) => {
+                Device::new_cuda(n).map_err(|e| ConfigError::CudaUnavailable(n, e.to_string()))
+            }
+        }
+    }
+}
+
+/// Validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub embedder: PathBuf,
+    pub generator: PathBuf,
+    pub device: DeviceSpec,
+    pub weights: QuantMode,
+}
+
+fn existing(path: &Path, what: &'static str, flag: &'static str) -> Result<PathBuf, ConfigError> {
+    if path.exists() {
+        Ok(path.to_path_buf())
+    } else {
+        Err(ConfigError::MissingModel {
+            what,
+            path: path.to_path_buf(),
+            flag,
+        })
+    }
+}
+
+impl Config {
+    /// Checks the arguments; `needs_embedder` / `needs_generator` say which model the command
+    /// loads, so a command is not refused for a model it never touches.
+    pub fn from_args(
+        args: &ModelArgs,
+        needs_embedder: bool,
+        needs_generator: bool,
+    ) -> Result<Self, ConfigError> {
+        let device = DeviceSpec::parse(&args.device)?;
+        let embedder = if needs_embedder {
+            existing(&args.embedder, "embedding model", "embedder")?
+        } else {
+            args.embedder.clone()
+        };
+        let generator = if needs_generator {
+            existing(&args.generator, "generator GGUF", "generator")?
+        } else {
+            args.generator.clone()
+        };
+        Ok(Self {
+            embedder,
+            generator,
+            device,
+            weights: args.weights,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices() {
+        assert_eq!(DeviceSpec::parse("cpu").unwrap(), DeviceSpec::Cpu);
+        assert_eq!(DeviceSpec::parse("cuda").unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!(DeviceSpec::parse("cuda:3").unwrap(), DeviceSpec::Cuda(3));
+        assert!(DeviceSpec::parse("gpu").is_err());
+        assert!(DeviceSpec::parse("cuda:x").is_err());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_is_a_clear_error() {
+        let err = DeviceSpec::Cuda(0).open().unwrap_err();
+        assert!(err.to_string().contains("without the `cuda` feature"));
+    }
+
+    #[test]
+    fn missing_model_names_the_fetch_script() {
+        let args = ModelArgs {
+            embedder: "/nonexistent/embedder".into(),
+            generator: "/nonexistent/g.gguf".into(),
+            device: "cpu".into(),
+            weights: QuantMode::Quantized,
+        };
+        let err = Config::from_args(&args, true, false).unwrap_err();
+        assert!(err.to_string().contains("models/fetch.sh"));
+        assert!(Config::from_args(&args, false, false).is_ok());
+    }
+}

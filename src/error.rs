@@ -1,0 +1,56 @@
+//! Error types, one per layer, linked with `#[from]`.
+
+use std::path::PathBuf;
+
+/// Failures while loading or running a model, its tokenizer or its chat template.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid JSON in {path}: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("GGUF file: {0}")]
+    Gguf(String),
+    #[error("chat template: {0}")]
+    Template(#[from] minijinja::Error),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("invalid input: {0}")]
+    Invalid(String),
+}
+
+impl ModelError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn tokenizer(err: impl std::fmt::Display) -> Self {
+        Self::Tokenizer(err.to_string())
+    }
+}
+
+/// Reads and parses a JSON file into `T`, naming the file in any error.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+) -> Result<T, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}

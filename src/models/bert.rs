@@ -1,0 +1,380 @@
+//! BERT-family encoders (all-MiniLM-L6-v2 and kin) and the sentence [`Embedder`] built on them:
+//! packed variable-length sequences in one forward, mean pooling, L2 normalisation.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+use tokenizers::{Tokenizer, TruncationParams};
+
+use super::{Batch, Result};
+use crate::error::{read_json, ModelError};
+use crate::ops::attention::attention;
+
+/// The encoder's feed-forward activation, as named in `config.json`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// The exact (erf) GELU that BERT's `"gelu"` means.
+    Gelu,
+    /// The tanh approximation.
+    #[serde(alias = "gelu_pytorch_tanh")]
+    GeluNew,
+    Relu,
+}
+
+/// `config.json` of a BERT-family encoder.
+#[derive(Clone, Debug, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_ln_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_pos_type")]
+    pub position_embedding_type: String,
+}
+
+fn default_act() -> Activation {
+    Activation::Gelu
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_ln_eps() -> f64 {
+    1e-12
+}
+fn default_pos_type() -> String {
+    "absolute".into()
+}
+
+struct BertLayer {
+    qkv: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+/// A BERT encoder: token ids in, one hidden state per token out.
+pub struct Bert {
+    word: Embedding,
+    position: Embedding,
+    /// Row 0 of the token-type table: every token is segment A in sentence embedding.
+    token_type: Tensor,
+    emb_norm: LayerNorm,
+    layers: Vec<BertLayer>,
+    cfg: BertConfig,
+}
+
+fn linear_fused(vb: &VarBuilder, names: &[&str], in_dim: usize, out_dim: usize) -> Result<Linear> {
+    let mut ws = Vec::with_capacity(names.len());
+    let mut bs = Vec::with_capacity(names.len());
+    for name in names {
+        let p = vb.pp(*name);
+        ws.push(p.get((out_dim, in_dim), "weight")?);
+        bs.push(p.get(out_dim, "bias")?);
+    }
+    Ok(Linear::new(
+        Tensor::cat(&ws, 0)?,
+        Some(Tensor::cat(&bs, 0)?),
+    ))
+}
+
+impl Bert {
+    /// Loads the encoder from a var builder over `model.safetensors` (with or without the
+    /// `bert.` prefix).
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        if cfg.position_embedding_type != "absolute" {
+            return Err(ModelError::Unsupported(format!(
+                "position_embedding_type {:?}",
+                cfg.position_embedding_type
+            )));
+        }
+        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(ModelError::Unsupported(format!(
+                "hidden_size {} is not a multiple of {} heads",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
+        }
+        let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
+            vb
+        } else {
+            vb.pp("bert")
+        };
+        let h = cfg.hidden_size;
+        let emb = vb.pp("embeddings");
+        let word = candle_nn::embedding(cfg.vocab_size, h, emb.pp("word_embeddings"))?;
+        let position = candle_nn::embedding(
+            cfg.max_position_embeddings,
+            h,
+            emb.pp("position_embeddings"),
+        )?;
+        let token_type = emb
+            .pp("token_type_embeddings")
+            .get((cfg.type_vocab_size, h), "weight")?
+            .narrow(0, 0, 1)?;
+        let emb_norm = candle_nn::layer_norm(h, cfg.layer_norm_eps, emb.pp("LayerNorm"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = vb.pp(format!("encoder.layer.{i}"));
+                let att = l.pp("attention");
+                Ok(BertLayer {
+                    qkv: linear_fused(&att.pp("self"), &["query", "key", "value"], h, h)?,
+                    attn_out: candle_nn::linear(h, h, att.pp("output.dense"))?,
+                    attn_norm: candle_nn::layer_norm(
+                        h,
+                        cfg.layer_norm_eps,
+                        att.pp("output.LayerNorm"),
+                    )?,
+                    intermediate: candle_nn::linear(
+                        h,
+                        cfg.intermediate_size,
+                        l.pp("intermediate.dense"),
+                    )?,
+                    output: candle_nn::linear(cfg.intermediate_size, h, l.pp("output.dense"))?,
+                    out_norm: candle_nn::layer_norm(
+                        h,
+                        cfg.layer_norm_eps,
+                        l.pp("output.LayerNorm"),
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            word,
+            position,
+            token_type,
+            emb_norm,
+            layers,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        self.token_type.device()
+    }
+
+    /// Hidden states of every packed token, `(num_tokens, hidden)`. Each sequence attends only to
+    /// itself; there is no padding to mask.
+    pub fn forward(&self, batch: &Batch) -> Result<Tensor> {
+        let dev = self.device();
+        if let Some(&p) = batch.positions().iter().max() {
+            if p as usize >= self.cfg.max_position_embeddings {
+                return Err(ModelError::Invalid(format!(
+                    "position {p} beyond the encoder's {} positions",
+                    self.cfg.max_position_embeddings
+                )));
+            }
+        }
+        let n = batch.num_tokens();
+        let heads = self.cfg.num_attention_heads;
+        let hd = self.cfg.hidden_size / heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let ids = Tensor::new(batch.input_ids(), dev)?;
+        let pos = Tensor::new(batch.positions(), dev)?;
+        // (n, hidden)
+        let x = self
+            .word
+            .forward(&ids)?
+            .add(&self.position.forward(&pos)?)?
+            .broadcast_add(&self.token_type)?;
+        let mut x = self.emb_norm.forward(&x)?;
+        for layer in &self.layers {
+            let qkv = layer.qkv.forward(&x)?; // (n, 3 * hidden)
+            let split = |i: usize| -> Result<Tensor> {
+                // (heads, n, hd)
+                Ok(qkv
+                    .narrow(1, i * self.cfg.hidden_size, self.cfg.hidden_size)?
+                    .reshape((n, heads, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()?)
+            };
+            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+            let mut outs = Vec::with_capacity(batch.num_seqs());
+            for s in 0..batch.num_seqs() {
+                let r = batch.seq_range(s);
+                let (start, len) = (r.start, r.len());
+                outs.push(attention(
+                    &q.narrow(1, start, len)?,
+                    &k.narrow(1, start, len)?,
+                    &v.narrow(1, start, len)?,
+                    false,
+                    scale,
+                )?);
+            }
+            // (n, hidden)
+            let a = Tensor::cat(&outs, 1)?
+                .transpose(0, 1)?
+                .reshape((n, self.cfg.hidden_size))?;
+            let a = layer.attn_out.forward(&a)?;
+            x = layer.attn_norm.forward(&(a + &x)?)?;
+            let f = layer.intermediate.forward(&x)?;
+            let f = match self.cfg.hidden_act {
+                Activation::Gelu => f.gelu_erf()?,
+                Activation::GeluNew => f.gelu()?,
+                Activation::Relu => f.relu()?,
+            };
+            let f = layer.output.forward(&f)?;
+            x = layer.out_norm.forward(&(f + &x)?)?;
+        }
+        Ok(x)
+    }
+}
+
+/// Mean of each sequence's rows, `(num_seqs, hidden)`, from packed `(num_tokens, hidden)`.
+pub fn mean_pool(hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+    let rows = (0..batch.num_seqs())
+        .map(|s| {
+            let r = batch.seq_range(s);
+            hidden.narrow(0, r.start, r.len())?.mean_keepdim(0)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// Scales each row to unit L2 norm.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+#[derive(Deserialize)]
+struct SentenceConfig {
+    max_seq_length: usize,
+}
+
+#[derive(Deserialize)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+}
+
+/// A sentence embedder: tokenizer + encoder + mean pooling + L2 normalisation.
+pub struct Embedder {
+    model: Bert,
+    tokenizer: Tokenizer,
+    max_tokens: usize,
+}
+
+impl Embedder {
+    /// Loads a sentence-transformers folder: `config.json`, `model.safetensors`, `tokenizer.json`,
+    /// and when present `sentence_bert_config.json` (the token limit) and `1_Pooling/config.json`
+    /// (which must ask for mean pooling).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let cfg: BertConfig = read_json(&dir.join("config.json"))?;
+        let pooling = dir.join("1_Pooling/config.json");
+        if pooling.exists() {
+            let p: PoolingConfig = read_json(&pooling)?;
+            if !p.pooling_mode_mean_tokens {
+                return Err(ModelError::Unsupported(format!(
+                    "{}: only mean pooling is implemented",
+                    pooling.display()
+                )));
+            }
+        }
+        let st = dir.join("sentence_bert_config.json");
+        let max_tokens = if st.exists() {
+            read_json::<SentenceConfig>(&st)?.max_seq_length
+        } else {
+            cfg.max_position_embeddings
+        }
+        .min(cfg.max_position_embeddings);
+        let weights = dir.join("model.safetensors");
+        if !weights.exists() {
+            return Err(ModelError::io(
+                &weights,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "missing"),
+            ));
+        }
+        // SAFETY: the file is memory-mapped read-only and not modified while the model lives.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, device)? };
+        let model = Bert::load(vb, &cfg)?;
+        let tok_path = dir.join("tokenizer.json");
+        let mut tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+        // The shipped tokenizer pads and truncates to 128; we pack without padding and truncate at
+        // the model's own limit, special tokens included.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                ..Default::default()
+            }))
+            .map_err(ModelError::tokenizer)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            max_tokens,
+        })
+    }
+
+    /// Token limit per text, special tokens included; longer texts are truncated.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Width of the embedding vectors.
+    pub fn dim(&self) -> usize {
+        self.model.config().hidden_size
+    }
+
+    /// Token ids of each text, with `[CLS]`/`[SEP]`, truncated to [`Self::max_tokens`].
+    pub fn tokenize<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Vec<u32>>> {
+        texts
+            .iter()
+            .map(|t| {
+                self.tokenizer
+                    .encode(t.as_ref(), true)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(ModelError::tokenizer)
+            })
+            .collect()
+    }
+
+    /// Unit-norm embeddings `(n, dim)` of already tokenized texts, all in one forward.
+    pub fn embed_tokens(&self, sequences: &[Vec<u32>]) -> Result<Tensor> {
+        if sequences.is_empty() {
+            return Ok(Tensor::zeros(
+                (0, self.dim()),
+                DType::F32,
+                self.model.device(),
+            )?);
+        }
+        if let Some(s) = sequences
+            .iter()
+            .find(|s| s.is_empty() || s.len() > self.max_tokens)
+        {
+            return Err(ModelError::Invalid(format!(
+                "a sequence of {} tokens (allowed 1..={})",
+                s.len(),
+                self.max_tokens
+            )));
+        }
+        let batch = Batch::from_sequences(sequences);
+        let hidden = self.model.forward(&batch)?;
+        l2_normalize(&mean_pool(&hidden, &batch)?)
+    }
+
+    /// Unit-norm embeddings `(n, dim)` of `texts`, all in one forward.
+    pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Result<Tensor> {
+        self.embed_tokens(&self.tokenize(texts)?)
+    }
+}

@@ -1,0 +1,484 @@
+//! Llama-family decoders (SmolLM2, Llama 3.x) from a GGUF file or a Hugging Face folder
+//! (`config.json` + safetensors), run over packed variable-length sequences with a KV cache.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::gguf::GgufFile;
+use super::kv_cache::KvCache;
+use super::{Batch, LogitsAt, Result};
+use crate::error::{read_json, ModelError};
+use crate::ops::attention::attention;
+
+/// How rotary embeddings pair the dimensions of a head.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Dimension `i` pairs with `i + head_dim / 2` (Hugging Face checkpoints).
+    #[default]
+    Half,
+    /// Dimension `2i` pairs with `2i + 1` (GGUF, whose converter permuted Q and K rows to match).
+    Interleaved,
+}
+
+/// Shape of a Llama-family model, as in a Hugging Face `config.json`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(skip)]
+    pub rope_style: RopeStyle,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+impl LlamaConfig {
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Unsupported(m));
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!(
+                "hidden_size {} over {} heads",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        let kv = self.num_kv_heads();
+        if kv == 0 || self.num_attention_heads % kv != 0 {
+            return bad(format!(
+                "{} heads over {kv} kv heads",
+                self.num_attention_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return bad(format!("odd head_dim {}", self.head_dim()));
+        }
+        Ok(())
+    }
+
+    /// Reads the shape from GGUF metadata (`general.architecture` must be `llama`).
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let arch = file.string("general.architecture")?;
+        if arch != "llama" {
+            return Err(ModelError::Unsupported(format!(
+                "GGUF architecture `{arch}` (only `llama`)"
+            )));
+        }
+        let key = |k: &str| format!("llama.{k}");
+        let heads = file.usize(&key("attention.head_count"))?;
+        let hidden = file.usize(&key("embedding_length"))?;
+        let vocab_size = match file.usize(&key("vocab_size")) {
+            Ok(v) => v,
+            Err(_) => file
+                .content()
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .ok_or_else(|| ModelError::Gguf("no vocabulary size".into()))?,
+        };
+        let cfg = Self {
+            hidden_size: hidden,
+            intermediate_size: file.usize(&key("feed_forward_length"))?,
+            num_hidden_layers: file.usize(&key("block_count"))?,
+            num_attention_heads: heads,
+            num_key_value_heads: Some(if file.has(&key("attention.head_count_kv")) {
+                file.usize(&key("attention.head_count_kv"))?
+            } else {
+                heads
+            }),
+            vocab_size,
+            rms_norm_eps: file.f64(&key("attention.layer_norm_rms_epsilon"))?,
+            rope_theta: file.f64(&key("rope.freq_base")).unwrap_or(10_000.0),
+            max_position_embeddings: file.usize(&key("context_length")).unwrap_or(4096),
+            tie_word_embeddings: !file.has_tensor("output.weight"),
+            rope_style: RopeStyle::Interleaved,
+        };
+        cfg.validate()?;
+        if file.has(&key("rope.dimension_count"))
+            && file.usize(&key("rope.dimension_count"))? != cfg.head_dim()
+        {
+            return Err(ModelError::Unsupported(
+                "partial rotary embeddings (rope.dimension_count != head_dim)".into(),
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+/// How GGUF matrices are computed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QuantMode {
+    /// Products on the quantized blocks (activations quantized to 8 bits on the fly): 4-8x less
+    /// memory traffic per token.
+    #[default]
+    Quantized,
+    /// Matrices dequantized to f32 once at load; products in f32.
+    Dequantized,
+}
+
+impl std::str::FromStr for QuantMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "quantized" => Ok(Self::Quantized),
+            "dequantized" => Ok(Self::Dequantized),
+            other => Err(format!(
+                "unknown weight mode `{other}` (quantized | dequantized)"
+            )),
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    /// Q, K and V projections stacked: `(heads + 2 kv_heads) * head_dim` output rows.
+    wqkv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    /// Gate and up projections stacked: `2 * intermediate` output rows.
+    w_gate_up: QMatMul,
+    w_down: QMatMul,
+}
+
+/// A Llama-family decoder.
+pub struct Llama {
+    /// `(vocab, hidden)` f32 lookup table.
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: QMatMul,
+    /// `(max_positions, head_dim / 2)`
+    cos: Tensor,
+    sin: Tensor,
+    cfg: LlamaConfig,
+    device: Device,
+}
+
+/// Stacks matrices that share their input into one product (rows of a quantized matrix are
+/// independent blocks, so stacking the bytes stacks the rows).
+fn stack(parts: Vec<QTensor>, mode: QuantMode, device: &Device) -> Result<QMatMul> {
+    let dtype = parts[0].dtype();
+    let cols = parts[0].shape().dims2()?.1;
+    let same = parts
+        .iter()
+        .all(|p| p.dtype() == dtype && p.shape().dims2().map(|d| d.1).ok() == Some(cols));
+    if !same {
+        return Err(ModelError::Unsupported(
+            "stacked projections of different types or widths".into(),
+        ));
+    }
+    let float = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+    // candle's CPU dot products of these types take blocks in pairs; other widths would panic
+    // there, so such a matrix is computed dequantized instead.
+    let step = match dtype {
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => 2 * dtype.block_size(),
+        _ => dtype.block_size(),
+    };
+    if mode == QuantMode::Quantized && !float && cols % step == 0 {
+        if parts.len() == 1 {
+            return Ok(QMatMul::QTensor(Arc::new(
+                parts.into_iter().next().unwrap(),
+            )));
+        }
+        let rows: usize = parts.iter().map(|p| p.shape().dims()[0]).sum();
+        let mut bytes = Vec::new();
+        for p in &parts {
+            bytes.extend_from_slice(&p.data()?);
+        }
+        let storage = QStorage::from_data(Cow::Owned(bytes), device, dtype)?;
+        return Ok(QMatMul::QTensor(Arc::new(QTensor::new(
+            storage,
+            (rows, cols),
+        )?)));
+    }
+    let ts = parts
+        .iter()
+        .map(|p| p.dequantize(device))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(QMatMul::Tensor(Tensor::cat(&ts, 0)?))
+}
+
+fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim() / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32)
+        .collect();
+    let inv = Tensor::from_vec(inv, (1, half), device)?;
+    let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((cfg.max_position_embeddings, 1))?;
+    let freqs = pos.broadcast_mul(&inv)?; // (max_positions, half)
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+impl Llama {
+    /// Loads weights from an open GGUF file (`token_embd`, `blk.N.*`, `output_norm`, and
+    /// `output` unless the embedding doubles as the output projection).
+    pub fn from_gguf(file: &mut GgufFile, device: &Device, mode: QuantMode) -> Result<Self> {
+        let cfg = LlamaConfig::from_gguf(file)?;
+        let embd = file.tensor("token_embd.weight", device)?;
+        let embed = embd.dequantize(device)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            stack(vec![embd], mode, device)?
+        } else {
+            let out = file.tensor("output.weight", device)?;
+            stack(vec![out], mode, device)?
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let mut t = |name: &str| file.tensor(&format!("blk.{i}.{name}.weight"), device);
+            let attn_norm = t("attn_norm")?.dequantize(device)?;
+            let wqkv = stack(vec![t("attn_q")?, t("attn_k")?, t("attn_v")?], mode, device)?;
+            let wo = stack(vec![t("attn_output")?], mode, device)?;
+            let ffn_norm = t("ffn_norm")?.dequantize(device)?;
+            let w_gate_up = stack(vec![t("ffn_gate")?, t("ffn_up")?], mode, device)?;
+            let w_down = stack(vec![t("ffn_down")?], mode, device)?;
+            layers.push(Layer {
+                attn_norm,
+                wqkv,
+                wo,
+                ffn_norm,
+                w_gate_up,
+                w_down,
+            });
+        }
+        let norm = file
+            .tensor("output_norm.weight", device)?
+            .dequantize(device)?;
+        Self::assemble(cfg, embed, layers, norm, lm_head, device)
+    }
+
+    /// Loads a Hugging Face folder: `config.json` and every `*.safetensors` file in it.
+    pub fn from_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let mut cfg: LlamaConfig = read_json(&dir.join("config.json"))?;
+        cfg.rope_style = RopeStyle::Half;
+        cfg.validate()?;
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| ModelError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(ModelError::io(
+                dir.join("model.safetensors"),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no *.safetensors"),
+            ));
+        }
+        // SAFETY: the files are memory-mapped read-only and not modified while the model lives.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+        let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
+        let (hd, nh, nkv) = (cfg.head_dim(), cfg.num_attention_heads, cfg.num_kv_heads());
+        let m = vb.pp("model");
+        let embed = m.get((cfg.vocab_size, h), "embed_tokens.weight")?;
+        let dense =
+            |ts: Vec<Tensor>| -> Result<QMatMul> { Ok(QMatMul::Tensor(Tensor::cat(&ts, 0)?)) };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = m.pp(format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let p = l.pp("mlp");
+            layers.push(Layer {
+                attn_norm: l.get(h, "input_layernorm.weight")?,
+                wqkv: dense(vec![
+                    a.get((nh * hd, h), "q_proj.weight")?,
+                    a.get((nkv * hd, h), "k_proj.weight")?,
+                    a.get((nkv * hd, h), "v_proj.weight")?,
+                ])?,
+                wo: dense(vec![a.get((h, nh * hd), "o_proj.weight")?])?,
+                ffn_norm: l.get(h, "post_attention_layernorm.weight")?,
+                w_gate_up: dense(vec![
+                    p.get((ff, h), "gate_proj.weight")?,
+                    p.get((ff, h), "up_proj.weight")?,
+                ])?,
+                w_down: dense(vec![p.get((h, ff), "down_proj.weight")?])?,
+            });
+        }
+        let norm = m.get(h, "norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            QMatMul::Tensor(embed.clone())
+        } else {
+            QMatMul::Tensor(vb.get((cfg.vocab_size, h), "lm_head.weight")?)
+        };
+        Self::assemble(cfg, embed, layers, norm, lm_head, device)
+    }
+
+    fn assemble(
+        cfg: LlamaConfig,
+        embed: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: QMatMul,
+        device: &Device,
+    ) -> Result<Self> {
+        let (cos, sin) = rope_tables(&cfg, device)?;
+        Ok(Self {
+            embed: embed.to_dtype(DType::F32)?,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            cfg,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        // x: (heads, n, head_dim) -> (1, heads, n, head_dim) for candle's kernels.
+        let x = x.unsqueeze(0)?;
+        let y = match self.cfg.rope_style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
+            RopeStyle::Half => candle_nn::rotary_emb::rope(&x, cos, sin)?,
+        };
+        Ok(y.squeeze(0)?)
+    }
+
+    /// Runs the batch, extending each sequence's history in `cache`; returns logits
+    /// `(rows, vocab)` with one row per sequence (`LastOfEach`) or per token (`All`).
+    ///
+    /// Each sequence must continue its cached history: its first position equals the number of
+    /// tokens cached for it.
+    pub fn forward(&self, batch: &Batch, cache: &mut KvCache, at: LogitsAt) -> Result<Tensor> {
+        if batch.is_empty() {
+            return Err(ModelError::Invalid("empty batch".into()));
+        }
+        for s in 0..batch.num_seqs() {
+            let r = batch.seq_range(s);
+            let first = batch.positions()[r.start] as usize;
+            let cached = cache.seq_len(batch.seq_id(s));
+            if first != cached {
+                return Err(ModelError::Invalid(format!(
+                    "sequence {} resumes at position {first} but {cached} tokens are cached",
+                    batch.seq_id(s)
+                )));
+            }
+            let last = first + r.len();
+            if last > self.cfg.max_position_embeddings {
+                return Err(ModelError::Invalid(format!(
+                    "sequence {} reaches {last} tokens, beyond the model's {}",
+                    batch.seq_id(s),
+                    self.cfg.max_position_embeddings
+                )));
+            }
+        }
+        if let Some(&bad) = batch
+            .input_ids()
+            .iter()
+            .find(|&&t| t as usize >= self.cfg.vocab_size)
+        {
+            return Err(ModelError::Invalid(format!(
+                "token id {bad} outside the vocabulary"
+            )));
+        }
+        let dev = &self.device;
+        let n = batch.num_tokens();
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_kv_heads(),
+            self.cfg.head_dim(),
+        );
+        let ff = self.cfg.intermediate_size;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let scale = 1.0 / (hd as f64).sqrt();
+
+        let ids = Tensor::new(batch.input_ids(), dev)?;
+        let pos = Tensor::new(batch.positions(), dev)?;
+        let cos = self.cos.index_select(&pos, 0)?; // (n, head_dim / 2)
+        let sin = self.sin.index_select(&pos, 0)?;
+        let mut x = self.embed.index_select(&ids, 0)?; // (n, hidden)
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let qkv = layer.wqkv.forward(&h)?; // (n, (nh + 2 nkv) * hd)
+                                               // (count, n, hd)
+            let heads = |first: usize, count: usize| -> Result<Tensor> {
+                Ok(qkv
+                    .narrow(1, first * hd, count * hd)?
+                    .reshape((n, count, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()?)
+            };
+            let q = self.rope(&heads(0, nh)?, &cos, &sin)?;
+            let k = self.rope(&heads(nh, nkv)?, &cos, &sin)?;
+            let v = heads(nh + nkv, nkv)?;
+            let mut outs = Vec::with_capacity(batch.num_seqs());
+            for s in 0..batch.num_seqs() {
+                let r = batch.seq_range(s);
+                let (start, len) = (r.start, r.len());
+                let (k_all, v_all) = cache.append(
+                    batch.seq_id(s),
+                    li,
+                    &k.narrow(1, start, len)?,
+                    &v.narrow(1, start, len)?,
+                )?;
+                outs.push(attention(
+                    &q.narrow(1, start, len)?,
+                    &k_all,
+                    &v_all,
+                    true,
+                    scale,
+                )?);
+            }
+            // (n, nh * hd)
+            let o = Tensor::cat(&outs, 1)?
+                .transpose(0, 1)?
+                .reshape((n, nh * hd))?;
+            x = (x + layer.wo.forward(&o)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let gu = layer.w_gate_up.forward(&h)?; // (n, 2 * ff)
+            let act = (candle_nn::ops::silu(&gu.narrow(1, 0, ff)?)? * gu.narrow(1, ff, ff)?)?;
+            x = (x + layer.w_down.forward(&act)?)?;
+        }
+        let x = match at {
+            LogitsAt::All => x,
+            LogitsAt::LastOfEach => {
+                let last = Tensor::new(batch.last_token_indices(), dev)?;
+                x.index_select(&last, 0)?
+            }
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+}

@@ -1,0 +1,288 @@
+//! Shared helpers of the integration tests: where the fetched models are, and tiny models with
+//! seeded random weights written as real files so the real loading paths run.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn require(path: PathBuf) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{} is missing: run models/fetch.sh before the tests",
+        path.display()
+    );
+    path
+}
+
+/// The fetched all-MiniLM-L6-v2 folder.
+pub fn minilm_dir() -> PathBuf {
+    require(repo().join("models/all-minilm-l6-v2/model.safetensors"));
+    repo().join("models/all-minilm-l6-v2")
+}
+
+/// The fetched SmolLM2-135M-Instruct Q4_1 GGUF.
+pub fn smollm2_gguf() -> PathBuf {
+    require(repo().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+
+pub fn fixture(name: &str) -> serde_json::Value {
+    let path = repo().join("tests/fixtures").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// SplitMix64: a small seeded generator so test weights are the same on every machine.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    pub fn below(&mut self, n: u32) -> u32 {
+        (self.next_u64() % n as u64) as u32
+    }
+
+    /// A tensor of the given shape, uniform in [-scale, scale).
+    pub fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| self.uniform() * scale).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    pub fn tokens(&mut self, n: usize, vocab: u32) -> Vec<u32> {
+        (0..n).map(|_| self.below(vocab)).collect()
+    }
+}
+
+/// Shape of a tiny Llama for tests.
+#[derive(Clone, Copy, Debug)]
+pub struct TinyLlama {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub ff: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub tie: bool,
+}
+
+impl TinyLlama {
+    pub const DEFAULT: Self = Self {
+        vocab: 97,
+        hidden: 64,
+        ff: 96,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        tie: false,
+    };
+
+    fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+
+    /// Seeded weights under Hugging Face names.
+    pub fn weights(&self, seed: u64) -> HashMap<String, Tensor> {
+        let mut rng = Rng::new(seed);
+        let (h, ff, hd) = (self.hidden, self.ff, self.head_dim());
+        let mut w = HashMap::new();
+        let mut put = |name: String, t: Tensor| {
+            w.insert(name, t);
+        };
+        put(
+            "model.embed_tokens.weight".into(),
+            rng.tensor(&[self.vocab, h], 1.0),
+        );
+        for i in 0..self.layers {
+            let p = format!("model.layers.{i}");
+            let s = 1.0 / (h as f32).sqrt();
+            put(
+                format!("{p}.input_layernorm.weight"),
+                (rng.tensor(&[h], 0.2) + 1.0).unwrap(),
+            );
+            put(
+                format!("{p}.self_attn.q_proj.weight"),
+                rng.tensor(&[self.heads * hd, h], s),
+            );
+            put(
+                format!("{p}.self_attn.k_proj.weight"),
+                rng.tensor(&[self.kv_heads * hd, h], s),
+            );
+            put(
+                format!("{p}.self_attn.v_proj.weight"),
+                rng.tensor(&[self.kv_heads * hd, h], s),
+            );
+            put(
+                format!("{p}.self_attn.o_proj.weight"),
+                rng.tensor(&[h, self.heads * hd], s),
+            );
+            put(
+                format!("{p}.post_attention_layernorm.weight"),
+                (rng.tensor(&[h], 0.2) + 1.0).unwrap(),
+            );
+            put(format!("{p}.mlp.gate_proj.weight"), rng.tensor(&[ff, h], s));
+            put(format!("{p}.mlp.up_proj.weight"), rng.tensor(&[ff, h], s));
+            put(
+                format!("{p}.mlp.down_proj.weight"),
+                rng.tensor(&[h, ff], 1.0 / (ff as f32).sqrt()),
+            );
+        }
+        put(
+            "model.norm.weight".into(),
+            (rng.tensor(&[h], 0.2) + 1.0).unwrap(),
+        );
+        if !self.tie {
+            put("lm_head.weight".into(), rng.tensor(&[self.vocab, h], 0.5));
+        }
+        w
+    }
+
+    /// Writes `config.json` + `model.safetensors` into `dir`.
+    pub fn write_hf(&self, dir: &Path, seed: u64) {
+        let cfg = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": self.hidden,
+            "intermediate_size": self.ff,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": self.tie,
+        });
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        candle_core::safetensors::save(&self.weights(seed), dir.join("model.safetensors")).unwrap();
+    }
+
+    /// Writes the same weights as a GGUF file the way llama.cpp's converter does: GGUF names, Q
+    /// and K rows permuted for interleaved rotary embeddings, matrices stored as `dtype`.
+    pub fn write_gguf(&self, path: &Path, seed: u64, dtype: GgmlDType) {
+        let w = self.weights(seed);
+        let hd = self.head_dim();
+        let permute = |t: &Tensor, heads: usize| {
+            let (rows, cols) = t.dims2().unwrap();
+            t.reshape((heads, 2, hd / 2, cols))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((rows, cols))
+                .unwrap()
+        };
+        let q = |t: &Tensor, dt: GgmlDType| QTensor::quantize(t, dt).unwrap();
+        let mut tensors: Vec<(String, QTensor)> = vec![
+            (
+                "token_embd.weight".into(),
+                q(&w["model.embed_tokens.weight"], dtype),
+            ),
+            (
+                "output_norm.weight".into(),
+                q(&w["model.norm.weight"], GgmlDType::F32),
+            ),
+        ];
+        if !self.tie {
+            tensors.push(("output.weight".into(), q(&w["lm_head.weight"], dtype)));
+        }
+        for i in 0..self.layers {
+            let p = format!("model.layers.{i}");
+            let b = format!("blk.{i}");
+            let get = |n: &str| &w[&format!("{p}.{n}")];
+            tensors.extend([
+                (
+                    format!("{b}.attn_norm.weight"),
+                    q(get("input_layernorm.weight"), GgmlDType::F32),
+                ),
+                (
+                    format!("{b}.attn_q.weight"),
+                    q(&permute(get("self_attn.q_proj.weight"), self.heads), dtype),
+                ),
+                (
+                    format!("{b}.attn_k.weight"),
+                    q(
+                        &permute(get("self_attn.k_proj.weight"), self.kv_heads),
+                        dtype,
+                    ),
+                ),
+                (
+                    format!("{b}.attn_v.weight"),
+                    q(get("self_attn.v_proj.weight"), dtype),
+                ),
+                (
+                    format!("{b}.attn_output.weight"),
+                    q(get("self_attn.o_proj.weight"), dtype),
+                ),
+                (
+                    format!("{b}.ffn_norm.weight"),
+                    q(get("post_attention_layernorm.weight"), GgmlDType::F32),
+                ),
+                (
+                    format!("{b}.ffn_gate.weight"),
+                    q(get("mlp.gate_proj.weight"), dtype),
+                ),
+                (
+                    format!("{b}.ffn_up.weight"),
+                    q(get("mlp.up_proj.weight"), dtype),
+                ),
+                (
+                    format!("{b}.ffn_down.weight"),
+                    q(get("mlp.down_proj.weight"), dtype),
+                ),
+            ]);
+        }
+        let u = |v: usize| Value::U32(v as u32);
+        let metadata: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.embedding_length", u(self.hidden)),
+            ("llama.feed_forward_length", u(self.ff)),
+            ("llama.block_count", u(self.layers)),
+            ("llama.attention.head_count", u(self.heads)),
+            ("llama.attention.head_count_kv", u(self.kv_heads)),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+            ("llama.rope.freq_base", Value::F32(10000.0)),
+            ("llama.rope.dimension_count", u(hd)),
+            ("llama.context_length", u(256)),
+        ];
+        let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut f = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut f, &md, &ts).unwrap();
+    }
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
