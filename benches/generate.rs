@@ -1,5 +1,5 @@
 //! One-stream generation speed of SmolLM2-135M-Instruct (Q4_1 GGUF): prefill of a 128-token
-//! prompt and decode after a 98-token prompt, ours (quantized and dequantized weights) against
+//! prompt and decode after a 98-token prompt, ours (auto, quantized and dequantized weights) against
 //! plain candle-transformers `quantized_llama` in the same run. llama.cpp is measured beside it
 //! by scripts/bench-cpu.sh.
 //!
@@ -91,6 +91,7 @@ fn bench(c: &mut Criterion) {
     let mut file = GgufFile::open(&path).unwrap();
     let tok = BpeTokenizer::from_gguf(file.content()).unwrap();
     let ids = tok.encode(&common::TEXT.repeat(2), false).unwrap();
+    let auto = Llama::from_gguf(&mut file, &Device::Cpu, QuantMode::Auto).unwrap();
     let quantized = Llama::from_gguf(&mut file, &Device::Cpu, QuantMode::Quantized).unwrap();
     let dequantized = Llama::from_gguf(&mut file, &Device::Cpu, QuantMode::Dequantized).unwrap();
     let mut reader = std::fs::File::open(&path).unwrap();
@@ -98,6 +99,13 @@ fn bench(c: &mut Criterion) {
     let plain = ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
 
     let mut streams: Vec<(&str, Box<dyn Stream>)> = vec![
+        (
+            "cited_auto",
+            Box::new(Ours {
+                model: &auto,
+                cache: KvCache::new(30),
+            }),
+        ),
         (
             "cited_quantized",
             Box::new(Ours {

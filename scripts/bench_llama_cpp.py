@@ -6,6 +6,7 @@ llama-cpp-python, 2 threads, the same prompt text, prefill of 128 tokens and gre
     python scripts/bench_llama_cpp.py
 """
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -19,10 +20,11 @@ BENCH_TEXT = (ROOT / "benches" / "common.rs").read_text()
 
 
 def bench_text() -> str:
-    # The same paragraph the Rust benches use, read from benches/common.rs.
-    start = BENCH_TEXT.index('pub const TEXT: &str = "') + len('pub const TEXT: &str = "')
+    # The same paragraph the Rust benches use, read from benches/common.rs (a Rust string whose
+    # backslash-newline continuations drop the newline and the next line's indentation).
+    start = BENCH_TEXT.index('"', BENCH_TEXT.index("pub const TEXT: &str =")) + 1
     end = BENCH_TEXT.index('";', start)
-    return " ".join(line.rstrip("\\").strip() for line in BENCH_TEXT[start:end].splitlines())
+    return re.sub(r"\\\n\s*", "", BENCH_TEXT[start:end])
 
 
 def main() -> None:

@@ -242,9 +242,10 @@ fn assert_within(what: &str, got: &Tensor, want: &Tensor, max_tol: f32, mean_tol
     );
 }
 
-#[test]
-fn quantized_logits_and_greedy_tokens_match_candle_quantized_llama() {
-    let (model, tok) = ours(QuantMode::Quantized);
+/// Modes whose one-token steps run on the quantized blocks: the decode path is the oracle's
+/// arithmetic, the prefill path (f32 in `Auto`) is within the quantization tolerance.
+fn check_quantized_steps(mode: QuantMode) {
+    let (model, tok) = ours(mode);
     let prompt = prompt64(&tok);
     assert_eq!(prompt.len(), 64);
     let mut oracle = oracle();
@@ -252,14 +253,14 @@ fn quantized_logits_and_greedy_tokens_match_candle_quantized_llama() {
     let (decode, prefill) = our_logits(&model, &prompt);
     assert_eq!(prefill.dims(), want.dims());
     assert_within(
-        "quantized decode path",
+        &format!("{mode:?} decode path"),
         &decode,
         &want,
         EXACT_TOL,
         EXACT_TOL,
     );
     assert_within(
-        "quantized prefill path",
+        &format!("{mode:?} prefill path"),
         &prefill,
         &want,
         QUANT_TOL,
@@ -268,15 +269,31 @@ fn quantized_logits_and_greedy_tokens_match_candle_quantized_llama() {
 
     let (mine, theirs, margins) = greedy_both(&model, &mut oracle, &prompt, false);
     assert_greedy_agrees(
-        "quantized, token by token",
+        &format!("{mode:?}, token by token"),
         &mine,
         &theirs,
         &margins,
         EXACT_TOL,
     );
     let (mine, theirs, margins) = greedy_both(&model, &mut oracle, &prompt, true);
-    assert_greedy_agrees("quantized, prefilled", &mine, &theirs, &margins, QUANT_TOL);
+    assert_greedy_agrees(
+        &format!("{mode:?}, prefilled"),
+        &mine,
+        &theirs,
+        &margins,
+        QUANT_TOL,
+    );
     eprintln!("text: {:?}", tok.decode(&mine, false));
+}
+
+#[test]
+fn quantized_logits_and_greedy_tokens_match_candle_quantized_llama() {
+    check_quantized_steps(QuantMode::Quantized);
+}
+
+#[test]
+fn auto_mode_decodes_exactly_and_prefills_within_the_quantization_tolerance() {
+    check_quantized_steps(QuantMode::Auto);
 }
 
 #[test]

@@ -140,37 +140,78 @@ impl LlamaConfig {
 /// How GGUF matrices are computed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum QuantMode {
+    /// Both forms kept: one-row products (a decode step) on the quantized blocks, products of
+    /// [`DENSE_MIN_ROWS`] rows or more (a prompt) in f32. Costs the f32 copy in memory.
+    #[default]
+    Auto,
     /// Products on the quantized blocks (activations quantized to 8 bits on the fly): 4-8x less
     /// memory traffic per token.
-    #[default]
     Quantized,
     /// Matrices dequantized to f32 once at load; products in f32.
     Dequantized,
 }
+
+/// Rows from which [`QuantMode::Auto`] takes the f32 form. On the 2-core CPU of BENCHMARKS.md a
+/// one-row step costs 39 ms quantized and 55 ms in f32, while f32 costs about the same for two
+/// rows and quantized twice as much.
+pub const DENSE_MIN_ROWS: usize = 2;
 
 impl std::str::FromStr for QuantMode {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
         match s {
+            "auto" => Ok(Self::Auto),
             "quantized" => Ok(Self::Quantized),
             "dequantized" => Ok(Self::Dequantized),
             other => Err(format!(
-                "unknown weight mode `{other}` (quantized | dequantized)"
+                "unknown weight mode `{other}` (auto | quantized | dequantized)"
             )),
         }
+    }
+}
+
+/// A weight matrix `(out, in)` in the forms its [`QuantMode`] keeps (at least one).
+struct Proj {
+    quantized: Option<QMatMul>,
+    dense: Option<QMatMul>,
+}
+
+impl Proj {
+    fn dense(w: Tensor) -> Self {
+        Self {
+            quantized: None,
+            dense: Some(QMatMul::Tensor(w)),
+        }
+    }
+
+    /// `x` `(rows, in)` -> `(rows, out)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mm = match (&self.quantized, &self.dense) {
+            (Some(q), Some(d)) => {
+                if x.dim(0)? >= DENSE_MIN_ROWS {
+                    d
+                } else {
+                    q
+                }
+            }
+            (Some(q), None) => q,
+            (None, Some(d)) => d,
+            (None, None) => unreachable!("a projection keeps at least one form"),
+        };
+        Ok(mm.forward(x)?)
     }
 }
 
 struct Layer {
     attn_norm: Tensor,
     /// Q, K and V projections stacked: `(heads + 2 kv_heads) * head_dim` output rows.
-    wqkv: QMatMul,
-    wo: QMatMul,
+    wqkv: Proj,
+    wo: Proj,
     ffn_norm: Tensor,
     /// Gate and up projections stacked: `2 * intermediate` output rows.
-    w_gate_up: QMatMul,
-    w_down: QMatMul,
+    w_gate_up: Proj,
+    w_down: Proj,
 }
 
 /// A Llama-family decoder.
@@ -179,7 +220,7 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Proj,
     /// `(max_positions, head_dim / 2)`
     cos: Tensor,
     sin: Tensor,
@@ -188,8 +229,14 @@ pub struct Llama {
 }
 
 /// Stacks matrices that share their input into one product (rows of a quantized matrix are
-/// independent blocks, so stacking the bytes stacks the rows).
-fn stack(parts: Vec<QTensor>, mode: QuantMode, device: &Device) -> Result<QMatMul> {
+/// independent blocks, so stacking the bytes stacks the rows), in the forms `mode` keeps.
+/// `dense` is the f32 form when the caller already holds it (the tied embedding table).
+fn stack(
+    parts: Vec<QTensor>,
+    mode: QuantMode,
+    device: &Device,
+    dense: Option<&Tensor>,
+) -> Result<Proj> {
     let dtype = parts[0].dtype();
     let cols = parts[0].shape().dims2()?.1;
     let same = parts
@@ -202,33 +249,46 @@ fn stack(parts: Vec<QTensor>, mode: QuantMode, device: &Device) -> Result<QMatMu
     }
     let float = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
     // candle's CPU dot products of these types take blocks in pairs; other widths would panic
-    // there, so such a matrix is computed dequantized instead.
+    // there, so such a matrix is kept in f32 only.
     let step = match dtype {
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => 2 * dtype.block_size(),
         _ => dtype.block_size(),
     };
-    if mode == QuantMode::Quantized && !float && cols % step == 0 {
-        if parts.len() == 1 {
-            return Ok(QMatMul::QTensor(Arc::new(
-                parts.into_iter().next().unwrap(),
-            )));
-        }
+    let keep_quantized = mode != QuantMode::Dequantized && !float && cols % step == 0;
+    let keep_dense = mode != QuantMode::Quantized || !keep_quantized;
+    let dense = if keep_dense {
+        Some(QMatMul::Tensor(match dense {
+            Some(t) => t.clone(),
+            None => {
+                let ts = parts
+                    .iter()
+                    .map(|p| p.dequantize(device))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&ts, 0)?
+            }
+        }))
+    } else {
+        None
+    };
+    let quantized = if !keep_quantized {
+        None
+    } else if parts.len() == 1 {
+        Some(QMatMul::QTensor(Arc::new(
+            parts.into_iter().next().unwrap(),
+        )))
+    } else {
         let rows: usize = parts.iter().map(|p| p.shape().dims()[0]).sum();
         let mut bytes = Vec::new();
         for p in &parts {
             bytes.extend_from_slice(&p.data()?);
         }
         let storage = QStorage::from_data(Cow::Owned(bytes), device, dtype)?;
-        return Ok(QMatMul::QTensor(Arc::new(QTensor::new(
+        Some(QMatMul::QTensor(Arc::new(QTensor::new(
             storage,
             (rows, cols),
-        )?)));
-    }
-    let ts = parts
-        .iter()
-        .map(|p| p.dequantize(device))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(QMatMul::Tensor(Tensor::cat(&ts, 0)?))
+        )?)))
+    };
+    Ok(Proj { quantized, dense })
 }
 
 fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
@@ -252,20 +312,25 @@ impl Llama {
         let embd = file.tensor("token_embd.weight", device)?;
         let embed = embd.dequantize(device)?;
         let lm_head = if cfg.tie_word_embeddings {
-            stack(vec![embd], mode, device)?
+            stack(vec![embd], mode, device, Some(&embed))?
         } else {
             let out = file.tensor("output.weight", device)?;
-            stack(vec![out], mode, device)?
+            stack(vec![out], mode, device, None)?
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let mut t = |name: &str| file.tensor(&format!("blk.{i}.{name}.weight"), device);
             let attn_norm = t("attn_norm")?.dequantize(device)?;
-            let wqkv = stack(vec![t("attn_q")?, t("attn_k")?, t("attn_v")?], mode, device)?;
-            let wo = stack(vec![t("attn_output")?], mode, device)?;
+            let wqkv = stack(
+                vec![t("attn_q")?, t("attn_k")?, t("attn_v")?],
+                mode,
+                device,
+                None,
+            )?;
+            let wo = stack(vec![t("attn_output")?], mode, device, None)?;
             let ffn_norm = t("ffn_norm")?.dequantize(device)?;
-            let w_gate_up = stack(vec![t("ffn_gate")?, t("ffn_up")?], mode, device)?;
-            let w_down = stack(vec![t("ffn_down")?], mode, device)?;
+            let w_gate_up = stack(vec![t("ffn_gate")?, t("ffn_up")?], mode, device, None)?;
+            let w_down = stack(vec![t("ffn_down")?], mode, device, None)?;
             layers.push(Layer {
                 attn_norm,
                 wqkv,
@@ -304,8 +369,7 @@ impl Llama {
         let (hd, nh, nkv) = (cfg.head_dim(), cfg.num_attention_heads, cfg.num_kv_heads());
         let m = vb.pp("model");
         let embed = m.get((cfg.vocab_size, h), "embed_tokens.weight")?;
-        let dense =
-            |ts: Vec<Tensor>| -> Result<QMatMul> { Ok(QMatMul::Tensor(Tensor::cat(&ts, 0)?)) };
+        let dense = |ts: Vec<Tensor>| -> Result<Proj> { Ok(Proj::dense(Tensor::cat(&ts, 0)?)) };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = m.pp(format!("layers.{i}"));
@@ -329,9 +393,9 @@ impl Llama {
         }
         let norm = m.get(h, "norm.weight")?;
         let lm_head = if cfg.tie_word_embeddings {
-            QMatMul::Tensor(embed.clone())
+            Proj::dense(embed.clone())
         } else {
-            QMatMul::Tensor(vb.get((cfg.vocab_size, h), "lm_head.weight")?)
+            Proj::dense(vb.get((cfg.vocab_size, h), "lm_head.weight")?)
         };
         Self::assemble(cfg, embed, layers, norm, lm_head, device)
     }
@@ -341,7 +405,7 @@ impl Llama {
         embed: Tensor,
         layers: Vec<Layer>,
         norm: Tensor,
-        lm_head: QMatMul,
+        lm_head: Proj,
         device: &Device,
     ) -> Result<Self> {
         let (cos, sin) = rope_tables(&cfg, device)?;
@@ -479,6 +543,6 @@ impl Llama {
             }
         };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok(self.lm_head.forward(&x)?)
+        self.lm_head.forward(&x)
     }
 }
