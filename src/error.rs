@@ -54,3 +54,15 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
         source,
     })
 }
+
+/// Failures of an operation in `ops`: inputs of the wrong shape or on the wrong device, or a
+/// failing device.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error("shape: {0}")]
+    Shape(String),
+    #[error("device: {0}")]
+    Device(String),
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}

@@ -173,7 +173,7 @@ fn packed_bert_matches_candle_transformers_padded_bert() {
     let oracle = candle_transformers::models::bert::BertModel::load(vb, &oracle_cfg).unwrap();
 
     let mut rng = Rng::new(7);
-    let seqs: Vec<Vec<u32>> = [5usize, 17, 1, 33, 9]
+    let seqs: Vec<Vec<u32>> = [5usize, 17, 17, 1, 33, 9, 9, 9]
         .iter()
         .map(|&n| rng.tokens(n, 50))
         .collect();

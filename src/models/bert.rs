@@ -205,16 +205,22 @@ impl Bert {
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             let mut outs = Vec::with_capacity(batch.num_seqs());
-            for s in 0..batch.num_seqs() {
-                let r = batch.seq_range(s);
-                let (start, len) = (r.start, r.len());
-                outs.push(attention(
-                    &q.narrow(1, start, len)?,
-                    &k.narrow(1, start, len)?,
-                    &v.narrow(1, start, len)?,
-                    false,
-                    scale,
-                )?);
+            for (start, len, count) in equal_length_runs(batch) {
+                // `count` sequences of `len` tokens side by side: one batched attention with the
+                // sequences as extra heads, (count * heads, len, hd).
+                let run = |t: &Tensor| -> Result<Tensor> {
+                    Ok(t.narrow(1, start, len * count)?
+                        .reshape((heads, count, len, hd))?
+                        .transpose(0, 1)?
+                        .reshape((count * heads, len, hd))?)
+                };
+                let o = attention(&run(&q)?, &run(&k)?, &run(&v)?, false, scale)?;
+                // back to (heads, count * len, hd)
+                outs.push(
+                    o.reshape((count, heads, len, hd))?
+                        .transpose(0, 1)?
+                        .reshape((heads, count * len, hd))?,
+                );
             }
             // (n, hidden)
             let a = Tensor::cat(&outs, 1)?
@@ -233,6 +239,19 @@ impl Bert {
         }
         Ok(x)
     }
+}
+
+/// Consecutive sequences of equal length: `(first token, length, how many)`.
+fn equal_length_runs(batch: &Batch) -> Vec<(usize, usize, usize)> {
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    for s in 0..batch.num_seqs() {
+        let r = batch.seq_range(s);
+        match runs.last_mut() {
+            Some((_, len, count)) if *len == r.len() => *count += 1,
+            _ => runs.push((r.start, r.len(), 1)),
+        }
+    }
+    runs
 }
 
 /// Mean of each sequence's rows, `(num_seqs, hidden)`, from packed `(num_tokens, hidden)`.
@@ -254,6 +273,15 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
         .sqrt()?
         .clamp(1e-12, f64::MAX)?;
     Ok(x.broadcast_div(&norm)?)
+}
+
+/// f16 on GPUs, f32 on the CPU (whose f16 arithmetic is emulated and slow).
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::F16
+    } else {
+        DType::F32
+    }
 }
 
 #[derive(Deserialize)]
@@ -279,6 +307,11 @@ impl Embedder {
     /// and when present `sentence_bert_config.json` (the token limit) and `1_Pooling/config.json`
     /// (which must ask for mean pooling).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_with_dtype(dir, device, default_dtype(device))
+    }
+
+    /// As [`Self::load`], with the weights and activations in `dtype`.
+    pub fn load_with_dtype(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let cfg: BertConfig = read_json(&dir.join("config.json"))?;
         let pooling = dir.join("1_Pooling/config.json");
         if pooling.exists() {
@@ -305,7 +338,7 @@ impl Embedder {
             ));
         }
         // SAFETY: the file is memory-mapped read-only and not modified while the model lives.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, device)? };
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, device)? };
         let model = Bert::load(vb, &cfg)?;
         let tok_path = dir.join("tokenizer.json");
         let mut tokenizer = Tokenizer::from_file(&tok_path)
@@ -369,7 +402,7 @@ impl Embedder {
             )));
         }
         let batch = Batch::from_sequences(sequences);
-        let hidden = self.model.forward(&batch)?;
+        let hidden = self.model.forward(&batch)?.to_dtype(DType::F32)?;
         l2_normalize(&mean_pool(&hidden, &batch)?)
     }
 

@@ -2,3 +2,9 @@
 //! the `cuda` feature and are tested against these references.
 
 pub mod attention;
+pub mod similarity;
+#[cfg(feature = "cuda")]
+pub mod similarity_variants;
+
+/// Result type of the ops layer.
+pub type Result<T> = std::result::Result<T, crate::error::OpsError>;

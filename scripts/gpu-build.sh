@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# First half of the GPU check, on a machine without a GPU: builds the stripped `gpu-check` binary
+# with the `cuda` feature and collects it into gpu-check/ (git-ignored), which the device call
+# carries. cuBLAS alone is far over the 64 MiB that may travel, so the CUDA libraries are not
+# collected: scripts/gpu-check.sh takes them from the GPU machine's PyTorch (CUDA 13), and
+# gpu-check/NEEDED lists the ones it must find. The libcuda stub never travels.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+eval "$(scripts/cuda-env.sh)"
+start=$(date +%s)
+cargo build --release --features cuda --bin gpu-check
+echo "gpu-build: cargo build took $(($(date +%s) - start)) s"
+out=$root/gpu-check
+rm -rf "$out"
+mkdir -p "$out"
+strip -o "$out/gpu-check" target/release/gpu-check
+readelf -d "$out/gpu-check" | awk '/NEEDED/ {gsub(/[\[\]]/, "", $5); print $5}' > "$out/NEEDED"
+if grep -q stub "$out/NEEDED"; then
+    echo "gpu-build: the binary names a stub library" >&2
+    exit 1
+fi
+git rev-parse --short HEAD > "$out/COMMIT" 2>/dev/null || true
+du -b "$out/gpu-check" | awk '{printf "gpu-build: gpu-check/gpu-check is %.1f MiB\n", $1 / 1048576}'
+echo "gpu-build: needs $(tr '\n' ' ' < "$out/NEEDED")"

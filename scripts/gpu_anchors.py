@@ -1,0 +1,101 @@
+"""PyTorch anchors for the GPU check, on the same device in the same run:
+- device-to-device copy bandwidth (the ceiling for corpus scans),
+- similarity search as `torch.topk(queries @ corpus.T, k)` on f16 data,
+- embeddings of 128-token texts with a MiniLM-shaped BERT in f16 through transformers' BertModel
+  plus mean pooling and L2 normalisation (the modules sentence-transformers runs for
+  all-MiniLM-L6-v2), tokenisation excluded, random weights as on our side.
+
+    python scripts/gpu_anchors.py --device cuda
+    python scripts/gpu_anchors.py --device cpu --n 20000 --nq 1,4 --k 10 --batch 1,2   # dry run
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def ints(s):
+    return [int(x) for x in s.split(",")]
+
+
+def timer(device, fn, min_runs=5, max_runs=30, budget_s=1.5):
+    fn()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    started = time.perf_counter()
+    while len(times) < min_runs or (len(times) < max_runs and time.perf_counter() - started < budget_s):
+        if device == "cuda":
+            a = torch.cuda.Event(enable_timing=True)
+            b = torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--n", type=ints, default=[1_000_000, 10_000_000])
+    ap.add_argument("--nq", type=ints, default=[1, 32, 256])
+    ap.add_argument("--k", type=ints, default=[10, 100])
+    ap.add_argument("--d", type=int, default=384)
+    ap.add_argument("--batch", type=ints, default=[1, 32, 256])
+    ap.add_argument("--peak-tbs", type=float, default=4.8)
+    args = ap.parse_args()
+    dev = args.device
+    half = torch.float16 if dev == "cuda" else torch.float32
+    torch.manual_seed(0)
+    print(f"ANCHOR\ttorch {torch.__version__}\t{torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}")
+
+    if dev == "cuda":
+        x = torch.empty(2 * 1024**3, dtype=torch.uint8, device=dev)
+        y = torch.empty_like(x)
+        ms = timer(dev, lambda: y.copy_(x))
+        print(f"ANCHOR\tcopy d2d 2 GiB\t{ms:.3f} ms\t{2 * x.numel() / ms / 1e9:.2f} TB/s (read + write)")
+        del x, y
+
+    for n in args.n:
+        corpus = torch.randn(n, args.d, device=dev, dtype=half)
+        nbytes = corpus.numel() * corpus.element_size()
+        for nq in args.nq:
+            q = torch.randn(nq, args.d, device=dev, dtype=half)
+            for k in args.k:
+                ms = timer(dev, lambda: torch.topk(q @ corpus.T, k, dim=1))
+                tbs = nbytes / (ms / 1e3) / 1e12
+                print(f"ANCHOR\ttorch matmul+topk\tn={n}\tnq={nq}\tk={k}\t{ms:.3f} ms\t{tbs:.2f} TB/s"
+                      f"\t{100 * tbs / args.peak_tbs:.0f}% of {args.peak_tbs} TB/s")
+        del corpus
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, hidden_act="gelu", max_position_embeddings=512)
+    model = BertModel(cfg, add_pooling_layer=False).to(dev, half).eval()
+    for b in args.batch:
+        ids = torch.randint(0, 30522, (b, 128), device=dev)
+        mask = torch.ones_like(ids)
+
+        def run():
+            with torch.inference_mode():
+                h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+                m = mask.unsqueeze(-1).to(h.dtype)
+                e = (h * m).sum(1) / m.sum(1)
+                return torch.nn.functional.normalize(e.float(), dim=-1)
+
+        ms = timer(dev, run)
+        print(f"ANCHOR\ttransformers BERT {str(half).split('.')[-1]}\tbatch={b}\t{ms:.3f} ms\t{b / ms * 1e3:.0f} texts/s")
+
+
+if __name__ == "__main__":
+    main()

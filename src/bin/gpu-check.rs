@@ -1,0 +1,427 @@
+//! The GPU check: parity of the CUDA paths against their CPU references, small runs for
+//! compute-sanitizer, the similarity kernel variant sweep and the embedding bench. Built by
+//! `scripts/gpu-build.sh`, run by `scripts/gpu-check.sh` on a GPU machine.
+//!
+//! Every result line starts with a tag (`PARITY`, `SWEEP`, `EMBED`) and is tab-separated, so
+//! the script can make its table from them.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use clap::{Parser, Subcommand};
+use half::f16;
+
+use cited::models::bert::{l2_normalize, mean_pool, Bert, BertConfig};
+use cited::models::Batch;
+use cited::ops::similarity::gpu::Search;
+use cited::ops::similarity::{compare_hits, topk_cpu};
+use cited::ops::similarity_variants::{Variant, VARIANTS};
+
+#[derive(Parser)]
+#[command(name = "gpu-check", about = "CUDA parity checks and benches of cited")]
+struct Args {
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Similarity top-k and embeddings against the CPU references.
+    Parity,
+    /// Tiny similarity runs of every variant, for compute-sanitizer.
+    Memcheck,
+    /// Time every similarity variant over the benchmark shapes.
+    Sweep {
+        /// Corpus sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1000000,10000000")]
+        n: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_value = "1,32,256")]
+        nq: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_value = "10,100")]
+        k: Vec<usize>,
+        #[arg(long, default_value_t = 384)]
+        d: usize,
+        /// HBM bandwidth in TB/s for the fraction column (H200 4.8, H100 SXM 3.35).
+        #[arg(long, default_value_t = 4.8)]
+        peak_tbs: f64,
+    },
+    /// Embeddings per second of MiniLM-shaped random weights in f16, 128-token texts.
+    Embed {
+        #[arg(long, value_delimiter = ',', default_value = "1,32,256")]
+        batch: Vec<usize>,
+    },
+}
+
+/// SplitMix64 for seeded inputs.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Roughly normal: the sum of four uniforms, centred and scaled.
+    fn normal(&mut self) -> f32 {
+        let u: f32 = (0..4)
+            .map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32)
+            .sum();
+        (u - 2.0) * 1.7
+    }
+
+    fn halves(&mut self, len: usize) -> Vec<f16> {
+        (0..len).map(|_| f16::from_f32(self.normal())).collect()
+    }
+}
+
+fn to_f32(v: &[f16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// One similarity parity case on every variant that takes its k.
+fn similarity_case(
+    dev: &Device,
+    rng: &mut Rng,
+    (nq, n, d, k): (usize, usize, usize, usize),
+    rows_per_part: Option<u32>,
+) -> Result<bool> {
+    let q = rng.halves(nq * d);
+    let c = rng.halves(n * d);
+    let want = topk_cpu(&to_f32(&q), &c, d, k)?;
+    let qt = Tensor::from_vec(q, (nq, d), dev)?;
+    let ct = Tensor::from_vec(c, (n, d), dev)?;
+    // f32 sums of d products of values near 1: rounding differs by order, well under 1e-3.
+    let tol = 2e-3 * (d as f32 / 384.0).sqrt().max(1.0);
+    let mut all_ok = true;
+    for v in VARIANTS.iter().filter(|v| k as u32 <= v.max_k) {
+        let mut s = Search::new(&qt, &ct, k, Some(v), rows_per_part)?;
+        s.poison()?;
+        s.launch()?;
+        let got = s.read()?;
+        let verdict = compare_hits(&got, &want, tol);
+        all_ok &= verdict.is_ok();
+        println!(
+            "PARITY\tsimilarity\t{}\tnq={nq} n={n} d={d} k={k} rows_per_part={}\t{}",
+            v.name,
+            s.rows_per_part(),
+            match &verdict {
+                Ok(()) => "ok".to_string(),
+                Err(e) => format!("FAIL {e}"),
+            }
+        );
+    }
+    Ok(all_ok)
+}
+
+fn similarity_parity(dev: &Device, cases: &[(usize, usize, usize, usize)]) -> Result<bool> {
+    let mut rng = Rng(20261127);
+    let mut ok = true;
+    for &case in cases {
+        ok &= similarity_case(dev, &mut rng, case, None)?;
+    }
+    // Many small parts: the merge sees parts * k candidates far beyond shared memory.
+    ok &= similarity_case(dev, &mut rng, (5, 40_000, 64, 100), Some(37))?;
+    ok &= similarity_case(dev, &mut rng, (2, 9_999, 384, 256), Some(100))?;
+    Ok(ok)
+}
+
+/// MiniLM-shaped BERT config (all-MiniLM-L6-v2's shape).
+fn minilm_config() -> BertConfig {
+    serde_json::from_value(serde_json::json!({
+        "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
+        "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
+        "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12
+    }))
+    .expect("valid config")
+}
+
+/// Writes seeded MiniLM-shaped weights as `model.safetensors` in `dir`.
+fn write_minilm(dir: &Path) -> Result<BertConfig> {
+    let cfg = minilm_config();
+    let mut rng = Rng(7);
+    let h = cfg.hidden_size;
+    let mut w = std::collections::HashMap::new();
+    let mut put = |name: String, shape: &[usize], scale: f32, offset: f32| -> Result<()> {
+        let len: usize = shape.iter().product();
+        let data: Vec<f32> = (0..len).map(|_| rng.normal() * scale + offset).collect();
+        w.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        Ok(())
+    };
+    put(
+        "embeddings.word_embeddings.weight".into(),
+        &[cfg.vocab_size, h],
+        0.05,
+        0.0,
+    )?;
+    put(
+        "embeddings.position_embeddings.weight".into(),
+        &[cfg.max_position_embeddings, h],
+        0.02,
+        0.0,
+    )?;
+    put(
+        "embeddings.token_type_embeddings.weight".into(),
+        &[2, h],
+        0.02,
+        0.0,
+    )?;
+    put("embeddings.LayerNorm.weight".into(), &[h], 0.02, 1.0)?;
+    put("embeddings.LayerNorm.bias".into(), &[h], 0.02, 0.0)?;
+    let s = 1.0 / (h as f32).sqrt() / 1.7;
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("encoder.layer.{i}");
+        for m in ["query", "key", "value"] {
+            put(format!("{p}.attention.self.{m}.weight"), &[h, h], s, 0.0)?;
+            put(format!("{p}.attention.self.{m}.bias"), &[h], 0.02, 0.0)?;
+        }
+        put(
+            format!("{p}.attention.output.dense.weight"),
+            &[h, h],
+            s,
+            0.0,
+        )?;
+        put(format!("{p}.attention.output.dense.bias"), &[h], 0.02, 0.0)?;
+        put(
+            format!("{p}.attention.output.LayerNorm.weight"),
+            &[h],
+            0.02,
+            1.0,
+        )?;
+        put(
+            format!("{p}.attention.output.LayerNorm.bias"),
+            &[h],
+            0.02,
+            0.0,
+        )?;
+        put(
+            format!("{p}.intermediate.dense.weight"),
+            &[cfg.intermediate_size, h],
+            s,
+            0.0,
+        )?;
+        put(
+            format!("{p}.intermediate.dense.bias"),
+            &[cfg.intermediate_size],
+            0.02,
+            0.0,
+        )?;
+        put(
+            format!("{p}.output.dense.weight"),
+            &[h, cfg.intermediate_size],
+            s / 2.0,
+            0.0,
+        )?;
+        put(format!("{p}.output.dense.bias"), &[h], 0.02, 0.0)?;
+        put(format!("{p}.output.LayerNorm.weight"), &[h], 0.02, 1.0)?;
+        put(format!("{p}.output.LayerNorm.bias"), &[h], 0.02, 0.0)?;
+    }
+    candle_core::safetensors::save(&w, dir.join("model.safetensors"))?;
+    Ok(cfg)
+}
+
+fn load_bert(dir: &Path, cfg: &BertConfig, dev: &Device, dtype: DType) -> Result<Bert> {
+    // SAFETY: the file was written by this process and is not modified while mapped.
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], dtype, dev)?
+    };
+    Ok(Bert::load(vb, cfg)?)
+}
+
+fn embed(model: &Bert, seqs: &[Vec<u32>]) -> Result<Tensor> {
+    let batch = Batch::from_sequences(seqs);
+    let hidden = model.forward(&batch)?.to_dtype(DType::F32)?;
+    Ok(l2_normalize(&mean_pool(&hidden, &batch)?)?)
+}
+
+fn embedding_parity(dev: &Device) -> Result<bool> {
+    let dir = tempfile::tempdir()?;
+    let cfg = write_minilm(dir.path())?;
+    let cpu = load_bert(dir.path(), &cfg, &Device::Cpu, DType::F32)?;
+    let gpu = load_bert(dir.path(), &cfg, dev, DType::F16)?;
+    let mut rng = Rng(99);
+    let lengths = [
+        128usize, 128, 7, 256, 3, 100, 100, 100, 55, 1, 200, 31, 31, 64, 2, 129,
+    ];
+    let seqs: Vec<Vec<u32>> = lengths
+        .iter()
+        .map(|&l| {
+            (0..l)
+                .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
+                .collect()
+        })
+        .collect();
+    let a = embed(&cpu, &seqs)?.to_vec2::<f32>()?;
+    let b = embed(&gpu, &seqs)?
+        .to_device(&Device::Cpu)?
+        .to_vec2::<f32>()?;
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>())
+        .fold(f32::INFINITY, f32::min);
+    let ok = worst >= 0.9999;
+    println!(
+        "PARITY\tembeddings\tf16-gpu-vs-f32-cpu\t16 texts, lengths 1..256\t{} (lowest cosine {worst:.6})",
+        if ok { "ok" } else { "FAIL" }
+    );
+    Ok(ok)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median milliseconds of the search, timed with CUDA events.
+fn time_search(s: &mut Search) -> Result<f64> {
+    let stream = s.stream();
+    let timing =
+        Some(candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    s.launch()?; // warm-up: module load, first touch
+    stream.synchronize()?;
+    let mut times = Vec::new();
+    let started = Instant::now();
+    while times.len() < 5 || (times.len() < 30 && started.elapsed().as_secs_f64() < 0.8) {
+        let a = stream.record_event(timing)?;
+        s.launch()?;
+        let b = stream.record_event(timing)?;
+        times.push(a.elapsed_ms(&b)? as f64);
+    }
+    Ok(median(times))
+}
+
+fn suits(v: &Variant, nq: usize) -> bool {
+    match v.queries_per_block {
+        1 => nq <= 32,
+        q if q <= 16 => nq <= 256,
+        _ => nq >= 8,
+    }
+}
+
+fn sweep(
+    dev: &Device,
+    ns: &[usize],
+    nqs: &[usize],
+    ks: &[usize],
+    d: usize,
+    peak_tbs: f64,
+) -> Result<()> {
+    for &n in ns {
+        // Generated on the device: a 10^7 x 384 corpus is 7.7 GB in f16.
+        let corpus = Tensor::randn(0f32, 1.0, (n, d), dev)?.to_dtype(DType::F16)?;
+        let bytes = (n * d * 2) as f64;
+        for &nq in nqs {
+            let queries = Tensor::randn(0f32, 1.0, (nq, d), dev)?.to_dtype(DType::F16)?;
+            for &k in ks {
+                for v in VARIANTS
+                    .iter()
+                    .filter(|v| k as u32 <= v.max_k && suits(v, nq))
+                {
+                    let mut base = Search::new(&queries, &corpus, k, Some(v), None)?;
+                    let rpp = base.rows_per_part();
+                    for (label, rows) in
+                        [("1x", rpp), ("half", (rpp / 2).max(256)), ("2x", rpp * 2)]
+                    {
+                        let ms = if label == "1x" {
+                            time_search(&mut base)?
+                        } else {
+                            time_search(&mut Search::new(
+                                &queries,
+                                &corpus,
+                                k,
+                                Some(v),
+                                Some(rows),
+                            )?)?
+                        };
+                        let tbs = bytes / (ms / 1e3) / 1e12;
+                        println!(
+                            "SWEEP\tn={n}\tnq={nq}\tk={k}\t{}\trows_per_part={rows} ({label})\t{ms:.3} ms\t{tbs:.2} TB/s\t{:.0}% of {peak_tbs} TB/s",
+                            v.name,
+                            100.0 * tbs / peak_tbs
+                        );
+                    }
+                }
+            }
+        }
+        drop(corpus);
+    }
+    Ok(())
+}
+
+fn embed_bench(dev: &Device, batches: &[usize]) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = write_minilm(dir.path())?;
+    let model = load_bert(dir.path(), &cfg, dev, DType::F16)?;
+    let mut rng = Rng(5);
+    for &b in batches {
+        let seqs: Vec<Vec<u32>> = (0..b)
+            .map(|_| (0..128).map(|_| (rng.next() % 30522) as u32).collect())
+            .collect();
+        embed(&model, &seqs)?; // warm-up
+        dev.synchronize()?;
+        let mut times = Vec::new();
+        let started = Instant::now();
+        while times.len() < 5 || (times.len() < 50 && started.elapsed().as_secs_f64() < 2.0) {
+            let t = Instant::now();
+            let out = embed(&model, &seqs)?;
+            dev.synchronize()?;
+            times.push(t.elapsed().as_secs_f64());
+            drop(out);
+        }
+        let med = median(times);
+        println!(
+            "EMBED\tcited f16\tbatch={b}\t{:.3} ms\t{:.0} texts/s",
+            med * 1e3,
+            b as f64 / med
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let dev = Device::new_cuda(args.device).context("opening the CUDA device")?;
+    match args.command {
+        Cmd::Parity => {
+            let cases = [
+                (1, 1, 8, 1),
+                (1, 1000, 8, 10),
+                (3, 10_007, 384, 10),
+                (17, 50_021, 384, 100),
+                (70, 12_345, 392, 37),
+                (33, 20_011, 1024, 256),
+                (1, 300, 384, 256),
+                (2, 100, 16, 256),
+                (130, 3_001, 384, 1),
+            ];
+            let a = similarity_parity(&dev, &cases)?;
+            let b = embedding_parity(&dev)?;
+            if !(a && b) {
+                bail!("parity failed");
+            }
+        }
+        Cmd::Memcheck => {
+            if !similarity_parity(&dev, &[(3, 1000, 64, 10), (40, 3000, 128, 50)])? {
+                bail!("parity failed under memcheck");
+            }
+        }
+        Cmd::Sweep {
+            n,
+            nq,
+            k,
+            d,
+            peak_tbs,
+        } => sweep(&dev, &n, &nq, &k, d, peak_tbs)?,
+        Cmd::Embed { batch } => embed_bench(&dev, &batch)?,
+    }
+    Ok(())
+}

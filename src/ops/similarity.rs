@@ -1,0 +1,611 @@
+//! Exact top-k by inner product: each query row against every corpus row, the k best kept, the
+//! score matrix never materialised. The CPU path here is the reference; `kernels/similarity.cu`
+//! is its CUDA twin (module [`gpu`], under the `cuda` feature).
+//!
+//! Order everywhere: higher score first, equal scores by lower row id.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use super::Result;
+use crate::error::OpsError;
+
+/// A corpus row and its score against a query.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Hit {
+    pub id: u32,
+    pub score: f32,
+}
+
+impl Hit {
+    /// The ranking order: `Less` when `self` ranks before `other`.
+    pub fn rank_cmp(&self, other: &Self) -> Ordering {
+        other
+            .score
+            .total_cmp(&self.score)
+            .then(self.id.cmp(&other.id))
+    }
+}
+
+/// Heap entry whose greatest element is the worst hit, so the heap's top is the one to evict.
+struct Worst(Hit);
+
+impl PartialEq for Worst {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Worst {}
+impl PartialOrd for Worst {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Worst {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.rank_cmp(&other.0)
+    }
+}
+
+/// The `k` best hits seen so far.
+struct TopK {
+    k: usize,
+    heap: BinaryHeap<Worst>,
+}
+
+impl TopK {
+    fn new(k: usize) -> Self {
+        Self {
+            k,
+            heap: BinaryHeap::with_capacity(k + 1),
+        }
+    }
+
+    fn push(&mut self, hit: Hit) {
+        if self.heap.len() < self.k {
+            self.heap.push(Worst(hit));
+        } else if let Some(worst) = self.heap.peek() {
+            if hit.rank_cmp(&worst.0) == Ordering::Less {
+                self.heap.pop();
+                self.heap.push(Worst(hit));
+            }
+        }
+    }
+
+    fn merge(mut self, other: Self) -> Self {
+        for w in other.heap {
+            self.push(w.0);
+        }
+        self
+    }
+
+    fn into_sorted(self) -> Vec<Hit> {
+        let mut v: Vec<Hit> = self.heap.into_iter().map(|w| w.0).collect();
+        v.sort_by(Hit::rank_cmp);
+        v
+    }
+}
+
+/// Element types a corpus may be stored in.
+pub trait Element: Copy + Send + Sync {
+    /// The row as f32, converted into `scratch` when it is not f32 already.
+    fn as_f32<'a>(row: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32];
+}
+
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent sums so the compiler can keep a vector register per lane group.
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut tail = 0f32;
+    for i in chunks * 8..a.len() {
+        tail += a[i] * b[i];
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+impl Element for f32 {
+    fn as_f32<'a>(row: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
+        row
+    }
+}
+
+impl Element for f16 {
+    fn as_f32<'a>(row: &'a [f16], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        scratch.resize(row.len(), 0.0);
+        row.convert_to_f32_slice(scratch);
+        scratch
+    }
+}
+
+/// Exact top-`k` of each query of `queries` `(nq, d)` against `corpus` `(n, d)`, both row-major;
+/// each list holds `min(k, n)` hits, best first.
+pub fn topk_cpu<T: Element>(
+    queries: &[f32],
+    corpus: &[T],
+    d: usize,
+    k: usize,
+) -> Result<Vec<Vec<Hit>>> {
+    if d == 0 || queries.len() % d != 0 || corpus.len() % d != 0 {
+        return Err(OpsError::Shape(format!(
+            "queries of {} and corpus of {} values are not rows of {d}",
+            queries.len(),
+            corpus.len()
+        )));
+    }
+    let nq = queries.len() / d;
+    let n = corpus.len() / d;
+    if n > u32::MAX as usize {
+        return Err(OpsError::Shape(format!("{n} rows exceed u32 ids")));
+    }
+    if nq == 0 || k == 0 || n == 0 {
+        return Ok(vec![Vec::new(); nq]);
+    }
+    // Rows in chunks across threads; each chunk keeps its own top-k per query, merged at the end.
+    let chunk_rows = n.div_ceil(rayon::current_num_threads() * 4).max(256);
+    let partial: Vec<Vec<TopK>> = corpus
+        .par_chunks(chunk_rows * d)
+        .enumerate()
+        .map(|(c, rows)| {
+            let mut tops: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+            let mut scratch = Vec::new();
+            for (r, row) in rows.chunks_exact(d).enumerate() {
+                let id = (c * chunk_rows + r) as u32;
+                let row = T::as_f32(row, &mut scratch);
+                for (q, top) in tops.iter_mut().enumerate() {
+                    let score = dot_f32(&queries[q * d..(q + 1) * d], row);
+                    top.push(Hit { id, score });
+                }
+            }
+            tops
+        })
+        .collect();
+    let mut merged: Vec<TopK> = (0..nq).map(|_| TopK::new(k)).collect();
+    for tops in partial {
+        merged = merged
+            .into_iter()
+            .zip(tops)
+            .map(|(a, b)| a.merge(b))
+            .collect();
+    }
+    Ok(merged.into_iter().map(TopK::into_sorted).collect())
+}
+
+/// Compares two ranked lists of the same queries: the same ids in the same order, except where
+/// neighbouring scores are within `tol` (a swap among near-ties is not an error), and scores within
+/// `tol`. Returns a description of the first disagreement.
+pub fn compare_hits(
+    got: &[Vec<Hit>],
+    want: &[Vec<Hit>],
+    tol: f32,
+) -> std::result::Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!(
+            "{} result lists, expected {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    for (q, (g, w)) in got.iter().zip(want).enumerate() {
+        if g.len() != w.len() {
+            return Err(format!("query {q}: {} hits, expected {}", g.len(), w.len()));
+        }
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            if (a.score - b.score).abs() > tol || !a.score.is_finite() {
+                return Err(format!(
+                    "query {q} rank {i}: score {} (id {}), expected {} (id {})",
+                    a.score, a.id, b.score, b.id
+                ));
+            }
+            if a.id != b.id {
+                // A different id is a near-tie only if the reference scores it (or, past the
+                // end of its list, its last hit) within `tol` of the score reported for it.
+                let tie = match w.iter().find(|x| x.id == a.id) {
+                    Some(x) => (x.score - a.score).abs() <= tol,
+                    None => w.last().is_some_and(|l| (l.score - a.score).abs() <= tol),
+                };
+                if !tie {
+                    return Err(format!(
+                        "query {q} rank {i}: id {} (score {}), expected id {} (score {})",
+                        a.id, a.score, b.id, b.score
+                    ));
+                }
+            }
+        }
+        let mut ids: Vec<u32> = g.iter().map(|h| h.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != g.len() {
+            return Err(format!("query {q}: an id is reported twice"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+pub mod gpu {
+    //! The CUDA twin: `kernels/similarity.cu`, loaded once per device.
+
+    use candle_core::cuda_backend::cudarc::driver::sys::{
+        CUdevice_attribute, CUfunction_attribute_enum,
+    };
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::CudaDevice;
+    use candle_core::{DType, Device, Storage, Tensor};
+    use half::f16;
+
+    use super::{Hit, Result};
+    use crate::error::OpsError;
+    use crate::ops::similarity_variants::{
+        merge_smem_bytes, Variant, MERGE_KERNEL, MERGE_THREADS, VARIANTS,
+    };
+
+    /// The PTX of `kernels/similarity.cu`, compiled by build.rs.
+    pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/similarity.ptx"));
+    const MODULE: &str = "cited_similarity";
+
+    fn dev_err(e: impl std::fmt::Display) -> OpsError {
+        OpsError::Device(e.to_string())
+    }
+
+    /// The variant the search uses by default for `nq` queries and `k`.
+    pub fn default_variant(nq: usize, k: usize) -> &'static Variant {
+        let fits = |v: &&Variant| k as u32 <= v.max_k;
+        let by_name = |name: &str| VARIANTS.iter().filter(fits).find(|v| v.name == name);
+        let choice = if nq >= 32 {
+            by_name("mma")
+        } else if nq > 4 {
+            by_name("q8")
+        } else {
+            by_name("warp")
+        };
+        choice
+            .or_else(|| VARIANTS.iter().find(fits))
+            .expect("a variant for every k <= 256")
+    }
+
+    /// Rows per corpus part: enough parts that the grid covers every SM a few times.
+    pub fn default_rows_per_part(
+        dev: &CudaDevice,
+        n: usize,
+        nq: usize,
+        v: &Variant,
+    ) -> Result<u32> {
+        let sms = dev
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(dev_err)? as usize;
+        let query_blocks = nq.div_ceil(v.queries_per_block as usize);
+        let parts = (sms * 4)
+            .div_ceil(query_blocks)
+            .clamp(1, n.div_ceil(1024).max(1));
+        Ok(n.div_ceil(parts) as u32)
+    }
+
+    fn f16_slice<'a>(
+        storage: &'a Storage,
+        t: &Tensor,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f16>> {
+        match storage {
+            Storage::Cuda(s) => {
+                let slice = s.as_cuda_slice::<f16>()?;
+                let start = t.layout().start_offset();
+                Ok(slice.slice(start..start + t.elem_count()))
+            }
+            _ => Err(OpsError::Device("tensor is not on a CUDA device".into())),
+        }
+    }
+
+    /// A prepared search: buffers allocated once, so the same search can be launched repeatedly
+    /// (benches) and read back when wanted.
+    pub struct Search {
+        dev: CudaDevice,
+        queries: Tensor,
+        corpus: Tensor,
+        n: u32,
+        d: u32,
+        nq: u32,
+        k: u32,
+        variant: &'static Variant,
+        rows_per_part: u32,
+        parts: u32,
+        part_scores: CudaSlice<f32>,
+        part_ids: CudaSlice<u32>,
+        out_scores: CudaSlice<f32>,
+        out_ids: CudaSlice<u32>,
+    }
+
+    impl Search {
+        /// Prepares a search of `queries` `(nq, d)` against `corpus` `(n, d)`, both f16,
+        /// contiguous, on the same CUDA device; `variant` and `rows_per_part` default to the
+        /// tuned choice.
+        pub fn new(
+            queries: &Tensor,
+            corpus: &Tensor,
+            k: usize,
+            variant: Option<&'static Variant>,
+            rows_per_part: Option<u32>,
+        ) -> Result<Self> {
+            let (nq, d) = queries.dims2()?;
+            let (n, cd) = corpus.dims2()?;
+            if cd != d || d % 8 != 0 || d > 2048 {
+                return Err(OpsError::Shape(format!(
+                    "queries of width {d} against rows of {cd} (needs equal widths, a multiple of 8, <= 2048)"
+                )));
+            }
+            if queries.dtype() != DType::F16 || corpus.dtype() != DType::F16 {
+                return Err(OpsError::Shape("queries and corpus must be f16".into()));
+            }
+            let aligned = |t: &Tensor| t.is_contiguous() && t.layout().start_offset() % 8 == 0;
+            if !aligned(queries) || !aligned(corpus) {
+                // The kernels read rows in 16-byte pieces.
+                return Err(OpsError::Shape(
+                    "queries and corpus must be contiguous and start on 8 elements".into(),
+                ));
+            }
+            if k == 0 || k > 256 || n == 0 || nq == 0 || n > u32::MAX as usize {
+                return Err(OpsError::Shape(format!("k {k} (1..=256), n {n}, nq {nq}")));
+            }
+            let dev = match corpus.device() {
+                Device::Cuda(d) => d.clone(),
+                _ => return Err(OpsError::Device("corpus is not on a CUDA device".into())),
+            };
+            let variant = variant.unwrap_or_else(|| default_variant(nq, k));
+            if k as u32 > variant.max_k {
+                return Err(OpsError::Shape(format!(
+                    "variant {} takes k <= {}",
+                    variant.name, variant.max_k
+                )));
+            }
+            let rows_per_part = match rows_per_part {
+                Some(r) => r.max(1),
+                None => default_rows_per_part(&dev, n, nq, variant)?,
+            };
+            let parts = n.div_ceil(rows_per_part as usize);
+            let stream = dev.cuda_stream();
+            let part_len = nq * parts * k;
+            Ok(Self {
+                part_scores: stream.alloc_zeros::<f32>(part_len).map_err(dev_err)?,
+                part_ids: stream.alloc_zeros::<u32>(part_len).map_err(dev_err)?,
+                out_scores: stream.alloc_zeros::<f32>(nq * k).map_err(dev_err)?,
+                out_ids: stream.alloc_zeros::<u32>(nq * k).map_err(dev_err)?,
+                dev,
+                queries: queries.clone(),
+                corpus: corpus.clone(),
+                n: n as u32,
+                d: d as u32,
+                nq: nq as u32,
+                k: k as u32,
+                variant,
+                rows_per_part,
+                parts: parts as u32,
+            })
+        }
+
+        pub fn variant(&self) -> &'static Variant {
+            self.variant
+        }
+
+        pub fn rows_per_part(&self) -> u32 {
+            self.rows_per_part
+        }
+
+        /// Fills every output buffer with NaN scores and 0xFFFFFFFF ids, so a slot a kernel
+        /// forgets to write cannot pass for a result.
+        pub fn poison(&mut self) -> Result<()> {
+            let stream = self.dev.cuda_stream();
+            let nan = vec![f32::NAN; self.part_scores.len()];
+            let bad = vec![u32::MAX; self.part_ids.len()];
+            stream
+                .memcpy_htod(&nan, &mut self.part_scores)
+                .map_err(dev_err)?;
+            stream
+                .memcpy_htod(&bad, &mut self.part_ids)
+                .map_err(dev_err)?;
+            stream
+                .memcpy_htod(&nan[..self.out_scores.len()], &mut self.out_scores)
+                .map_err(dev_err)?;
+            stream
+                .memcpy_htod(&bad[..self.out_ids.len()], &mut self.out_ids)
+                .map_err(dev_err)?;
+            Ok(())
+        }
+
+        /// Enqueues the partial and merge kernels on the device's stream (no synchronisation).
+        pub fn launch(&mut self) -> Result<()> {
+            let v = self.variant;
+            let partial = self.dev.get_or_load_custom_func(v.kernel, MODULE, PTX)?;
+            let smem = (v.smem_bytes)(self.k, self.d);
+            if smem > 48 * 1024 {
+                partial
+                    .set_attribute(
+                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem as i32,
+                    )
+                    .map_err(dev_err)?;
+            }
+            let (q_storage, _) = self.queries.storage_and_layout();
+            let (c_storage, _) = self.corpus.storage_and_layout();
+            let q = f16_slice(&q_storage, &self.queries)?;
+            let c = f16_slice(&c_storage, &self.corpus)?;
+            let cfg = LaunchConfig {
+                grid_dim: (self.parts, self.nq.div_ceil(v.queries_per_block), 1),
+                block_dim: (v.threads, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            let mut b = partial.builder();
+            b.arg(&q)
+                .arg(&c)
+                .arg(&self.n)
+                .arg(&self.d)
+                .arg(&self.nq)
+                .arg(&self.k)
+                .arg(&self.rows_per_part)
+                .arg(&mut self.part_scores)
+                .arg(&mut self.part_ids);
+            // SAFETY: the argument list matches the kernel's signature (kernels/similarity.cu),
+            // the buffers hold (nq, parts, k) entries, and the inputs were checked above.
+            unsafe { b.launch(cfg) }.map_err(dev_err)?;
+
+            let merge = self
+                .dev
+                .get_or_load_custom_func(MERGE_KERNEL, MODULE, PTX)?;
+            let msmem = merge_smem_bytes(self.k);
+            if msmem > 48 * 1024 {
+                merge
+                    .set_attribute(
+                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        msmem as i32,
+                    )
+                    .map_err(dev_err)?;
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (self.nq, 1, 1),
+                block_dim: (MERGE_THREADS, 1, 1),
+                shared_mem_bytes: msmem,
+            };
+            let mut b = merge.builder();
+            b.arg(&self.part_scores)
+                .arg(&self.part_ids)
+                .arg(&self.nq)
+                .arg(&self.parts)
+                .arg(&self.k)
+                .arg(&mut self.out_scores)
+                .arg(&mut self.out_ids);
+            // SAFETY: as above; the outputs hold (nq, k) entries.
+            unsafe { b.launch(cfg) }.map_err(dev_err)?;
+            Ok(())
+        }
+
+        /// Waits for the device and copies the results back: `nq` lists of `min(k, n)` hits.
+        pub fn read(&self) -> Result<Vec<Vec<Hit>>> {
+            let stream = self.dev.cuda_stream();
+            let scores = stream.clone_dtoh(&self.out_scores).map_err(dev_err)?;
+            let ids = stream.clone_dtoh(&self.out_ids).map_err(dev_err)?;
+            let k = self.k as usize;
+            let keep = k.min(self.n as usize);
+            Ok((0..self.nq as usize)
+                .map(|q| {
+                    (0..keep)
+                        .map(|i| Hit {
+                            id: ids[q * k + i],
+                            score: scores[q * k + i],
+                        })
+                        .collect()
+                })
+                .collect())
+        }
+
+        /// The device's stream, for timing with events.
+        pub fn stream(
+            &self,
+        ) -> std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream> {
+            self.dev.cuda_stream()
+        }
+    }
+
+    /// One search, launched and read back.
+    pub fn topk_cuda(queries: &Tensor, corpus: &Tensor, k: usize) -> Result<Vec<Vec<Hit>>> {
+        let mut s = Search::new(queries, corpus, k, None, None)?;
+        s.launch()?;
+        s.read()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn brute(queries: &[f32], corpus: &[f32], d: usize, k: usize) -> Vec<Vec<Hit>> {
+        queries
+            .chunks(d)
+            .map(|q| {
+                let mut all: Vec<Hit> = corpus
+                    .chunks(d)
+                    .enumerate()
+                    .map(|(i, r)| Hit {
+                        id: i as u32,
+                        score: q.iter().zip(r).map(|(a, b)| (a * b) as f64).sum::<f64>() as f32,
+                    })
+                    .collect();
+                all.sort_by(Hit::rank_cmp);
+                all.truncate(k);
+                all
+            })
+            .collect()
+    }
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    #[test]
+    fn matches_a_full_sort_for_odd_sizes() {
+        let mut seed = 7;
+        for (nq, n, d, k) in [
+            (1, 1, 8, 1),
+            (3, 1000, 24, 10),
+            (5, 4097, 16, 100),
+            (2, 50, 8, 80),
+        ] {
+            let q: Vec<f32> = (0..nq * d).map(|_| lcg(&mut seed)).collect();
+            let c: Vec<f32> = (0..n * d).map(|_| lcg(&mut seed)).collect();
+            let got = topk_cpu(&q, &c, d, k).unwrap();
+            let want = brute(&q, &c, d, k);
+            compare_hits(&got, &want, 1e-5).unwrap();
+            assert_eq!(got[0].len(), k.min(n));
+        }
+    }
+
+    #[test]
+    fn ties_go_to_the_lower_id() {
+        let corpus = [1.0f32, 0.0, 1.0, 0.0, 0.5, 0.0, 1.0, 0.0];
+        let got = topk_cpu(&[1.0, 0.0], &corpus, 2, 3).unwrap();
+        let ids: Vec<u32> = got[0].iter().map(|h| h.id).collect();
+        assert_eq!(ids, vec![0, 1, 3]);
+    }
+
+    #[test]
+    fn f16_corpus_scores_like_its_f32_values() {
+        let mut seed = 3;
+        let d = 32;
+        let c32: Vec<f32> = (0..300 * d).map(|_| lcg(&mut seed)).collect();
+        let c16: Vec<f16> = c32.iter().map(|&x| f16::from_f32(x)).collect();
+        let back: Vec<f32> = c16.iter().map(|x| x.to_f32()).collect();
+        let q: Vec<f32> = (0..2 * d).map(|_| lcg(&mut seed)).collect();
+        compare_hits(
+            &topk_cpu(&q, &c16, d, 20).unwrap(),
+            &topk_cpu(&q, &back, d, 20).unwrap(),
+            1e-6,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn rejects_ragged_input() {
+        assert!(topk_cpu(&[1.0; 5], &[1.0f32; 8], 4, 1).is_err());
+        assert!(topk_cpu(&[1.0; 4], &[1.0f32; 8], 4, 0).unwrap()[0].is_empty());
+    }
+
+    #[test]
+    fn comparison_catches_a_wrong_id() {
+        let a = vec![vec![Hit { id: 1, score: 0.9 }, Hit { id: 2, score: 0.5 }]];
+        let b = vec![vec![Hit { id: 3, score: 0.9 }, Hit { id: 2, score: 0.5 }]];
+        assert!(compare_hits(&a, &b, 1e-3).is_err());
+        let c = vec![vec![Hit { id: 2, score: 0.5 }, Hit { id: 1, score: 0.5 }]];
+        let d = vec![vec![Hit { id: 1, score: 0.5 }, Hit { id: 2, score: 0.5 }]];
+        assert!(compare_hits(&c, &d, 1e-3).is_ok());
+    }
+}
