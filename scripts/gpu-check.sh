@@ -103,7 +103,7 @@ say "== summary ($gpu, peak $peak TB/s)"
 grep -E "^PARITY" "$log" | awk -F'\t' '{print $5}' | sort | uniq -c | sed 's/^/parity results: /' | tee -a "$log"
 grep -E "^PARITY.*FAIL" "$log" | head -n 20 | tee -a "$log"
 # Best variant per shape, then the anchors.
-grep -E "^SWEEP" "$log" | awk -F'\t' '{
+grep -E "^SWEEP" "$log" | awk -F'\t' '$7 ~ / ms$/ {
     key=$2" "$3" "$4; ms=$7+0
     if (!(key in best) || ms < best[key]) { best[key]=ms; line[key]=$0 }
 } END { for (k in line) print line[k] }' | sort -t$'\t' -k2,2V -k3,3V -k4,4V | tee -a "$log"

@@ -103,16 +103,21 @@ fn similarity_case(
     let tol = 2e-3 * (d as f32 / 384.0).sqrt().max(1.0);
     let mut all_ok = true;
     for v in VARIANTS.iter().filter(|v| k as u32 <= v.max_k) {
-        let mut s = Search::new(&qt, &ct, k, Some(v), rows_per_part)?;
-        s.poison()?;
-        s.launch()?;
-        let got = s.read()?;
-        let verdict = compare_hits(&got, &want, tol);
+        let run = || -> Result<(u32, std::result::Result<(), String>)> {
+            let mut s = Search::new(&qt, &ct, k, Some(v), rows_per_part)?;
+            s.poison()?;
+            s.launch()?;
+            let got = s.read()?;
+            Ok((s.rows_per_part(), compare_hits(&got, &want, tol)))
+        };
+        let (rpp, verdict) = match run() {
+            Ok((rpp, verdict)) => (rpp.to_string(), verdict),
+            Err(e) => ("?".to_string(), Err(format!("error {e}"))),
+        };
         all_ok &= verdict.is_ok();
         println!(
-            "PARITY\tsimilarity\t{}\tnq={nq} n={n} d={d} k={k} rows_per_part={}\t{}",
+            "PARITY\tsimilarity\t{}\tnq={nq} n={n} d={d} k={k} rows_per_part={rpp}\t{}",
             v.name,
-            s.rows_per_part(),
             match &verdict {
                 Ok(()) => "ok".to_string(),
                 Err(e) => format!("FAIL {e}"),
@@ -326,21 +331,34 @@ fn sweep(
                     .iter()
                     .filter(|v| k as u32 <= v.max_k && suits(v, nq))
                 {
-                    let mut base = Search::new(&queries, &corpus, k, Some(v), None)?;
+                    let mut base = match Search::new(&queries, &corpus, k, Some(v), None) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            println!("SWEEP\tn={n}\tnq={nq}\tk={k}\t{}\tERROR {e}", v.name);
+                            continue;
+                        }
+                    };
                     let rpp = base.rows_per_part();
-                    for (label, rows) in
-                        [("1x", rpp), ("half", (rpp / 2).max(256)), ("2x", rpp * 2)]
-                    {
-                        let ms = if label == "1x" {
-                            time_search(&mut base)?
+                    // The part size is swept on the big corpus only.
+                    let options: &[(&str, u32)] = if n >= 5_000_000 {
+                        &[("1x", rpp), ("half", (rpp / 2).max(256)), ("2x", rpp * 2)]
+                    } else {
+                        &[("1x", rpp)]
+                    };
+                    for &(label, rows) in options {
+                        let timed = if label == "1x" {
+                            time_search(&mut base)
                         } else {
-                            time_search(&mut Search::new(
-                                &queries,
-                                &corpus,
-                                k,
-                                Some(v),
-                                Some(rows),
-                            )?)?
+                            Search::new(&queries, &corpus, k, Some(v), Some(rows))
+                                .map_err(anyhow::Error::from)
+                                .and_then(|mut s| time_search(&mut s))
+                        };
+                        let ms = match timed {
+                            Ok(ms) => ms,
+                            Err(e) => {
+                                println!("SWEEP\tn={n}\tnq={nq}\tk={k}\t{}\tERROR {e}", v.name);
+                                continue;
+                            }
                         };
                         let tbs = bytes / (ms / 1e3) / 1e12;
                         println!(

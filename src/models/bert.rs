@@ -254,12 +254,17 @@ fn equal_length_runs(batch: &Batch) -> Vec<(usize, usize, usize)> {
     runs
 }
 
-/// Mean of each sequence's rows, `(num_seqs, hidden)`, from packed `(num_tokens, hidden)`.
+/// Mean of each sequence's rows, `(num_seqs, hidden)`, from packed `(num_tokens, hidden)`;
+/// sequences of equal length side by side are pooled together (one reduction, not one each).
 pub fn mean_pool(hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
-    let rows = (0..batch.num_seqs())
-        .map(|s| {
-            let r = batch.seq_range(s);
-            hidden.narrow(0, r.start, r.len())?.mean_keepdim(0)
+    let h = hidden.dim(1)?;
+    let rows = equal_length_runs(batch)
+        .into_iter()
+        .map(|(start, len, count)| {
+            hidden
+                .narrow(0, start, len * count)?
+                .reshape((count, len, h))?
+                .mean(1)
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::cat(&rows, 0)?)

@@ -425,7 +425,9 @@ pub mod gpu {
             let v = self.variant;
             let partial = self.dev.get_or_load_custom_func(v.kernel, MODULE, PTX)?;
             let smem = (v.smem_bytes)(self.k, self.d);
-            if smem > 48 * 1024 {
+            // Static plus dynamic shared memory over 48 KB needs the limit raised, whatever the
+            // dynamic part alone is; raising it when not needed costs nothing.
+            if smem > 0 {
                 partial
                     .set_attribute(
                         CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -460,7 +462,7 @@ pub mod gpu {
                 .dev
                 .get_or_load_custom_func(MERGE_KERNEL, MODULE, PTX)?;
             let msmem = merge_smem_bytes(self.k);
-            if msmem > 48 * 1024 {
+            if msmem > 0 {
                 merge
                     .set_attribute(
                         CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
