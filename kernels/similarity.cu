@@ -20,9 +20,10 @@
 //   2. similarity_merge(part_scores, part_ids, nq, parts, k, out_scores, out_ids)
 //      grid (nq), block (MERGE_THREADS = 512), no dynamic shared memory.
 //      Writes the k best of each query's parts * k candidates to out_* at q * k + i.
-//   Shapes: d a multiple of 8 in 8..2048, 1 <= k <= max_k of the variant (256, or 128 for
-//   mma64), n >= 1 (ids are u32; 0xFFFFFFFF is reserved for padding), nq >= 1. Both input
-//   pointers must be 16-byte aligned (every row start then is, as d is a multiple of 8).
+//   Shapes: d a multiple of 8 in 8..max_d of the variant (2048; 1024 for mmaq32, 512 for
+//   mmaq64), 1 <= k <= max_k of the variant (256, or 128 for mma64 and mmaq64), n >= 1 (ids are
+//   u32; 0xFFFFFFFF is reserved for padding), nq >= 1. Both input pointers must be 16-byte
+//   aligned (every row start then is, as d is a multiple of 8).
 //
 // ORDER KEY
 //   Every candidate is a 64-bit key: high word = the score's f32 bits mapped so that unsigned
@@ -42,7 +43,8 @@
 //   The reduction: bitonic-sort each buffer descending; top[i] = max(top[i], buf[K2 - 1 - i])
 //   (this keeps exactly the K2 best of both lists, as a bitonic sequence); a bitonic merge sorts
 //   top again; buffers go back to padding, counts to 0, thr = top[k - 1]. One last reduction
-//   after the final round, then top[0..k) is written out.
+//   after the final round, then top[0..k) is written out. (mmaq32 and mmaq64 handle a full
+//   buffer differently, by folding and retrying; see VARIANTS.)
 //
 // VARIANTS
 //   warp  (queries_per_block 1, 256 threads, U = 4, R = 128, BUF = 512)
@@ -66,6 +68,37 @@
 //     scores contiguous), which the whole block then filters against the per-query thresholds.
 //     mma64 halves the corpus traffic per query for big batches; its top-k state for k = 256
 //     would not fit in shared memory, hence max_k 128.
+//   mmaq32 (queries_per_block 32, 256 threads, R = 128, BUF = 64, max_k 256, max_d 1024)
+//   mmaq64 (queries_per_block 64, 256 threads, R = 128, BUF = 64, max_k 128, max_d 512)
+//     Same code (partial_pipe<Q, MAXK, MAXD>), WMMA m16n16k16 as in mma, reorganised so that
+//     the tensor cores are fed without stalls:
+//     - The block's queries are copied into shared memory once (f16, rows of roundup(d, 64) + 8
+//       halves, zeros past nq and d) and stay there: only corpus data moves per step. This is
+//       what bounds max_d.
+//     - The corpus streams through a ring of S stages of 128 rows x 64 columns (rows padded to
+//       72 halves), filled with cp.async (16-byte cp.async.cg with zero-fill for rows past the
+//       part and columns past d, an L2 256-byte prefetch hint, one commit group per step).
+//       Step s waits for its own group, passes one barrier, issues step s + S - 1 into the
+//       stage freed by step s - 1, then runs its MMAs: one barrier per step, S - 1 steps of
+//       loads in flight. S is not compiled in: the kernel reads the dynamic shared memory size
+//       of its launch (%dynamic_smem_size) and uses as many stages as fit after the queries
+//       and the top-k state, at most 8; the table's formula fills the 227 KB a block may have
+//       (3 to 8 stages over the supported shapes; one block per SM either way).
+//     - Each warp owns a block of the 128 x Q score tile: in mmaq32 the 8 warps are stacked
+//       along the rows (16 rows x 32 queries each: two accumulators, 1.5 fragment loads per
+//       MMA); in mmaq64 they form 4 x 2 (32 rows x 32 queries each: four accumulators, one
+//       fragment load per MMA).
+//     - The tile is filtered straight from the accumulators, with no score tile in shared
+//       memory. Which (row, query) an accumulator element holds is learned at start-up by
+//       loading a matrix of element numbers into a fragment (the layout is not assumed). Each
+//       score is compared as a float with a cached float copy of the query's threshold; only
+//       survivors build a 64-bit key and compare it with the threshold key.
+//     - Candidate buffers of BUF = 64 keys that may overflow: an offer that finds the buffer
+//       full is kept (one bit per accumulator element), the block folds (pipe_fold: the
+//       topk_reduce algorithm, skipping queries whose buffer is empty, also refreshing the
+//       float thresholds) and the kept offers are made again, until none is left. Every round
+//       stores BUF keys for each query that overflowed, so it ends. Buffers therefore need not
+//       hold a whole tile, and a fold happens only when some buffer is really full.
 //   Block order: the kernels renumber blocks so that consecutive block ids take the same corpus
 //   part with different query groups; blocks running together then read the same rows, and the
 //   second and later reads come from L2.
@@ -81,12 +114,32 @@
 //   Candidates are read from global memory on every pass; nothing assumes they fit on chip.
 //
 // VERSIONS AND TIMINGS
-//   v1: the four partial variants above and the radix-select merge. Not yet run on a GPU:
-//   compiled and checked with ptxas only (sm_90, CUDA 13.0); no timings measured yet. Timings
-//   per variant and shape will be filled in here after the first GPU run.
-//   ptxas -v (sm_90), registers / static shared memory, no spills, no stack frame:
+//   v1: warp, q8, mma, mma64 and the radix-select merge. Parity with the CPU reference on an
+//   H200 (55 cases: odd sizes, poisoned outputs); compute-sanitizer memcheck clean.
+//   ptxas -v (sm_90, CUDA 13.0), registers / static shared memory, no spills, no stack frame:
 //     warp 61 / 16 B, q8 64 / 96 B, mma 64 / 22,912 B, mma64 102 / 36,608 B, merge 38 / 3,104 B.
 //   __launch_bounds__ minimum blocks per SM (register caps): warp 4, q8 3, mma 2, mma64 1.
+//   Measured on an NVIDIA H200, 2026-11-27: d = 384, f16 corpus, best rows_per_part per shape,
+//   time per search (partial + merge), against PyTorch matmul + topk on the same card:
+//         n     nq    k   best v1 variant     PyTorch
+//       1e6     32   10   mma     0.669 ms   0.567 ms
+//       1e6     32  100   mma     1.132 ms   0.571 ms
+//       1e6    256   10   mma64   2.670 ms   2.384 ms
+//       1e6    256  100   mma     4.170 ms   2.376 ms
+//       1e7     32   10   mma     3.823 ms   4.371 ms
+//       1e7     32  100   mma     4.616 ms   4.404 ms
+//       1e7    256   10   mma64  21.45 ms   24.92 ms
+//       1e7    256  100   mma    31.62 ms   24.89 ms
+//   (nq = 1: warp reaches 88% of the H200's HBM bandwidth.) At nq = 256 and n = 1e7 the mma
+//   kernels run near 90 TFLOP/s, far from both floors (reading 7.7 GB once ~1.8 ms; 2 TFLOP on
+//   the tensor cores ~3 ms): the query chunk was re-copied for every tile, there were two
+//   barriers per 64-column chunk with little overlap, and every score went through shared
+//   memory and a 64-bit key compare.
+//   v2: adds mmaq32 and mmaq64 (above); v1's kernels and the merge are unchanged. Not yet run
+//   on a GPU: checked with ptxas and a Python emulation of the block logic only; no timings.
+//   ptxas -v (sm_90, CUDA 13.0): mmaq32 153 registers / 512 B, mmaq64 183 registers / 1,024 B
+//   static shared memory, no spills, no stack frame; __launch_bounds__(256, 1) (one block per
+//   SM is what their shared memory allows anyway).
 
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -604,6 +657,416 @@ __device__ __forceinline__ void partial_mma(const __half* __restrict__ queries,
     topk_write<Q, BUF>(keys, k, k2, q0, nq, p, parts, part_scores, part_ids);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Pipelined tensor-core variants (mmaq32, mmaq64); design notes in the header.
+// Dynamic shared memory, from the first 128-byte aligned address of the region (the table adds
+// 128 bytes of slack for this):
+//   Qs    Q x ldq f16, ldq = roundup(d, DK) + 8: the block's queries, loaded once
+//   keys  Q x (k2 + BUF) keys: per query the sorted list, then the candidate buffer
+//   As    S x R x LDA f16: ring of S corpus stages (R rows x DK columns each), S = as many as
+//         the rest of the launch's dynamic shared memory holds, at most MAX_STAGES
+// ---------------------------------------------------------------------------------------------
+namespace pipecfg {
+constexpr unsigned R = 128;         // corpus rows per tile
+constexpr unsigned DK = 64;         // d columns per pipeline step
+constexpr unsigned LDA = DK + 8;    // stage row length (f16): 144 bytes, 16 mod 128
+constexpr unsigned STAGE_BYTES = R * LDA * 2;
+constexpr unsigned MAX_STAGES = 8;
+constexpr int BUF = 64;             // candidate buffer per query (overflow is retried)
+constexpr unsigned ALIGN = 128;     // alignment of the dynamic regions
+} // namespace pipecfg
+
+// 16-byte global -> shared copy that bypasses L1. With full == false nothing is read and the
+// 16 destination bytes are zero-filled (src must still be a valid address). The L2::256B hint
+// lets L2 fetch the surrounding 256 bytes: a corpus row's next 64-column chunk, needed by the
+// following step, is then already in L2.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, bool full)
+{
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+    const unsigned nbytes = full ? 16u : 0u;
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst),
+                 "l"(gmem_src),
+                 "r"(nbytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit()
+{
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// The same for a block-uniform n (wait_group takes an immediate); any n outside the cases
+// waits for everything, which is never wrong, only slower.
+__device__ __forceinline__ void cp_async_wait_n(unsigned n)
+{
+    static_assert(pipecfg::MAX_STAGES == 8, "one case per possible n = stages - 2");
+    switch (n) {
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 4: cp_async_wait<4>(); break;
+    case 5: cp_async_wait<5>(); break;
+    case 6: cp_async_wait<6>(); break;
+    default: cp_async_wait<0>(); break;
+    }
+}
+
+// Bytes of dynamic shared memory this launch was given.
+__device__ __forceinline__ unsigned dynamic_smem_bytes()
+{
+    unsigned b;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(b));
+    return b;
+}
+
+// Folds the candidate buffer of every query with a non-zero count into its sorted list; lists
+// of queries without candidates are left alone. Same algorithm as topk_reduce, plus the float
+// copy of each threshold. All threads; callers must have passed a barrier since the last buffer
+// write. Counts may exceed BUF (offers that found the buffer full); only the first BUF slots
+// hold keys. Ends with a barrier.
+template <int Q, int BUF>
+__device__ void pipe_fold(key64* keys, key64* thr, float* thrf, unsigned* cnt, unsigned k,
+                          unsigned k2, unsigned lk2)
+{
+    static_assert(BUF >= 2 && (BUF & (BUF - 1)) == 0, "BUF must be a power of two >= 2");
+    constexpr unsigned NT = PARTIAL_THREADS;
+    constexpr unsigned BH = BUF / 2;
+    const unsigned stride = k2 + BUF;
+    // 1. Sort the non-empty buffers descending (bitonic; runs alternate direction until the
+    //    last, which is descending).
+    for (unsigned size = 2; size <= static_cast<unsigned>(BUF); size <<= 1) {
+        for (unsigned st = size >> 1; st > 0; st >>= 1) {
+            for (unsigned t = threadIdx.x; t < Q * BH; t += NT) {
+                const unsigned a = t / BH;
+                if (cnt[a] == 0) continue;
+                const unsigned i = t % BH;
+                const unsigned lo = ((i & ~(st - 1u)) << 1) | (i & (st - 1u));
+                const unsigned hi = lo + st;
+                key64* b = keys + a * stride + k2;
+                const key64 x = b[lo];
+                const key64 y = b[hi];
+                const bool desc = (lo & size) == 0;
+                if (desc ? (x < y) : (x > y)) {
+                    b[lo] = y;
+                    b[hi] = x;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    // 2. top[i] = max(top[i], buf[k2 - 1 - i]) (slots past BUF are padding and never win).
+    for (unsigned t = threadIdx.x; t < Q * k2; t += NT) {
+        const unsigned a = t >> lk2;
+        if (cnt[a] == 0) continue;
+        const unsigned i = t & (k2 - 1u);
+        const unsigned j = k2 - 1u - i;
+        if (j < static_cast<unsigned>(BUF)) {
+            key64* top = keys + a * stride;
+            const key64 b = top[k2 + j];
+            if (b > top[i]) top[i] = b;
+        }
+    }
+    __syncthreads();
+    // 3. Bitonic merge of the changed lists (nothing to do when k2 == 1).
+    for (unsigned st = k2 >> 1; st > 0; st >>= 1) {
+        const unsigned half = k2 >> 1;
+        for (unsigned t = threadIdx.x; t < Q * half; t += NT) {
+            const unsigned a = t >> (lk2 - 1u);
+            if (cnt[a] == 0) continue;
+            const unsigned i = t & (half - 1u);
+            const unsigned lo = ((i & ~(st - 1u)) << 1) | (i & (st - 1u));
+            const unsigned hi = lo + st;
+            key64* top = keys + a * stride;
+            const key64 x = top[lo];
+            const key64 y = top[hi];
+            if (x < y) {
+                top[lo] = y;
+                top[hi] = x;
+            }
+        }
+        __syncthreads();
+    }
+    // 4. Empty the used buffers, new thresholds; the counts are reset only after everybody has
+    //    read them.
+    for (unsigned t = threadIdx.x; t < Q * static_cast<unsigned>(BUF); t += NT) {
+        const unsigned a = t / BUF;
+        if (cnt[a] == 0) continue;
+        keys[a * stride + k2 + (t % BUF)] = PAD_KEY;
+    }
+    for (unsigned t = threadIdx.x; t < Q; t += NT) {
+        if (cnt[t] != 0) {
+            const key64 th = keys[t * stride + (k - 1u)];
+            thr[t] = th;
+            thrf[t] = key_score(th);
+        }
+    }
+    __syncthreads();
+    for (unsigned t = threadIdx.x; t < Q; t += NT) cnt[t] = 0;
+    __syncthreads();
+}
+
+template <int Q, unsigned MAXK, unsigned MAXD>
+__device__ __forceinline__ void partial_pipe(const __half* __restrict__ queries,
+                                             const __half* __restrict__ corpus, unsigned n,
+                                             unsigned d, unsigned nq, unsigned k,
+                                             unsigned rows_per_part,
+                                             float* __restrict__ part_scores,
+                                             unsigned* __restrict__ part_ids)
+{
+    using namespace nvcuda;
+    using namespace pipecfg;
+    typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> AccFrag;
+    typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> AFrag;
+    typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> BFrag;
+    constexpr unsigned NT = PARTIAL_THREADS;
+    constexpr unsigned WQ = Q / 32;                    // warps side by side along the queries
+    constexpr unsigned WR = (NT / 32) / WQ;            // warps along the rows
+    constexpr unsigned MI = R / 16 / WR;               // 16-row fragments per warp
+    constexpr unsigned NE = AccFrag::num_elements;     // accumulator elements per lane
+    constexpr unsigned APT = R * (DK / 8) / NT;        // 16-byte copies per thread per stage
+    constexpr unsigned LW = (NE + 3) / 4;              // words of packed element positions
+    static_assert(Q == 32 || Q == 64, "each warp covers 32 queries");
+    static_assert(MI >= 1 && MI * 16 * WR == R, "warps tile the R rows exactly");
+    static_assert(NE * 32 == 256, "each accumulator element is held by exactly one lane");
+    static_assert(MI * 2 * NE <= 32, "one bit per accumulator element in a 32-bit mask");
+    static_assert(APT * NT == R * (DK / 8), "even stage loads");
+    static_assert(MAXK <= MAX_K && MAXD % DK == 0, "limits");
+
+    __shared__ key64 s_thr[Q];       // key of the k-th best so far
+    __shared__ float s_thrf[Q];      // its score: a cheaper first test
+    __shared__ unsigned s_cnt[Q];    // offers into the buffer since the last fold
+
+    if (blockDim.x != NT || k == 0 || k > MAXK || d == 0 || (d & 7u) != 0 || d > MAXD ||
+        rows_per_part == 0)
+        return;
+    unsigned p, qg;
+    block_coords(p, qg);
+    const unsigned parts = gridDim.x;
+    const unsigned q0 = qg * Q;
+    if (q0 >= nq) return;
+    const unsigned long long row_begin = static_cast<unsigned long long>(p) * rows_per_part;
+    const unsigned long long row_end =
+        min(static_cast<unsigned long long>(n), row_begin + rows_per_part);
+    const unsigned k2 = next_pow2(k);
+    const unsigned lk2 = static_cast<unsigned>(__ffs(k2) - 1);
+    const unsigned stride = k2 + BUF;
+    const unsigned C = d >> 3;                         // 16-byte pieces per row
+    const unsigned nch = (d + DK - 1) / DK;            // steps per tile
+    const unsigned ldq = nch * DK + 8;                 // resident query row (f16)
+    const unsigned qpr = ldq >> 3;                     // its 16-byte pieces
+
+    // Carve the regions; the stage count follows from what the launch provided (the table's
+    // formula grants at least 3 stages for every k <= MAXK, d <= MAXD).
+    const unsigned sbase = static_cast<unsigned>(__cvta_generic_to_shared(dyn_smem));
+    const unsigned pad = (ALIGN - (sbase & (ALIGN - 1u))) & (ALIGN - 1u);
+    const unsigned qbytes = Q * ldq * 2u;              // multiple of 128
+    const unsigned kbytes = Q * stride * 8u;           // multiple of 256
+    const unsigned dyn = dynamic_smem_bytes();
+    if (dyn < pad + qbytes + kbytes + 2u * STAGE_BYTES) return;
+    const unsigned S = min(MAX_STAGES, (dyn - pad - qbytes - kbytes) / STAGE_BYTES);
+    unsigned char* base = dyn_smem + pad;
+    __half* Qs = reinterpret_cast<__half*>(base);
+    key64* keys = reinterpret_cast<key64*>(base + qbytes);
+    __half* As = reinterpret_cast<__half*>(base + qbytes + kbytes);
+
+    const uint4* q4 = reinterpret_cast<const uint4*>(queries);
+    const uint4* c4 = reinterpret_cast<const uint4*>(corpus);
+
+    // Queries: rows past nq and columns past d are zero-filled (so are stage columns past d:
+    // both operands must be finite zeros there). They join the first commit group.
+    for (unsigned t = threadIdx.x; t < Q * qpr; t += NT) {
+        const unsigned a = t / qpr;
+        const unsigned c = t - a * qpr;
+        const bool ok = (q0 + a < nq) && (c < C);
+        cp_async16(Qs + static_cast<size_t>(a) * ldq + c * 8u,
+                   ok ? static_cast<const void*>(q4 + static_cast<size_t>(q0 + a) * C + c)
+                      : static_cast<const void*>(q4),
+                   ok);
+    }
+
+    // Corpus stage issue: rows [row0, row0 + R) x columns [ch * DK, ch * DK + DK).
+    // (A part past n, impossible in a well-formed launch, has no tiles and is written as padding.)
+    const unsigned long long nrows = row_end > row_begin ? row_end - row_begin : 0ull;
+    const unsigned ntiles = static_cast<unsigned>((nrows + R - 1) / R);
+    const unsigned total = ntiles * nch;
+    unsigned f_step = 0, f_ch = 0, f_stage = 0;        // next step to fetch
+    unsigned long long f_row0 = row_begin;
+    auto fetch_next = [&]() {
+        if (f_step < total) {
+            __half* dst = As + static_cast<size_t>(f_stage) * R * LDA;
+#pragma unroll
+            for (unsigned j = 0; j < APT; ++j) {
+                const unsigned e = threadIdx.x + j * NT;
+                const unsigned r = e >> 3;
+                const unsigned piece = f_ch * (DK / 8) + (e & 7u);
+                const unsigned long long row = f_row0 + r;
+                const bool ok = row < row_end && piece < C;
+                cp_async16(dst + r * LDA + (e & 7u) * 8u,
+                           ok ? static_cast<const void*>(c4 + row * C + piece)
+                              : static_cast<const void*>(c4),
+                           ok);
+            }
+            ++f_step;
+            if (++f_ch == nch) {
+                f_ch = 0;
+                f_row0 += R;
+            }
+            f_stage = (f_stage + 1 == S) ? 0u : f_stage + 1;
+        }
+        cp_async_commit(); // empty groups keep the group count uniform
+    };
+    for (unsigned st = 0; st + 1 < S; ++st) fetch_next();
+
+    // Which (row, query) of its 16 x 16 tile each accumulator element holds: load a matrix of
+    // element numbers into an accumulator fragment (the keys region is free until topk init).
+    const unsigned warp = threadIdx.x >> 5;
+    const unsigned rbase = (warp / WQ) * (MI * 16);    // this warp's first row in the tile
+    const unsigned qbase = (warp % WQ) * 32;           // this warp's first query
+    unsigned lay[LW];                                  // packed bytes: 16 * row + column
+    {
+        float* m = reinterpret_cast<float*>(keys);
+        for (unsigned t = threadIdx.x; t < 256; t += NT) m[t] = static_cast<float>(t);
+        __syncthreads();
+        AccFrag lf;
+        wmma::load_matrix_sync(lf, m, 16, wmma::mem_row_major);
+#pragma unroll
+        for (unsigned w = 0; w < LW; ++w) lay[w] = 0;
+#pragma unroll
+        for (unsigned e = 0; e < NE; ++e)
+            lay[e >> 2] |= (static_cast<unsigned>(lf.x[e]) & 0xffu) << ((e & 3u) * 8u);
+        __syncthreads();
+    }
+    topk_init<Q, BUF>(keys, s_thr, s_cnt, k2);
+    for (unsigned t = threadIdx.x; t < Q; t += NT) s_thrf[t] = -INFINITY;
+    __syncthreads();
+
+    // Bit (mi * 2 + j) * NE + e of a mask stands for element e of accumulator acc[mi][j].
+    const unsigned qv = min(static_cast<unsigned>(Q), nq - q0);   // valid queries here
+    unsigned qmask = 0;
+#pragma unroll
+    for (unsigned mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (unsigned j = 0; j < 2; ++j)
+#pragma unroll
+            for (unsigned e = 0; e < NE; ++e) {
+                const unsigned ix = (lay[e >> 2] >> ((e & 3u) * 8u)) & 0xffu;
+                if (qbase + j * 16 + (ix & 15u) < qv) qmask |= 1u << ((mi * 2 + j) * NE + e);
+            }
+
+    AccFrag acc[MI][2];
+
+    // Offers the elements named in pend (tile rows from row0); returns those that found their
+    // query's buffer full.
+    auto offer = [&](unsigned pend, unsigned long long row0) -> unsigned {
+        unsigned dropped = 0;
+#pragma unroll
+        for (unsigned mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (unsigned j = 0; j < 2; ++j)
+#pragma unroll
+                for (unsigned e = 0; e < NE; ++e) {
+                    const unsigned bit = 1u << ((mi * 2 + j) * NE + e);
+                    if (pend & bit) {
+                        const unsigned ix = (lay[e >> 2] >> ((e & 3u) * 8u)) & 0xffu;
+                        const unsigned qa = qbase + j * 16 + (ix & 15u);
+                        const float sc = acc[mi][j].x[e];
+                        // Scores below the threshold's score cannot beat its key (NaN passes
+                        // and is decided by the key, as in the other variants).
+                        if (!(sc < s_thrf[qa])) {
+                            const unsigned row =
+                                static_cast<unsigned>(row0 + rbase + mi * 16 + (ix >> 4));
+                            const key64 key = make_key(sc, row);
+                            if (key > s_thr[qa]) {
+                                const unsigned pos = atomicAdd(&s_cnt[qa], 1u);
+                                if (pos < static_cast<unsigned>(BUF))
+                                    keys[qa * stride + k2 + pos] = key;
+                                else
+                                    dropped |= bit;
+                            }
+                        }
+                    }
+                }
+        return dropped;
+    };
+
+    unsigned ch = 0, stage = 0;
+    unsigned long long row0 = row_begin;
+    for (unsigned s = 0; s < total; ++s) {
+        cp_async_wait_n(S - 2);                        // this thread's copies of step s landed
+        __syncthreads();                               // everyone's; stage s - 1 is free again
+        fetch_next();                                  // step s + S - 1 into stage (s - 1) mod S
+
+        if (ch == 0) {
+#pragma unroll
+            for (unsigned mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (unsigned j = 0; j < 2; ++j) wmma::fill_fragment(acc[mi][j], 0.0f);
+        }
+        const __half* Ab = As + static_cast<size_t>(stage) * R * LDA + rbase * LDA;
+        const __half* Bb = Qs + static_cast<size_t>(qbase) * ldq + ch * DK;
+#pragma unroll
+        for (unsigned ks = 0; ks < DK / 16; ++ks) {
+            AFrag fa[MI];
+            BFrag fb[2];
+#pragma unroll
+            for (unsigned mi = 0; mi < MI; ++mi)
+                wmma::load_matrix_sync(fa[mi], Ab + mi * 16 * LDA + ks * 16, LDA);
+            // B (k x query) element (kk, qq) sits at Qs[qq * ldq + column]: column-major.
+#pragma unroll
+            for (unsigned j = 0; j < 2; ++j)
+                wmma::load_matrix_sync(fb[j], Bb + j * 16 * ldq + ks * 16, ldq);
+#pragma unroll
+            for (unsigned mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (unsigned j = 0; j < 2; ++j)
+                    wmma::mma_sync(acc[mi][j], fa[mi], fb[j], acc[mi][j]);
+        }
+
+        if (ch == nch - 1) {
+            // Tile complete: filter straight from the accumulators.
+            unsigned pend = qmask;
+            const unsigned long long left = row_end - row0;
+            if (left < R) {                            // last tile of the part: mask rows
+                const unsigned rv = static_cast<unsigned>(left);
+#pragma unroll
+                for (unsigned mi = 0; mi < MI; ++mi)
+#pragma unroll
+                    for (unsigned j = 0; j < 2; ++j)
+#pragma unroll
+                        for (unsigned e = 0; e < NE; ++e) {
+                            const unsigned ix = (lay[e >> 2] >> ((e & 3u) * 8u)) & 0xffu;
+                            if (rbase + mi * 16 + (ix >> 4) >= rv)
+                                pend &= ~(1u << ((mi * 2 + j) * NE + e));
+                        }
+            }
+            pend = offer(pend, row0);
+            // A full buffer: fold, then offer again what did not fit (each round stores BUF
+            // keys of every query that overflowed, so this ends).
+            while (__syncthreads_or(pend != 0)) {
+                pipe_fold<Q, BUF>(keys, s_thr, s_thrf, s_cnt, k, k2, lk2);
+                pend = offer(pend, row0);
+            }
+            ch = 0;
+            row0 += R;
+        } else {
+            ++ch;
+        }
+        stage = (stage + 1 == S) ? 0u : stage + 1;
+    }
+    cp_async_wait<0>();                                // nothing left in flight at exit
+
+    // The last barrier (__syncthreads_or above, or the one after init) followed every offer.
+    pipe_fold<Q, BUF>(keys, s_thr, s_thrf, s_cnt, k, k2, lk2);
+    topk_write<Q, BUF>(keys, k, k2, q0, nq, p, parts, part_scores, part_ids);
+}
+
 } // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -636,6 +1099,20 @@ extern "C" __global__ void __launch_bounds__(PARTIAL_THREADS, 1)
     similarity_partial_mma64(SIMILARITY_PARTIAL_ARGS)
 {
     partial_mma<64>(queries, corpus, n, d, nq, k, rows_per_part, part_scores, part_ids);
+}
+
+extern "C" __global__ void __launch_bounds__(PARTIAL_THREADS, 1)
+    similarity_partial_mmaq32(SIMILARITY_PARTIAL_ARGS)
+{
+    partial_pipe<32, 256, 1024>(queries, corpus, n, d, nq, k, rows_per_part, part_scores,
+                                part_ids);
+}
+
+extern "C" __global__ void __launch_bounds__(PARTIAL_THREADS, 1)
+    similarity_partial_mmaq64(SIMILARITY_PARTIAL_ARGS)
+{
+    partial_pipe<64, 128, 512>(queries, corpus, n, d, nq, k, rows_per_part, part_scores,
+                               part_ids);
 }
 
 // ---------------------------------------------------------------------------------------------

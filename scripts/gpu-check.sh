@@ -89,12 +89,14 @@ status=0
 run check parity || status=1
 if command -v compute-sanitizer >/dev/null; then
     run env LD_LIBRARY_PATH="$cuda_ld" compute-sanitizer --tool memcheck --error-exitcode 9 "$bin" memcheck || status=1
+    run env LD_LIBRARY_PATH="$cuda_ld" compute-sanitizer --tool racecheck --error-exitcode 9 "$bin" memcheck || status=1
 else
     say "compute-sanitizer not found: memcheck skipped"
 fi
 if [ "$mode" = full ]; then
     run check sweep --peak-tbs "$peak" || status=1
     run check embed || status=1
+    run check profile || status=1
     run "$python" scripts/gpu_anchors.py --device cuda --peak-tbs "$peak" || status=1
 fi
 
@@ -107,5 +109,5 @@ grep -E "^SWEEP" "$log" | awk -F'\t' '$7 ~ / ms$/ {
     key=$2" "$3" "$4; ms=$7+0
     if (!(key in best) || ms < best[key]) { best[key]=ms; line[key]=$0 }
 } END { for (k in line) print line[k] }' | sort -t$'\t' -k2,2V -k3,3V -k4,4V | tee -a "$log"
-grep -E "^(EMBED|ANCHOR)" "$log" | tee -a "$log"
+grep -E "^(EMBED|PROFILE|ANCHOR)" "$log" | tee -a "$log"
 exit $status

@@ -51,6 +51,12 @@ enum Cmd {
         #[arg(long, default_value_t = 4.8)]
         peak_tbs: f64,
     },
+    /// Where the time of one f16 embedding forward goes: whole forwards with 0, 1 and 6
+    /// layers, and each candle operation of a layer alone on the same shapes.
+    Profile {
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+    },
     /// Embeddings per second of MiniLM-shaped random weights in f16, 128-token texts.
     Embed {
         #[arg(long, value_delimiter = ',', default_value = "1,32,256")]
@@ -102,7 +108,10 @@ fn similarity_case(
     // f32 sums of d products of values near 1: rounding differs by order, well under 1e-3.
     let tol = 2e-3 * (d as f32 / 384.0).sqrt().max(1.0);
     let mut all_ok = true;
-    for v in VARIANTS.iter().filter(|v| k as u32 <= v.max_k) {
+    for v in VARIANTS
+        .iter()
+        .filter(|v| k as u32 <= v.max_k && d as u32 <= v.max_d)
+    {
         let run = || -> Result<(u32, std::result::Result<(), String>)> {
             let mut s = Search::new(&qt, &ct, k, Some(v), rows_per_part)?;
             s.poison()?;
@@ -329,7 +338,7 @@ fn sweep(
             for &k in ks {
                 for v in VARIANTS
                     .iter()
-                    .filter(|v| k as u32 <= v.max_k && suits(v, nq))
+                    .filter(|v| k as u32 <= v.max_k && d as u32 <= v.max_d && suits(v, nq))
                 {
                     let mut base = match Search::new(&queries, &corpus, k, Some(v), None) {
                         Ok(b) => b,
@@ -405,6 +414,99 @@ fn embed_bench(dev: &Device, batches: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// One timed operation of the profile.
+type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
+
+/// Median milliseconds of `f` (device synchronised around each run).
+fn time_ms(dev: &Device, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let mut times = Vec::new();
+    for _ in 0..15 {
+        let t = Instant::now();
+        let out = f()?;
+        dev.synchronize()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        drop(out);
+    }
+    Ok(median(times))
+}
+
+fn profile(dev: &Device, b: usize) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = write_minilm(dir.path())?;
+    let mut rng = Rng(5);
+    let seqs: Vec<Vec<u32>> = (0..b)
+        .map(|_| (0..128).map(|_| (rng.next() % 30522) as u32).collect())
+        .collect();
+    let batch = Batch::from_sequences(&seqs);
+    for layers in [0usize, 1, 6] {
+        let mut c = cfg.clone();
+        c.num_hidden_layers = layers;
+        let model = load_bert(dir.path(), &c, dev, DType::F16)?;
+        let ms = time_ms(dev, || Ok(model.forward(&batch)?))?;
+        println!("PROFILE\tforward, {layers} layers\tbatch={b}\t{ms:.3} ms");
+    }
+    let n = b * 128;
+    let (h, heads, hd, ff) = (384, 12, 32, 1536);
+    let f16 = |shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::F16)?)
+    };
+    let x = f16(&[n, h])?;
+    let wqkv = f16(&[3 * h, h])?;
+    let wup = f16(&[ff, h])?;
+    let wdown = f16(&[h, ff])?;
+    let up = f16(&[n, ff])?;
+    let q = f16(&[b * heads, 128, hd])?;
+    let scores = f16(&[b * heads, 128, 128])?;
+    let lnw = f16(&[h])?;
+    let lnb = f16(&[h])?;
+    let packed = f16(&[heads, n, hd])?;
+    let ops: Vec<(&str, Op)> = vec![
+        (
+            "matmul qkv (n,384)x(384,1152)",
+            Box::new(|| Ok(x.matmul(&wqkv.t()?)?)),
+        ),
+        (
+            "matmul up (n,384)x(384,1536)",
+            Box::new(|| Ok(x.matmul(&wup.t()?)?)),
+        ),
+        (
+            "matmul down (n,1536)x(1536,384)",
+            Box::new(|| Ok(up.matmul(&wdown.t()?)?)),
+        ),
+        ("gelu_erf (n,1536)", Box::new(|| Ok(up.gelu_erf()?))),
+        (
+            "layer_norm (n,384)",
+            Box::new(|| Ok(candle_nn::ops::layer_norm(&x, &lnw, &lnb, 1e-12)?)),
+        ),
+        (
+            "softmax (b*12,128,128)",
+            Box::new(|| Ok(candle_nn::ops::softmax_last_dim(&scores)?)),
+        ),
+        ("q k^T (b*12,128,32)", Box::new(|| Ok(q.matmul(&q.t()?)?))),
+        (
+            "attention op (b*12,128,32)",
+            Box::new(|| Ok(cited::ops::attention::attention(&q, &q, &q, false, 0.17)?)),
+        ),
+        (
+            "regroup heads (12,n,32)->(b*12,128,32)",
+            Box::new(|| {
+                Ok(packed
+                    .reshape((heads, b, 128, hd))?
+                    .transpose(0, 1)?
+                    .reshape((b * heads, 128, hd))?)
+            }),
+        ),
+        ("add (n,384)", Box::new(|| Ok((&x + &x)?))),
+    ];
+    for (name, op) in ops {
+        let ms = time_ms(dev, op)?;
+        println!("PROFILE\t{name}\tbatch={b}\t{ms:.3} ms");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let dev = Device::new_cuda(args.device).context("opening the CUDA device")?;
@@ -420,6 +522,10 @@ fn main() -> Result<()> {
                 (1, 300, 384, 256),
                 (2, 100, 16, 256),
                 (130, 3_001, 384, 1),
+                (33, 5_000, 72, 50),
+                (65, 3_000, 200, 128),
+                (40, 2_000, 512, 128),
+                (33, 4_000, 1024, 256),
             ];
             let a = similarity_parity(&dev, &cases)?;
             let b = embedding_parity(&dev)?;
@@ -440,6 +546,7 @@ fn main() -> Result<()> {
             peak_tbs,
         } => sweep(&dev, &n, &nq, &k, d, peak_tbs)?,
         Cmd::Embed { batch } => embed_bench(&dev, &batch)?,
+        Cmd::Profile { batch } => profile(&dev, batch)?,
     }
     Ok(())
 }

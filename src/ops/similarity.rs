@@ -257,8 +257,8 @@ pub mod gpu {
     }
 
     /// The variant the search uses by default for `nq` queries and `k`.
-    pub fn default_variant(nq: usize, k: usize) -> &'static Variant {
-        let fits = |v: &&Variant| k as u32 <= v.max_k;
+    pub fn default_variant(nq: usize, k: usize, d: usize) -> &'static Variant {
+        let fits = |v: &&Variant| k as u32 <= v.max_k && d as u32 <= v.max_d;
         let by_name = |name: &str| VARIANTS.iter().filter(fits).find(|v| v.name == name);
         let choice = if nq >= 32 {
             by_name("mma")
@@ -359,11 +359,11 @@ pub mod gpu {
                 Device::Cuda(d) => d.clone(),
                 _ => return Err(OpsError::Device("corpus is not on a CUDA device".into())),
             };
-            let variant = variant.unwrap_or_else(|| default_variant(nq, k));
-            if k as u32 > variant.max_k {
+            let variant = variant.unwrap_or_else(|| default_variant(nq, k, d));
+            if k as u32 > variant.max_k || d as u32 > variant.max_d {
                 return Err(OpsError::Shape(format!(
-                    "variant {} takes k <= {}",
-                    variant.name, variant.max_k
+                    "variant {} takes k <= {} and d <= {}",
+                    variant.name, variant.max_k, variant.max_d
                 )));
             }
             let rows_per_part = match rows_per_part {
