@@ -256,23 +256,29 @@ pub mod gpu {
         OpsError::Device(e.to_string())
     }
 
-    /// The variant the search uses by default for `nq` queries and `k`.
+    /// The variant the search uses by default for `nq` queries, `k` and width `d`: the fastest
+    /// per shape in the H200 sweep of 2026-11-27 (gpu-results/, BENCHMARKS.md).
     pub fn default_variant(nq: usize, k: usize, d: usize) -> &'static Variant {
         let fits = |v: &&Variant| k as u32 <= v.max_k && d as u32 <= v.max_d;
         let by_name = |name: &str| VARIANTS.iter().filter(fits).find(|v| v.name == name);
-        let choice = if nq >= 32 {
-            by_name("mma")
-        } else if nq > 4 {
-            by_name("q8")
-        } else {
+        let choice = if nq <= 4 {
             by_name("warp")
+        } else if nq < 16 {
+            by_name("q8")
+        } else if nq >= 128 {
+            by_name("mmaq64").or_else(|| by_name("mmaq32"))
+        } else {
+            by_name("mmaq32")
         };
         choice
+            .or_else(|| by_name("mma"))
             .or_else(|| VARIANTS.iter().find(fits))
-            .expect("a variant for every k <= 256")
+            .expect("a variant for every k <= 256 and d <= 2048")
     }
 
-    /// Rows per corpus part: enough parts that the grid covers every SM a few times.
+    /// Rows per corpus part: enough parts that the grid covers every SM a few times (twice for
+    /// the tensor-core variants, whose shared memory allows one block per SM and which ran
+    /// fastest with fewer, longer parts in the sweep; four times for the others).
     pub fn default_rows_per_part(
         dev: &CudaDevice,
         n: usize,
@@ -284,8 +290,9 @@ pub mod gpu {
             .context()
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(dev_err)? as usize;
+        let per_sm = if v.tensor_cores { 2 } else { 4 };
         let query_blocks = nq.div_ceil(v.queries_per_block as usize);
-        let parts = (sms * 4)
+        let parts = (sms * per_sm)
             .div_ceil(query_blocks)
             .clamp(1, n.div_ceil(1024).max(1));
         Ok(n.div_ceil(parts) as u32)
