@@ -38,9 +38,12 @@ for lib in cublas cublasLt curand cudart nvrtc; do
     ln -sf "$real" "$link/lib$lib.so"
 done
 if [ ! -f "$link/libcuda.so" ]; then
-    # Every driver entry point cudarc may reference; unused ones cost nothing in a stub.
-    syms=$(grep -ho 'cu[A-Z][A-Za-z0-9_]*' ~/.cargo/registry/src/*/cudarc-*/src/driver/sys/*.rs 2>/dev/null | sort -u)
-    [ -n "$syms" ] || syms="cuInit cuDriverGetVersion"
+    # Every driver entry point cudarc may reference; unused ones cost nothing in a stub. A build
+    # without the feature never downloads cudarc, so fetch every locked package first.
+    (cd "$root" && cargo fetch --quiet) >&2
+    registry=${CARGO_HOME:-$HOME/.cargo}/registry/src
+    syms=$(grep -ho 'cu[A-Z][A-Za-z0-9_]*' "$registry"/*/cudarc-*/src/driver/sys/*.rs 2>/dev/null | sort -u)
+    [ -n "$syms" ] || { log "cudarc sources not found under $registry"; exit 1; }
     { for s in $syms; do echo "void $s(void) {}"; done; } > "$link/stub.c"
     gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$link/libcuda.so" "$link/stub.c"
     ln -sf libcuda.so "$link/libcuda.so.1"
