@@ -31,6 +31,9 @@ pub enum ConfigError {
 pub struct Args {
     #[command(flatten)]
     pub models: ModelArgs,
+    /// Folder of the corpus store (SQLite) and its indexes.
+    #[arg(long, env = "CITED_DATA_DIR", default_value = "data", global = true)]
+    pub data_dir: PathBuf,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -86,12 +89,74 @@ pub enum Command {
         #[arg(long, default_value_t = 256)]
         max_tokens: usize,
     },
+    /// Add or update documents: Markdown, text or JSONL files, or folders of them.
+    Ingest {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Embedder tokens repeated between consecutive chunks.
+        #[arg(long, default_value_t = 32)]
+        overlap: usize,
+        /// Chunks per embedding forward pass.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+    },
+    /// Remove documents by id.
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Search the corpus.
+    Search {
+        query: String,
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        /// dense, bm25 or hybrid.
+        #[arg(long, default_value = "hybrid")]
+        mode: crate::index::Mode,
+        /// Print the hits as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate the system on a labelled set.
+    Eval {
+        #[command(subcommand)]
+        what: EvalCommand,
+    },
     /// Print the generator's token ids for a text.
     Tokenize {
         text: String,
         /// Match control tokens such as <|im_start|> written in the text.
         #[arg(long)]
         special: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Ingest a corpus into a scratch store and score dense, BM25 and hybrid retrieval.
+    Retrieval {
+        /// Corpus file or folder (JSONL with `id` and `text`, or Markdown/text).
+        #[arg(long)]
+        corpus: PathBuf,
+        /// Queries (JSONL: `question` and `answer_passage_id`, or PubMedQA's `pmid`).
+        #[arg(long)]
+        queries: PathBuf,
+        /// Only the first N queries.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Reciprocal-rank fusion k.
+        #[arg(long)]
+        rrf_k: Option<f32>,
+        #[arg(long)]
+        dense_weight: Option<f32>,
+        #[arg(long)]
+        bm25_weight: Option<f32>,
+        /// Keep the scratch store here (and reuse it) instead of a temporary folder.
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -66,3 +66,58 @@ pub enum OpsError {
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
+
+/// Failures reading or chunking documents.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+impl IngestError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Failures of the corpus store and its derived indexes.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("store database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("BM25 index: {0}")]
+    Tantivy(#[from] tantivy::TantivyError),
+    #[error("cannot use {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the store at {path} has schema version {found}; this cited knows up to {known}")]
+    NewerSchema {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("the store was embedded with {stored}; the configured embedder is {configured} (use another --data-dir, or re-ingest)")]
+    EmbedderMismatch { stored: String, configured: String },
+    #[error(transparent)]
+    Ops(#[from] OpsError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{0}")]
+    Invalid(String),
+}

@@ -5,8 +5,10 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use cited::config::{Args, Command, Config};
+use cited::config::{Args, Command, Config, EvalCommand};
 use cited::engine::generate::generate_greedy;
+use cited::index::{Corpus, Mode, SearchOptions};
+use cited::ingest::{ingest_paths, IngestOptions};
 use cited::models::bert::Embedder;
 use cited::models::chat_template::{ChatMessage, ChatTemplate, Role};
 use cited::models::gguf::GgufFile;
@@ -76,6 +78,162 @@ fn main() -> Result<()> {
                 decode_tok_s = format!("{decode_rate:.1}"),
                 "generation finished"
             );
+        }
+        Command::Ingest {
+            paths,
+            overlap,
+            batch,
+        } => {
+            let cfg = Config::from_args(&args.models, true, false)?;
+            let embedder = Embedder::load(&cfg.embedder, &cfg.device.open()?)?;
+            // The store alone: ingesting never touches the indexes a running server owns.
+            let mut store =
+                cited::index::store::SqliteStore::open(&args.data_dir.join("store.sqlite"))?;
+            let opts = IngestOptions {
+                chunk: cited::ingest::chunker::ChunkOptions {
+                    max_tokens: embedder.max_tokens(),
+                    overlap_tokens: *overlap,
+                },
+                batch: *batch,
+                progress: true,
+            };
+            let paths: Vec<&std::path::Path> = paths.iter().map(|p| p.as_path()).collect();
+            let started = std::time::Instant::now();
+            let report = ingest_paths(&mut store, &embedder, &paths, &opts)?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "added {}, replaced {}, unchanged {}, {} chunks in {secs:.1} s ({:.1} chunks/s)",
+                report.added,
+                report.replaced,
+                report.unchanged,
+                report.chunks,
+                report.chunks as f64 / secs.max(1e-9)
+            );
+            for (what, why) in &report.failed {
+                eprintln!("not ingested: {what}: {why}");
+            }
+        }
+        Command::Delete { ids } => {
+            let mut store =
+                cited::index::store::SqliteStore::open(&args.data_dir.join("store.sqlite"))?;
+            for id in ids {
+                use cited::index::store::Store;
+                let gone = store.delete(id)?;
+                println!("{id}: {}", if gone { "deleted" } else { "not found" });
+            }
+        }
+        Command::Search {
+            query,
+            top_k,
+            mode,
+            json,
+        } => {
+            let cfg = Config::from_args(&args.models, true, false)?;
+            let embedder = Embedder::load(&cfg.embedder, &cfg.device.open()?)?;
+            let mut corpus = Corpus::open(&args.data_dir)?;
+            let v = embedder.embed(&[query])?.to_vec2::<f32>()?.remove(0);
+            let opts = SearchOptions {
+                top_k: *top_k,
+                mode: *mode,
+                ..SearchOptions::default()
+            };
+            let hits = corpus.search(query, &v, &opts)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&hits)?);
+            } else {
+                for (i, h) in hits.iter().enumerate() {
+                    println!(
+                        "{}. {} [{}] score {:.4} cosine {:.3} bm25 {}\n   {}\n   {}\n",
+                        i + 1,
+                        h.id,
+                        h.chunk_id,
+                        h.score,
+                        h.dense_score,
+                        h.bm25_score.map_or("-".into(), |s| format!("{s:.2}")),
+                        cited::ingest::chunker::context_line(&h.title, &h.section),
+                        h.text
+                            .chars()
+                            .take(200)
+                            .collect::<String>()
+                            .replace('\n', " ")
+                    );
+                }
+            }
+        }
+        Command::Eval {
+            what:
+                EvalCommand::Retrieval {
+                    corpus: corpus_path,
+                    queries,
+                    limit,
+                    rrf_k,
+                    dense_weight,
+                    bm25_weight,
+                    store,
+                    json,
+                },
+        } => {
+            let cfg = Config::from_args(&args.models, true, false)?;
+            let embedder = Embedder::load(&cfg.embedder, &cfg.device.open()?)?;
+            let scratch = tempfile::tempdir()?;
+            let dir = store
+                .clone()
+                .unwrap_or_else(|| scratch.path().to_path_buf());
+            {
+                let mut s = cited::index::store::SqliteStore::open(&dir.join("store.sqlite"))?;
+                let opts = IngestOptions {
+                    progress: true,
+                    ..IngestOptions::default()
+                };
+                let report = ingest_paths(&mut s, &embedder, &[corpus_path.as_path()], &opts)?;
+                eprintln!(
+                    "corpus: {} added, {} unchanged, {} chunks",
+                    report.added, report.unchanged, report.chunks
+                );
+            }
+            let mut corpus = Corpus::open(&dir)?;
+            let mut qs = cited::eval::read_queries(queries)?;
+            if let Some(n) = limit {
+                qs.truncate(*n);
+            }
+            let defaults = SearchOptions::default();
+            let base = SearchOptions {
+                rrf_k: rrf_k.unwrap_or(defaults.rrf_k),
+                dense_weight: dense_weight.unwrap_or(defaults.dense_weight),
+                bm25_weight: bm25_weight.unwrap_or(defaults.bm25_weight),
+                ..defaults
+            };
+            let modes = [Mode::Dense, Mode::Bm25, Mode::Hybrid];
+            let results = cited::eval::evaluate(&mut corpus, &embedder, &qs, &base, &modes)?;
+            if *json {
+                let obj: serde_json::Map<String, serde_json::Value> = results
+                    .iter()
+                    .map(|(m, r)| {
+                        (
+                            format!("{m:?}").to_lowercase(),
+                            serde_json::to_value(r).unwrap(),
+                        )
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&obj)?);
+            } else {
+                println!("| mode | nDCG@10 | Recall@10 | MRR@10 | queries |");
+                println!("| --- | --- | --- | --- | --- |");
+                for (m, r) in &results {
+                    println!(
+                        "| {} | {:.3} | {:.3} | {:.3} | {} |",
+                        format!("{m:?}").to_lowercase(),
+                        r.ndcg_at_10,
+                        r.recall_at_10,
+                        r.mrr_at_10,
+                        r.queries
+                    );
+                }
+                println!(
+                    "(hybrid: rrf_k {}, dense weight {}, bm25 weight {}, depth {})",
+                    base.rrf_k, base.dense_weight, base.bm25_weight, base.depth
+                );
+            }
         }
         Command::Tokenize { text, special } => {
             let cfg = Config::from_args(&args.models, false, true)?;

@@ -100,7 +100,7 @@ impl Bert {
                 cfg.position_embedding_type
             )));
         }
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(ModelError::Unsupported(format!(
                 "hidden_size {} is not a multiple of {} heads",
                 cfg.hidden_size, cfg.num_attention_heads
@@ -304,7 +304,10 @@ struct PoolingConfig {
 pub struct Embedder {
     model: Bert,
     tokenizer: Tokenizer,
+    /// The same tokenizer without truncation, to measure texts.
+    counter: Tokenizer,
     max_tokens: usize,
+    identity: String,
 }
 
 impl Embedder {
@@ -351,17 +354,41 @@ impl Embedder {
         // The shipped tokenizer pads and truncates to 128; we pack without padding and truncate at
         // the model's own limit, special tokens included.
         tokenizer.with_padding(None);
+        let mut counter = tokenizer.clone();
+        counter
+            .with_truncation(None)
+            .map_err(ModelError::tokenizer)?;
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: max_tokens,
                 ..Default::default()
             }))
             .map_err(ModelError::tokenizer)?;
+        let identity = format!(
+            "bert h{} l{} v{} max{}",
+            cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, max_tokens
+        );
         Ok(Self {
             model,
             tokenizer,
+            counter,
             max_tokens,
+            identity,
         })
+    }
+
+    /// What a store records about the embedder its vectors came from: vectors of another
+    /// model must not be mixed with them.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Tokens of `text`, special tokens excluded, without truncation.
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.counter
+            .encode(text, false)
+            .map(|e| e.len())
+            .unwrap_or(usize::MAX)
     }
 
     /// Token limit per text, special tokens included; longer texts are truncated.
@@ -414,5 +441,11 @@ impl Embedder {
     /// Unit-norm embeddings `(n, dim)` of `texts`, all in one forward.
     pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Result<Tensor> {
         self.embed_tokens(&self.tokenize(texts)?)
+    }
+}
+
+impl crate::ingest::chunker::TokenCounter for Embedder {
+    fn count(&self, text: &str) -> usize {
+        self.count_tokens(text)
     }
 }

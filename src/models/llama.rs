@@ -69,20 +69,22 @@ impl LlamaConfig {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Unsupported(m));
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return bad(format!(
                 "hidden_size {} over {} heads",
                 self.hidden_size, self.num_attention_heads
             ));
         }
         let kv = self.num_kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return bad(format!(
                 "{} heads over {kv} kv heads",
                 self.num_attention_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!("odd head_dim {}", self.head_dim()));
         }
         Ok(())

@@ -134,7 +134,7 @@ pub fn topk_cpu<T: Element>(
     d: usize,
     k: usize,
 ) -> Result<Vec<Vec<Hit>>> {
-    if d == 0 || queries.len() % d != 0 || corpus.len() % d != 0 {
+    if d == 0 || !queries.len().is_multiple_of(d) || !corpus.len().is_multiple_of(d) {
         return Err(OpsError::Shape(format!(
             "queries of {} and corpus of {} values are not rows of {d}",
             queries.len(),
@@ -352,7 +352,8 @@ pub mod gpu {
             if queries.dtype() != DType::F16 || corpus.dtype() != DType::F16 {
                 return Err(OpsError::Shape("queries and corpus must be f16".into()));
             }
-            let aligned = |t: &Tensor| t.is_contiguous() && t.layout().start_offset() % 8 == 0;
+            let aligned =
+                |t: &Tensor| t.is_contiguous() && t.layout().start_offset().is_multiple_of(8);
             if !aligned(queries) || !aligned(corpus) {
                 // The kernels read rows in 16-byte pieces.
                 return Err(OpsError::Shape(

@@ -1,0 +1,142 @@
+//! Retrieval evaluation: queries with their one relevant passage, searched in every mode, scored
+//! by nDCG@10, Recall@10 and MRR@10.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::IndexError;
+use crate::index::{Corpus, Mode, SearchOptions};
+use crate::models::bert::Embedder;
+
+/// A query and the id of the passage that answers it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Query {
+    pub text: String,
+    pub relevant: String,
+}
+
+/// Reads JSONL queries: the text from `question` (or `query`), the relevant passage id from
+/// `answer_passage_id`, `relevant_id` or `pmid` (PubMedQA, whose passage id is its PMID).
+pub fn read_queries(path: &Path) -> Result<Vec<Query>, IndexError> {
+    let raw = std::fs::read_to_string(path).map_err(|source| IndexError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (n, line) in raw.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |w: &str| IndexError::Invalid(format!("{}:{}: {w}", path.display(), n + 1));
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
+        let field = |names: &[&str]| {
+            names.iter().find_map(|k| match v.get(*k) {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Number(x)) => Some(x.to_string()),
+                _ => None,
+            })
+        };
+        out.push(Query {
+            text: field(&["question", "query"]).ok_or_else(|| bad("no `question`"))?,
+            relevant: field(&["answer_passage_id", "relevant_id", "pmid"])
+                .ok_or_else(|| bad("no `answer_passage_id`"))?,
+        });
+    }
+    Ok(out)
+}
+
+/// Scores of one mode over a query set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Metrics {
+    pub ndcg_at_10: f64,
+    pub recall_at_10: f64,
+    pub mrr_at_10: f64,
+    pub queries: usize,
+}
+
+/// Adds one query's outcome: the 1-based rank of its relevant passage, if in the top 10.
+fn add(m: &mut Metrics, rank: Option<usize>) {
+    m.queries += 1;
+    if let Some(r) = rank.filter(|&r| r <= 10) {
+        m.ndcg_at_10 += 1.0 / ((r + 1) as f64).log2();
+        m.recall_at_10 += 1.0;
+        m.mrr_at_10 += 1.0 / r as f64;
+    }
+}
+
+fn finish(mut m: Metrics) -> Metrics {
+    let n = m.queries.max(1) as f64;
+    m.ndcg_at_10 /= n;
+    m.recall_at_10 /= n;
+    m.mrr_at_10 /= n;
+    m
+}
+
+/// Searches every query in each mode and scores the rankings.
+pub fn evaluate(
+    corpus: &mut Corpus,
+    embedder: &Embedder,
+    queries: &[Query],
+    base: &SearchOptions,
+    modes: &[Mode],
+) -> Result<Vec<(Mode, Metrics)>, IndexError> {
+    let mut totals: Vec<Metrics> = vec![Metrics::default(); modes.len()];
+    for group in queries.chunks(64) {
+        let texts: Vec<&str> = group.iter().map(|q| q.text.as_str()).collect();
+        let vectors = embedder
+            .embed(&texts)?
+            .to_vec2::<f32>()
+            .map_err(crate::error::ModelError::from)?;
+        for (q, v) in group.iter().zip(&vectors) {
+            for (mode, total) in modes.iter().zip(totals.iter_mut()) {
+                let opts = SearchOptions {
+                    mode: *mode,
+                    top_k: 10,
+                    ..*base
+                };
+                let hits = corpus.search(&q.text, v, &opts)?;
+                let rank = hits.iter().position(|h| h.id == q.relevant).map(|i| i + 1);
+                add(total, rank);
+            }
+        }
+    }
+    Ok(modes
+        .iter()
+        .copied()
+        .zip(totals.into_iter().map(finish))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_of_known_ranks() {
+        let mut m = Metrics::default();
+        add(&mut m, Some(1));
+        add(&mut m, Some(3));
+        add(&mut m, None);
+        add(&mut m, Some(11));
+        let m = finish(m);
+        assert_eq!(m.queries, 4);
+        assert!((m.recall_at_10 - 0.5).abs() < 1e-12);
+        assert!((m.mrr_at_10 - (1.0 + 1.0 / 3.0) / 4.0).abs() < 1e-12);
+        assert!((m.ndcg_at_10 - (1.0 + 0.5) / 4.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn reads_medquad_and_pubmedqa_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("q.jsonl");
+        std::fs::write(
+            &p,
+            "{\"question\": \"What is X ?\", \"answer_passage_id\": \"1-1\"}\n{\"pmid\": \"21645374\", \"question\": \"Do Y?\"}\n",
+        )
+        .unwrap();
+        let q = read_queries(&p).unwrap();
+        assert_eq!(q[0].relevant, "1-1");
+        assert_eq!(q[1].relevant, "21645374");
+    }
+}

@@ -1,0 +1,270 @@
+//! The corpus: the SQLite store (the one source of truth) and the indexes derived from it, dense
+//! and BM25, fused into hybrid search with hits collapsed to one per passage.
+//!
+//! Who writes: any process may add or delete documents in the store (SQLite serialises writers,
+//! WAL lets readers go on). The derived indexes belong to the process that holds
+//! `<data-dir>/index.lock`, normally the server: it keeps the BM25 index on disk and, before each
+//! search, catches up with the store's change log, so documents ingested by `cited ingest` while
+//! it runs are searchable at its next query. A process that cannot take the lock (a CLI search
+//! while a server runs) builds its BM25 index in memory from the store instead of waiting.
+
+pub mod bm25;
+pub mod dense;
+pub mod fusion;
+pub mod store;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use bm25::Bm25Index;
+use dense::DenseIndex;
+use store::{SqliteStore, Store};
+
+use crate::error::IndexError;
+
+type Result<T> = std::result::Result<T, IndexError>;
+
+/// Which retrievers a search uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Dense,
+    Bm25,
+    #[default]
+    Hybrid,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "dense" => Ok(Self::Dense),
+            "bm25" => Ok(Self::Bm25),
+            "hybrid" => Ok(Self::Hybrid),
+            other => Err(format!("unknown mode `{other}` (dense | bm25 | hybrid)")),
+        }
+    }
+}
+
+/// Search settings. The default fusion (k 60, dense weight 2, BM25 weight 1) was chosen on
+/// MedQuAD and checked on PubMedQA (BENCHMARKS.md): dense is the stronger retriever on questions
+/// about a topic's sections, BM25 adds exact terms.
+#[derive(Clone, Copy, Debug)]
+pub struct SearchOptions {
+    pub top_k: usize,
+    pub mode: Mode,
+    /// Chunks each retriever contributes before passages are collapsed and fused.
+    pub depth: usize,
+    /// The k of reciprocal-rank fusion.
+    pub rrf_k: f32,
+    pub dense_weight: f32,
+    pub bm25_weight: f32,
+}
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        Self {
+            top_k: 10,
+            mode: Mode::Hybrid,
+            depth: 100,
+            rrf_k: 60.0,
+            dense_weight: 2.0,
+            bm25_weight: 1.0,
+        }
+    }
+}
+
+/// One passage found, with the chunk that matched best and everything needed to cite it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SearchHit {
+    /// The passage (document) id given at ingest.
+    pub id: String,
+    /// `<id>#<chunk position>`.
+    pub chunk_id: String,
+    /// The fused score (hybrid) or the retriever's own score.
+    pub score: f32,
+    /// Raw cosine of the query with this chunk.
+    pub dense_score: f32,
+    /// Raw BM25 score of this chunk, when BM25 retrieved it.
+    pub bm25_score: Option<f32>,
+    pub title: String,
+    pub section: String,
+    pub url: String,
+    pub date: String,
+    pub source: String,
+    pub text: String,
+    /// Byte range of the chunk in the document text.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// The store with its derived indexes.
+pub struct Corpus {
+    store: SqliteStore,
+    bm25: Bm25Index,
+    dense: DenseIndex,
+    /// Held while this process owns the on-disk indexes.
+    _lock: Option<File>,
+    data_dir: PathBuf,
+}
+
+impl Corpus {
+    /// Opens the corpus in `data_dir` (created if needed) and brings the indexes up to date.
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(data_dir).map_err(|source| IndexError::Io {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let store = SqliteStore::open(&data_dir.join("store.sqlite"))?;
+        let lock_path = data_dir.join("index.lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| IndexError::Io {
+                path: lock_path.clone(),
+                source,
+            })?;
+        let owner = lock.try_lock().is_ok();
+        let bm25 = if owner {
+            Bm25Index::open(Some(&data_dir.join("bm25")))?
+        } else {
+            Bm25Index::open(None)?
+        };
+        let mut corpus = Self {
+            store,
+            bm25,
+            dense: DenseIndex::new(),
+            _lock: owner.then_some(lock),
+            data_dir: data_dir.to_path_buf(),
+        };
+        corpus.refresh()?;
+        Ok(corpus)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Whether this process owns the on-disk indexes.
+    pub fn owns_indexes(&self) -> bool {
+        self._lock.is_some()
+    }
+
+    pub fn store(&self) -> &SqliteStore {
+        &self.store
+    }
+
+    pub fn store_mut(&mut self) -> &mut SqliteStore {
+        &mut self.store
+    }
+
+    /// The store version the indexes reflect (the corpus version reported with answers).
+    pub fn version(&self) -> u64 {
+        self.bm25.version()
+    }
+
+    /// Catches the indexes up with the store (documents another process added or deleted).
+    pub fn refresh(&mut self) -> Result<()> {
+        self.bm25.catch_up(&self.store)?;
+        self.dense.catch_up(&self.store)?;
+        Ok(())
+    }
+
+    /// Searches with `query` (its text for BM25, `embedding` for dense): passages best first,
+    /// one hit per passage.
+    pub fn search(
+        &mut self,
+        query: &str,
+        embedding: &[f32],
+        opts: &SearchOptions,
+    ) -> Result<Vec<SearchHit>> {
+        self.refresh()?;
+        let depth = opts.depth.max(opts.top_k);
+        let dense = if opts.mode == Mode::Bm25 {
+            Vec::new()
+        } else {
+            self.dense.search(embedding, depth)?
+        };
+        let bm25 = if opts.mode == Mode::Dense {
+            Vec::new()
+        } else {
+            self.bm25.search(query, depth)?
+        };
+        // Chunk -> passage, keeping each passage's best chunk per retriever.
+        let mut passage_of: HashMap<i64, String> = HashMap::new();
+        for &(c, _) in dense.iter().chain(&bm25) {
+            if let std::collections::hash_map::Entry::Vacant(e) = passage_of.entry(c) {
+                if let Some(chunk) = self.store.chunk(c)? {
+                    e.insert(chunk.document_id);
+                }
+            }
+        }
+        let collapse = |hits: &[(i64, f32)]| -> (Vec<String>, HashMap<String, (i64, f32)>) {
+            let mut order = Vec::new();
+            let mut best = HashMap::new();
+            for &(c, s) in hits {
+                if let Some(p) = passage_of.get(&c) {
+                    if !best.contains_key(p) {
+                        best.insert(p.clone(), (c, s));
+                        order.push(p.clone());
+                    }
+                }
+            }
+            (order, best)
+        };
+        let (dense_order, dense_best) = collapse(&dense);
+        let (bm25_order, bm25_best) = collapse(&bm25);
+        let ranked: Vec<(String, f32)> = match opts.mode {
+            Mode::Dense => dense_order
+                .iter()
+                .map(|p| (p.clone(), dense_best[p].1))
+                .collect(),
+            Mode::Bm25 => bm25_order
+                .iter()
+                .map(|p| (p.clone(), bm25_best[p].1))
+                .collect(),
+            Mode::Hybrid => fusion::rrf(
+                &[
+                    (&dense_order, opts.dense_weight),
+                    (&bm25_order, opts.bm25_weight),
+                ],
+                opts.rrf_k,
+            ),
+        };
+        let mut hits = Vec::with_capacity(opts.top_k);
+        for (passage, score) in ranked.into_iter().take(opts.top_k) {
+            // The chunk shown: the dense retriever's best, else BM25's.
+            let chunk_id = dense_best
+                .get(&passage)
+                .or_else(|| bm25_best.get(&passage))
+                .map(|&(c, _)| c)
+                .expect("a ranked passage came from a retriever");
+            let (Some(chunk), Some(doc)) =
+                (self.store.chunk(chunk_id)?, self.store.document(&passage)?)
+            else {
+                continue;
+            };
+            let bm25_score = bm25.iter().find(|(c, _)| *c == chunk_id).map(|&(_, s)| s);
+            hits.push(SearchHit {
+                chunk_id: format!("{}#{}", doc.id, chunk.ord),
+                id: doc.id,
+                score,
+                dense_score: self.dense.score(chunk_id, embedding).unwrap_or(0.0),
+                bm25_score,
+                title: doc.title,
+                section: chunk.section,
+                url: doc.url,
+                date: doc.date,
+                source: doc.source,
+                text: chunk.text,
+                start: chunk.start,
+                end: chunk.end,
+            });
+        }
+        Ok(hits)
+    }
+}

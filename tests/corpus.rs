@@ -1,0 +1,261 @@
+//! The corpus store, ingestion and hybrid search with the real embedder: re-ingest, replace,
+//! delete, a second process ingesting while the index owner searches, and a `kill -9` in the
+//! middle of an ingest.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use cited::index::store::{SqliteStore, Store};
+use cited::index::{Corpus, Mode, SearchOptions};
+use cited::ingest::reader::SourceDoc;
+use cited::ingest::{ingest_docs, ingest_paths, IngestOptions};
+use cited::models::bert::Embedder;
+
+fn embedder() -> Embedder {
+    Embedder::load(&common::minilm_dir(), &Device::Cpu).unwrap()
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+fn sample_corpus(dir: &Path) {
+    write(
+        dir,
+        "metastatic.md",
+        "---\ntitle: Metastatic sarcoma\nurl: https://example.org/metastatic\ndate: 2026-01-01\n---\n# Metastatic sarcoma\n## What it means\nThe cancer has spread from the limb to the lungs or liver.\n## Treatment\nSystemic therapy such as doxorubicin replaces surgery as the main treatment.\n",
+    );
+    write(
+        dir,
+        "her2.md",
+        "---\ntitle: HER2 breast cancer\nurl: https://example.org/her2\n---\n# HER2 breast cancer\nHER2-positive tumours are treated with trastuzumab. PD-L1 testing is not used here.\n",
+    );
+    write(
+        dir,
+        "screening.md",
+        "# Colorectal screening\nColonoscopy every ten years from age 45; stool tests every year are an alternative.\n",
+    );
+}
+
+fn search(corpus: &mut Corpus, e: &Embedder, q: &str, mode: Mode) -> Vec<String> {
+    let v = e.embed(&[q]).unwrap().to_vec2::<f32>().unwrap().remove(0);
+    let opts = SearchOptions {
+        mode,
+        top_k: 5,
+        ..SearchOptions::default()
+    };
+    corpus
+        .search(q, &v, &opts)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.id)
+        .collect()
+}
+
+fn id_of(dir: &Path, name: &str) -> String {
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+#[test]
+fn ingest_search_reingest_replace_delete() {
+    let e = embedder();
+    let src = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    sample_corpus(src.path());
+    let opts = IngestOptions::default();
+    let mut store = SqliteStore::open(&data.path().join("store.sqlite")).unwrap();
+    let r = ingest_paths(&mut store, &e, &[src.path()], &opts).unwrap();
+    assert_eq!((r.added, r.replaced, r.unchanged), (3, 0, 0));
+    assert_eq!(r.chunks, 4, "two sections, one each for the others");
+    let r = ingest_paths(&mut store, &e, &[src.path()], &opts).unwrap();
+    assert_eq!(
+        (r.added, r.unchanged, r.chunks),
+        (0, 3, 0),
+        "unchanged content is a no-op"
+    );
+    let version = store.version().unwrap();
+
+    let mut corpus = Corpus::open(data.path()).unwrap();
+    let metastatic = id_of(src.path(), "metastatic.md");
+    let her2 = id_of(src.path(), "her2.md");
+    for mode in [Mode::Dense, Mode::Bm25, Mode::Hybrid] {
+        let hits = search(&mut corpus, &e, "How is metastatic sarcoma treated?", mode);
+        assert_eq!(hits[0], metastatic, "{mode:?}");
+        let mut unique = hits.clone();
+        unique.dedup();
+        assert_eq!(unique.len(), hits.len(), "one hit per passage");
+    }
+    assert_eq!(search(&mut corpus, &e, "PD-L1", Mode::Bm25)[0], her2);
+
+    // Changed content replaces its chunks.
+    write(
+        src.path(),
+        "her2.md",
+        "# HER2 breast cancer\nTucatinib combinations are options after earlier HER2 therapy.\n",
+    );
+    let r = ingest_paths(&mut store, &e, &[src.path()], &opts).unwrap();
+    assert_eq!((r.replaced, r.unchanged), (1, 2));
+    assert!(store.version().unwrap() > version);
+    assert!(
+        search(&mut corpus, &e, "PD-L1", Mode::Bm25).is_empty(),
+        "old text gone"
+    );
+    assert_eq!(search(&mut corpus, &e, "tucatinib", Mode::Bm25)[0], her2);
+
+    // Delete by id.
+    assert!(store.delete(&her2).unwrap());
+    assert!(!search(&mut corpus, &e, "tucatinib HER2", Mode::Hybrid).contains(&her2));
+    let hit = {
+        let v = e
+            .embed(&["colonoscopy"])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+            .remove(0);
+        corpus
+            .search("colonoscopy", &v, &SearchOptions::default())
+            .unwrap()
+            .remove(0)
+    };
+    assert_eq!(hit.title, "Colorectal screening");
+    assert!(hit.text.contains("Colonoscopy"));
+    assert!(hit.bm25_score.unwrap() > 0.0 && hit.dense_score > 0.3);
+}
+
+#[test]
+fn an_index_owner_sees_documents_another_process_ingests() {
+    let e = embedder();
+    let data = tempfile::tempdir().unwrap();
+    let mut owner = Corpus::open(data.path()).unwrap();
+    assert!(owner.owns_indexes());
+    // A second opener (a CLI search while a server runs) does not fail on the lock.
+    let other = Corpus::open(data.path()).unwrap();
+    assert!(!other.owns_indexes());
+    drop(other);
+    assert!(search(&mut owner, &e, "trabectedin", Mode::Hybrid).is_empty());
+
+    // `cited ingest` writes the store only, from its own connection.
+    let mut writer = SqliteStore::open(&data.path().join("store.sqlite")).unwrap();
+    let doc = SourceDoc {
+        id: "trab".into(),
+        title: "Trabectedin".into(),
+        source: String::new(),
+        url: String::new(),
+        date: String::new(),
+        metadata: Default::default(),
+        markdown: false,
+        text: "Trabectedin is used for liposarcoma and leiomyosarcoma after anthracyclines.".into(),
+    };
+    ingest_docs(&mut writer, &e, vec![doc], &IngestOptions::default()).unwrap();
+    assert_eq!(
+        search(&mut owner, &e, "trabectedin", Mode::Hybrid),
+        vec!["trab"]
+    );
+
+    // Searches keep working while documents are added.
+    let handle = std::thread::spawn(move || {
+        let e = embedder();
+        for i in 0..5 {
+            let d = SourceDoc {
+                id: format!("n{i}"),
+                title: format!("Note {i}"),
+                source: String::new(),
+                url: String::new(),
+                date: String::new(),
+                metadata: Default::default(),
+                markdown: false,
+                text: format!("Eribulin note number {i} about liposarcoma."),
+            };
+            ingest_docs(&mut writer, &e, vec![d], &IngestOptions::default()).unwrap();
+        }
+    });
+    for _ in 0..10 {
+        search(&mut owner, &e, "eribulin liposarcoma", Mode::Hybrid);
+    }
+    handle.join().unwrap();
+    assert_eq!(
+        search(&mut owner, &e, "eribulin liposarcoma", Mode::Bm25).len(),
+        5
+    );
+    // The owner's on-disk BM25 index survives a restart at the same version.
+    let version = owner.version();
+    drop(owner);
+    let again = Corpus::open(data.path()).unwrap();
+    assert_eq!(again.version(), version);
+}
+
+#[test]
+fn kill_during_ingest_leaves_whole_documents_only() {
+    let src = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (0..150)
+        .map(|i| {
+            format!(
+                "{{\"id\": \"d{i}\", \"title\": \"Doc {i}\", \"text\": \"{}\"}}",
+                format!("Sentence {i} about sarcoma care and follow-up imaging. ").repeat(8)
+            )
+        })
+        .collect();
+    let file = src.path().join("big.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let run = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cited"));
+        c.arg("--data-dir")
+            .arg(data.path())
+            .arg("--embedder")
+            .arg(common::minilm_dir())
+            .args(["ingest", "--batch", "8"])
+            .arg(&file)
+            .env("RUST_LOG", "warn");
+        c
+    };
+    let mut child = run().spawn().unwrap();
+    // Wait until some documents are committed, then kill without warning.
+    let store_path = data.path().join("store.sqlite");
+    let started = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let n = SqliteStore::open(&store_path)
+            .ok()
+            .and_then(|s| s.counts().ok())
+            .map_or(0, |c| c.0);
+        if n >= 3 || started.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let store = SqliteStore::open(&store_path).unwrap();
+    let (docs, _) = store.counts().unwrap();
+    assert!(docs > 0 && docs < 150, "killed mid-way: {docs} documents");
+    for i in 0..150 {
+        let chunks = store.chunks_of(&format!("d{i}")).unwrap();
+        let ords: Vec<usize> = chunks.iter().map(|c| c.ord).collect();
+        assert_eq!(
+            ords,
+            (0..chunks.len()).collect::<Vec<_>>(),
+            "d{i} whole or absent"
+        );
+        assert_eq!(
+            store.document(&format!("d{i}")).unwrap().is_some(),
+            !chunks.is_empty()
+        );
+    }
+    drop(store);
+    // Restart: the rest goes in, the committed ones are recognised as unchanged.
+    let out = run().output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains(&format!("unchanged {docs}")), "{report}");
+    let corpus = Corpus::open(data.path()).unwrap();
+    assert_eq!(corpus.store().counts().unwrap().0, 150);
+}
