@@ -113,6 +113,10 @@ pub enum Command {
         /// dense, bm25 or hybrid.
         #[arg(long, default_value = "hybrid")]
         mode: crate::index::Mode,
+        /// Keep only documents matching KEY=VALUE: `source`, `id`, `date_from`, `date_to`, or any
+        /// metadata field; repeat a key for any of several values, other keys must all match.
+        #[arg(long = "filter", value_name = "KEY=VALUE")]
+        filters: Vec<String>,
         /// Print the hits as JSON.
         #[arg(long)]
         json: bool,

@@ -126,8 +126,10 @@ fn main() -> Result<()> {
             query,
             top_k,
             mode,
+            filters,
             json,
         } => {
+            let filter = cited::index::filter::Filter::from_pairs(filters)?;
             let cfg = Config::from_args(&args.models, true, false)?;
             let embedder = Embedder::load(&cfg.embedder, &cfg.device.open()?)?;
             let mut corpus = Corpus::open(&args.data_dir)?;
@@ -137,7 +139,7 @@ fn main() -> Result<()> {
                 mode: *mode,
                 ..SearchOptions::default()
             };
-            let hits = corpus.search(query, &v, &opts)?;
+            let hits = corpus.search_filtered(query, &v, &opts, &filter)?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&hits)?);
             } else {

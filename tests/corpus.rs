@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use cited::index::filter::Filter;
 use cited::index::store::{SqliteStore, Store};
 use cited::index::{Corpus, Mode, SearchOptions};
 use cited::ingest::reader::SourceDoc;
@@ -124,6 +125,64 @@ fn ingest_search_reingest_replace_delete() {
     assert_eq!(hit.title, "Colorectal screening");
     assert!(hit.text.contains("Colonoscopy"));
     assert!(hit.bm25_score.unwrap() > 0.0 && hit.dense_score > 0.3);
+}
+
+#[test]
+fn filters_restrict_every_mode_to_matching_documents() {
+    let e = embedder();
+    let src = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    sample_corpus(src.path());
+    write(
+        src.path(),
+        "lung.md",
+        "---
+title: Metastatic lung cancer
+source: Guideline B
+cancer: lung
+date: 2024-03-01
+---
+Metastatic lung cancer is treated with systemic therapy chosen by biomarkers.
+",
+    );
+    let mut store = SqliteStore::open(&data.path().join("store.sqlite")).unwrap();
+    ingest_paths(&mut store, &e, &[src.path()], &IngestOptions::default()).unwrap();
+    let mut corpus = Corpus::open(data.path()).unwrap();
+    let q = "How is metastatic cancer treated?";
+    let v = e.embed(&[q]).unwrap().to_vec2::<f32>().unwrap().remove(0);
+    let run = |corpus: &mut Corpus, mode: Mode, f: serde_json::Value| -> Vec<String> {
+        let opts = SearchOptions {
+            mode,
+            top_k: 5,
+            ..SearchOptions::default()
+        };
+        let filter = Filter::from_json(&f).unwrap();
+        corpus
+            .search_filtered(q, &v, &opts, &filter)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.id)
+            .collect()
+    };
+    let lung = id_of(src.path(), "lung.md");
+    let metastatic = id_of(src.path(), "metastatic.md");
+    for mode in [Mode::Dense, Mode::Bm25, Mode::Hybrid] {
+        assert!(
+            run(&mut corpus, mode, serde_json::json!({})).len() >= 2,
+            "{mode:?}"
+        );
+        assert_eq!(
+            run(&mut corpus, mode, serde_json::json!({"cancer": "lung"})),
+            std::slice::from_ref(&lung),
+            "{mode:?}"
+        );
+        assert_eq!(
+            run(&mut corpus, mode, serde_json::json!({"date_from": "2025"})),
+            std::slice::from_ref(&metastatic),
+            "{mode:?}"
+        );
+        assert!(run(&mut corpus, mode, serde_json::json!({"source": "nowhere"})).is_empty());
+    }
 }
 
 #[test]

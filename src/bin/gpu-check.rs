@@ -16,6 +16,7 @@ use half::f16;
 
 use cited::models::bert::{l2_normalize, mean_pool, Bert, BertConfig};
 use cited::models::Batch;
+use cited::ops::rng::SplitMix64;
 use cited::ops::similarity::gpu::Search;
 use cited::ops::similarity::{compare_hits, topk_cpu};
 use cited::ops::similarity_variants::{Variant, VARIANTS};
@@ -64,23 +65,17 @@ enum Cmd {
     },
 }
 
-/// SplitMix64 for seeded inputs.
-struct Rng(u64);
+/// Seeded inputs.
+struct Rng(SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Roughly normal: the sum of four uniforms, centred and scaled.
     fn normal(&mut self) -> f32 {
-        let u: f32 = (0..4)
-            .map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32)
-            .sum();
+        let u: f32 = (0..4).map(|_| self.0.unit()).sum();
         (u - 2.0) * 1.7
     }
 
@@ -137,7 +132,7 @@ fn similarity_case(
 }
 
 fn similarity_parity(dev: &Device, cases: &[(usize, usize, usize, usize)]) -> Result<bool> {
-    let mut rng = Rng(20261127);
+    let mut rng = Rng(SplitMix64::new(20261127));
     let mut ok = true;
     for &case in cases {
         ok &= similarity_case(dev, &mut rng, case, None)?;
@@ -161,7 +156,7 @@ fn minilm_config() -> BertConfig {
 /// Writes seeded MiniLM-shaped weights as `model.safetensors` in `dir`.
 fn write_minilm(dir: &Path) -> Result<BertConfig> {
     let cfg = minilm_config();
-    let mut rng = Rng(7);
+    let mut rng = Rng(SplitMix64::new(7));
     let h = cfg.hidden_size;
     let mut w = std::collections::HashMap::new();
     let mut put = |name: String, shape: &[usize], scale: f32, offset: f32| -> Result<()> {
@@ -261,7 +256,7 @@ fn embedding_parity(dev: &Device) -> Result<bool> {
     let cfg = write_minilm(dir.path())?;
     let cpu = load_bert(dir.path(), &cfg, &Device::Cpu, DType::F32)?;
     let gpu = load_bert(dir.path(), &cfg, dev, DType::F16)?;
-    let mut rng = Rng(99);
+    let mut rng = Rng(SplitMix64::new(99));
     let lengths = [
         128usize, 128, 7, 256, 3, 100, 100, 100, 55, 1, 200, 31, 31, 64, 2, 129,
     ];
@@ -388,7 +383,7 @@ fn embed_bench(dev: &Device, batches: &[usize]) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cfg = write_minilm(dir.path())?;
     let model = load_bert(dir.path(), &cfg, dev, DType::F16)?;
-    let mut rng = Rng(5);
+    let mut rng = Rng(SplitMix64::new(5));
     for &b in batches {
         let seqs: Vec<Vec<u32>> = (0..b)
             .map(|_| (0..128).map(|_| (rng.next() % 30522) as u32).collect())
@@ -435,7 +430,7 @@ fn time_ms(dev: &Device, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
 fn profile(dev: &Device, b: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cfg = write_minilm(dir.path())?;
-    let mut rng = Rng(5);
+    let mut rng = Rng(SplitMix64::new(5));
     let seqs: Vec<Vec<u32>> = (0..b)
         .map(|_| (0..128).map(|_| (rng.next() % 30522) as u32).collect())
         .collect();

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use tantivy::collector::TopDocs;
-use tantivy::query::{BooleanQuery, Occur, Query, TermQuery};
+use tantivy::query::{BooleanQuery, ConstScoreQuery, Occur, Query, TermQuery, TermSetQuery};
 use tantivy::schema::{
     Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, Value, FAST, INDEXED, STORED,
     STRING,
@@ -299,8 +299,14 @@ impl Bm25Index {
         Ok(true)
     }
 
-    /// The `k` best chunks for `query`: (chunk id, BM25 score), best first.
-    pub fn search(&self, query: &str, k: usize) -> Result<Vec<(i64, f32)>> {
+    /// The `k` best chunks for `query`: (chunk id, BM25 score), best first; among `allowed`
+    /// chunks when given (the filter adds nothing to the scores).
+    pub fn search(
+        &self,
+        query: &str,
+        k: usize,
+        allowed: Option<&std::collections::HashSet<i64>>,
+    ) -> Result<Vec<(i64, f32)>> {
         let mut seen = std::collections::HashSet::new();
         let clauses: Vec<(Occur, Box<dyn Query>)> = terms(query)
             .into_iter()
@@ -317,7 +323,25 @@ impl Bm25Index {
             return Ok(Vec::new());
         }
         let searcher = self.reader.searcher();
-        let top = searcher.search(&BooleanQuery::new(clauses), &TopDocs::with_limit(k))?;
+        let text_query = BooleanQuery::new(clauses);
+        let top = match allowed {
+            None => searcher.search(&text_query, &TopDocs::with_limit(k))?,
+            Some(allowed) => {
+                let ids = TermSetQuery::new(
+                    allowed
+                        .iter()
+                        .map(|&c| Term::from_field_i64(self.fields.chunk_id, c)),
+                );
+                let both = BooleanQuery::new(vec![
+                    (Occur::Must, Box::new(text_query) as Box<dyn Query>),
+                    (
+                        Occur::Must,
+                        Box::new(ConstScoreQuery::new(Box::new(ids), 0.0)),
+                    ),
+                ]);
+                searcher.search(&both, &TopDocs::with_limit(k))?
+            }
+        };
         top.into_iter()
             .map(|(score, addr)| {
                 let d: TantivyDocument = searcher.doc(addr)?;

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use super::store::Store;
 use crate::error::IndexError;
+use std::collections::HashSet;
+
 use crate::ops::similarity::topk_cpu;
 
 type Result<T> = std::result::Result<T, IndexError>;
@@ -65,8 +67,14 @@ impl DenseIndex {
         self.ids.is_empty()
     }
 
-    /// The `k` chunks most similar to `query` (unit vectors: inner product = cosine).
-    pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<(i64, f32)>> {
+    /// The `k` chunks most similar to `query` (unit vectors: inner product = cosine), among
+    /// `allowed` chunks when given.
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        allowed: Option<&HashSet<i64>>,
+    ) -> Result<Vec<(i64, f32)>> {
         if self.ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -77,10 +85,26 @@ impl DenseIndex {
                 self.dim
             )));
         }
-        let hits = topk_cpu(query, &self.rows, self.dim, k)?;
+        let Some(allowed) = allowed else {
+            let hits = topk_cpu(query, &self.rows, self.dim, k)?;
+            return Ok(hits[0]
+                .iter()
+                .map(|h| (self.ids[h.id as usize], h.score))
+                .collect());
+        };
+        // Exact search over the allowed rows only, gathered into one matrix.
+        let mut ids = Vec::with_capacity(allowed.len());
+        let mut rows = Vec::with_capacity(allowed.len() * self.dim);
+        for (r, id) in self.ids.iter().enumerate() {
+            if allowed.contains(id) {
+                ids.push(*id);
+                rows.extend_from_slice(&self.rows[r * self.dim..(r + 1) * self.dim]);
+            }
+        }
+        let hits = topk_cpu(query, &rows, self.dim, k)?;
         Ok(hits[0]
             .iter()
-            .map(|h| (self.ids[h.id as usize], h.score))
+            .map(|h| (ids[h.id as usize], h.score))
             .collect())
     }
 

@@ -10,6 +10,7 @@
 
 pub mod bm25;
 pub mod dense;
+pub mod filter;
 pub mod fusion;
 pub mod store;
 
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use bm25::Bm25Index;
 use dense::DenseIndex;
+use filter::Filter;
 use store::{SqliteStore, Store};
 
 use crate::error::IndexError;
@@ -182,17 +184,37 @@ impl Corpus {
         embedding: &[f32],
         opts: &SearchOptions,
     ) -> Result<Vec<SearchHit>> {
+        self.search_filtered(query, embedding, opts, &Filter::default())
+    }
+
+    /// [`Corpus::search`] among the documents that pass `filter`.
+    pub fn search_filtered(
+        &mut self,
+        query: &str,
+        embedding: &[f32],
+        opts: &SearchOptions,
+        filter: &Filter,
+    ) -> Result<Vec<SearchHit>> {
         self.refresh()?;
+        let allowed = if filter.is_empty() {
+            None
+        } else {
+            let chunks = self.store.chunks_matching(filter)?;
+            if chunks.is_empty() {
+                return Ok(Vec::new());
+            }
+            Some(chunks)
+        };
         let depth = opts.depth.max(opts.top_k);
         let dense = if opts.mode == Mode::Bm25 {
             Vec::new()
         } else {
-            self.dense.search(embedding, depth)?
+            self.dense.search(embedding, depth, allowed.as_ref())?
         };
         let bm25 = if opts.mode == Mode::Dense {
             Vec::new()
         } else {
-            self.bm25.search(query, depth)?
+            self.bm25.search(query, depth, allowed.as_ref())?
         };
         // Chunk -> passage, keeping each passage's best chunk per retriever.
         let mut passage_of: HashMap<i64, String> = HashMap::new();

@@ -2,12 +2,14 @@
 //! the single source of truth. Every change gets a sequence number in `changes`, so the derived
 //! indexes (BM25, dense matrix) can catch up after a restart or while another process ingests.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{Map, Value};
 
+use super::filter::Filter;
 use crate::error::IndexError;
 
 type Result<T> = std::result::Result<T, IndexError>;
@@ -46,6 +48,11 @@ const MIGRATIONS: &[&str] = &[
         at TEXT NOT NULL
     );
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    "#,
+    // 2: indexes for metadata filters on source and date.
+    r#"
+    CREATE INDEX documents_by_source ON documents(source);
+    CREATE INDEX documents_by_date ON documents(date);
     "#,
 ];
 
@@ -101,6 +108,8 @@ pub trait Store: Send {
     fn content_hash(&self, id: &str) -> Result<Option<String>>;
     /// Stores a document and its chunks, replacing any earlier version, in one transaction.
     fn upsert(&mut self, doc: &DocRecord, chunks: &[NewChunk]) -> Result<u64>;
+    /// Stores many documents in one transaction (bulk loads): all of them or none.
+    fn upsert_many(&mut self, docs: &[(DocRecord, Vec<NewChunk>)]) -> Result<u64>;
     /// Removes a document and its chunks; false when there was none.
     fn delete(&mut self, id: &str) -> Result<bool>;
     fn document(&self, id: &str) -> Result<Option<DocRecord>>;
@@ -108,6 +117,8 @@ pub trait Store: Send {
     fn chunk(&self, chunk_id: i64) -> Result<Option<StoredChunk>>;
     /// Calls `f` on every chunk, in id order.
     fn for_each_chunk(&self, f: &mut dyn FnMut(StoredChunk) -> Result<()>) -> Result<()>;
+    /// Ids of the chunks whose documents pass `filter`.
+    fn chunks_matching(&self, filter: &Filter) -> Result<HashSet<i64>>;
     /// (documents, chunks)
     fn counts(&self) -> Result<(usize, usize)>;
     fn setting(&self, key: &str) -> Result<Option<String>>;
@@ -210,6 +221,46 @@ fn log_change(tx: &Transaction<'_>, id: &str) -> Result<u64> {
     Ok(tx.last_insert_rowid() as u64)
 }
 
+fn write_doc(tx: &Transaction<'_>, doc: &DocRecord, chunks: &[NewChunk]) -> Result<u64> {
+    tx.execute("DELETE FROM chunks WHERE document_id = ?1", [&doc.id])?;
+    tx.execute(
+        "INSERT INTO documents (id, title, source, url, date, metadata, content_hash, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT(id) DO UPDATE SET title = excluded.title, source = excluded.source,
+           url = excluded.url, date = excluded.date, metadata = excluded.metadata,
+           content_hash = excluded.content_hash, updated_at = excluded.updated_at",
+        params![
+            doc.id,
+            doc.title,
+            doc.source,
+            doc.url,
+            doc.date,
+            Value::Object(doc.metadata.clone()).to_string(),
+            doc.content_hash,
+            now()
+        ],
+    )?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO chunks (document_id, ord, section, text, indexed_text, start_byte, end_byte, embedding)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for c in chunks {
+            stmt.execute(params![
+                doc.id,
+                c.ord as i64,
+                c.section,
+                c.text,
+                c.indexed_text,
+                c.start as i64,
+                c.end as i64,
+                encode(&c.embedding)
+            ])?;
+        }
+    }
+    log_change(tx, &doc.id)
+}
+
 impl Store for SqliteStore {
     fn version(&self) -> Result<u64> {
         let v: Option<i64> = self
@@ -248,43 +299,17 @@ impl Store for SqliteStore {
 
     fn upsert(&mut self, doc: &DocRecord, chunks: &[NewChunk]) -> Result<u64> {
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM chunks WHERE document_id = ?1", [&doc.id])?;
-        tx.execute(
-            "INSERT INTO documents (id, title, source, url, date, metadata, content_hash, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-             ON CONFLICT(id) DO UPDATE SET title = excluded.title, source = excluded.source,
-               url = excluded.url, date = excluded.date, metadata = excluded.metadata,
-               content_hash = excluded.content_hash, updated_at = excluded.updated_at",
-            params![
-                doc.id,
-                doc.title,
-                doc.source,
-                doc.url,
-                doc.date,
-                Value::Object(doc.metadata.clone()).to_string(),
-                doc.content_hash,
-                now()
-            ],
-        )?;
-        {
-            let mut stmt = tx.prepare(
-                "INSERT INTO chunks (document_id, ord, section, text, indexed_text, start_byte, end_byte, embedding)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?;
-            for c in chunks {
-                stmt.execute(params![
-                    doc.id,
-                    c.ord as i64,
-                    c.section,
-                    c.text,
-                    c.indexed_text,
-                    c.start as i64,
-                    c.end as i64,
-                    encode(&c.embedding)
-                ])?;
-            }
+        let seq = write_doc(&tx, doc, chunks)?;
+        tx.commit()?;
+        Ok(seq)
+    }
+
+    fn upsert_many(&mut self, docs: &[(DocRecord, Vec<NewChunk>)]) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        let mut seq = 0;
+        for (doc, chunks) in docs {
+            seq = write_doc(&tx, doc, chunks)?;
         }
-        let seq = log_change(&tx, &doc.id)?;
         tx.commit()?;
         Ok(seq)
     }
@@ -352,6 +377,15 @@ impl Store for SqliteStore {
             f(chunk_row(r)?)?;
         }
         Ok(())
+    }
+
+    fn chunks_matching(&self, filter: &Filter) -> Result<HashSet<i64>> {
+        let (cond, params) = filter.to_sql();
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT c.id FROM chunks c JOIN documents d ON d.id = c.document_id WHERE {cond}"
+        ))?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(params), |r| r.get::<_, i64>(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     fn counts(&self) -> Result<(usize, usize)> {
@@ -459,16 +493,108 @@ mod tests {
         assert!(matches!(err, IndexError::NewerSchema { .. }), "{err}");
     }
 
+    fn schema_version(s: &SqliteStore) -> i64 {
+        s.conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap()
+    }
+
     #[test]
     fn migrates_an_empty_database_from_version_zero() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.sqlite");
         Connection::open(&path).unwrap();
         let s = SqliteStore::open(&path).unwrap();
-        let v: i64 = s
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
+        assert_eq!(schema_version(&s), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn migrates_a_version_one_store_keeping_its_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sqlite");
+        {
+            // A store as the first release wrote it.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO documents VALUES ('a', 'T', 'NCI', 'u', '2024-01-02', '{\"tag\":\"x\"}', 'h', 'now')",
+                [],
+            )
             .unwrap();
-        assert_eq!(v, SCHEMA_VERSION);
+            conn.execute(
+                "INSERT INTO chunks (document_id, ord, section, text, indexed_text, start_byte, end_byte, embedding)
+                 VALUES ('a', 0, 'S', 'text', 'text', 0, 4, ?1)",
+                [encode(&[1.0, 2.0])],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO changes (document_id, at) VALUES ('a', 'now')",
+                [],
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(schema_version(&s), SCHEMA_VERSION);
+        assert_eq!(s.counts().unwrap(), (1, 1));
+        assert_eq!(s.version().unwrap(), 1);
+        assert_eq!(s.chunks_of("a").unwrap()[0].embedding, vec![1.0, 2.0]);
+        let by_tag = Filter::from_json(&serde_json::json!({"tag": "x"})).unwrap();
+        assert_eq!(s.chunks_matching(&by_tag).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn filters_select_chunks_by_source_date_and_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("store.sqlite")).unwrap();
+        let mut add = |id: &str, source: &str, date: &str, meta: serde_json::Value| {
+            let mut d = doc(id, "h");
+            d.source = source.into();
+            d.date = date.into();
+            d.metadata = meta.as_object().unwrap().clone();
+            s.upsert(&d, &[chunk(0, id), chunk(1, id)]).unwrap();
+        };
+        add(
+            "a",
+            "NCI",
+            "2019-06-01",
+            serde_json::json!({"cancer": "sarcoma", "level": 1}),
+        );
+        add(
+            "b",
+            "ESMO",
+            "2021-09-15",
+            serde_json::json!({"cancer": ["sarcoma", "gist"]}),
+        );
+        add(
+            "c",
+            "NCI",
+            "",
+            serde_json::json!({"cancer": "breast", "peer_reviewed": true}),
+        );
+        let docs = |f: serde_json::Value| -> Vec<String> {
+            let ids = s.chunks_matching(&Filter::from_json(&f).unwrap()).unwrap();
+            let mut docs: Vec<String> = ids
+                .into_iter()
+                .map(|c| s.chunk(c).unwrap().unwrap().document_id)
+                .collect();
+            docs.sort();
+            docs.dedup();
+            docs
+        };
+        assert_eq!(docs(serde_json::json!({})), ["a", "b", "c"]);
+        assert_eq!(docs(serde_json::json!({"source": "NCI"})), ["a", "c"]);
+        assert_eq!(docs(serde_json::json!({"cancer": "gist"})), ["b"]);
+        assert_eq!(docs(serde_json::json!({"cancer": ["sarcoma"]})), ["a", "b"]);
+        assert_eq!(docs(serde_json::json!({"level": 1})), ["a"]);
+        assert_eq!(docs(serde_json::json!({"peer_reviewed": true})), ["c"]);
+        assert_eq!(docs(serde_json::json!({"date_from": "2020"})), ["b"]);
+        assert_eq!(docs(serde_json::json!({"date_to": "2019"})), ["a"]);
+        assert_eq!(
+            docs(serde_json::json!({"date_from": "2019-01-01", "date_to": "2021-09-15"})),
+            ["a", "b"]
+        );
+        assert!(docs(serde_json::json!({"source": "NCI", "cancer": "gist"})).is_empty());
+        assert!(docs(serde_json::json!({"missing": "x"})).is_empty());
     }
 }

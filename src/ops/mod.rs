@@ -2,6 +2,7 @@
 //! the `cuda` feature and are tested against these references.
 
 pub mod attention;
+pub mod rng;
 pub mod similarity;
 #[cfg(feature = "cuda")]
 pub mod similarity_variants;
