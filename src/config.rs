@@ -23,6 +23,8 @@ pub enum ConfigError {
     NoCuda(String),
     #[error("CUDA device {0} is not available: {1}")]
     CudaUnavailable(usize, String),
+    #[error("invalid --{0}: {1}")]
+    BadValue(&'static str, String),
 }
 
 /// cited: cancer questions answered from retrieved clinical passages, with citations.
@@ -60,18 +62,107 @@ pub struct ModelArgs {
     /// Device the models run on: cpu, cuda or cuda:N.
     #[arg(long, env = "CITED_DEVICE", default_value = "cpu", global = true)]
     pub device: String,
-    /// How quantized GGUF matrices are computed: quantized (on the blocks) or dequantized (f32).
-    #[arg(
-        long,
-        env = "CITED_WEIGHTS",
-        default_value = "quantized",
-        global = true
-    )]
+    /// How quantized GGUF matrices are computed: auto (prompts in f32, decode steps on the
+    /// blocks), quantized (always on the blocks, least memory) or dequantized (always f32).
+    #[arg(long, env = "CITED_WEIGHTS", default_value = "auto", global = true)]
     pub weights: QuantMode,
+}
+
+/// How answers are built (serve and ask).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RagArgs {
+    /// Passages retrieved per question, before the context budget.
+    #[arg(long, env = "CITED_TOP_K", default_value_t = 4)]
+    pub top_k: usize,
+    /// Prompt tokens allowed: system prompt, conversation, passages and question.
+    #[arg(long, env = "CITED_CONTEXT_TOKENS", default_value_t = 2048)]
+    pub context_tokens: usize,
+    /// Default and largest number of generated tokens per answer.
+    #[arg(long, env = "CITED_MAX_TOKENS", default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Evidence threshold: the best passage's raw cosine with the question ...
+    #[arg(long, env = "CITED_MIN_COSINE", default_value_t = 0.35)]
+    pub min_cosine: f32,
+    /// ... or its raw BM25 score; below both, the answer abstains.
+    #[arg(long, env = "CITED_MIN_BM25", default_value_t = 12.0)]
+    pub min_bm25: f32,
+    /// Penalty on tokens the answer generated in its last 64 (1 is off).
+    #[arg(long, env = "CITED_REPETITION_PENALTY", default_value_t = 1.1)]
+    pub repetition_penalty: f32,
+    /// How far (logits) below the top choice an opening bracket may be and still be preferred
+    /// where an uncited sentence would end; 0 leaves citing entirely to the model.
+    #[arg(long, env = "CITED_CITATION_MARGIN", default_value_t = 8.0)]
+    pub citation_margin: f32,
+}
+
+impl RagArgs {
+    pub fn to_config(&self) -> Result<crate::rag::RagConfig, ConfigError> {
+        if !(1..=20).contains(&self.top_k) {
+            return Err(ConfigError::BadValue("top-k", "between 1 and 20".into()));
+        }
+        if self.context_tokens < 256 {
+            return Err(ConfigError::BadValue(
+                "context-tokens",
+                "at least 256".into(),
+            ));
+        }
+        if self.max_tokens == 0 {
+            return Err(ConfigError::BadValue("max-tokens", "at least 1".into()));
+        }
+        if !(-1.0..=1.0).contains(&self.min_cosine) {
+            return Err(ConfigError::BadValue(
+                "min-cosine",
+                "between -1 and 1".into(),
+            ));
+        }
+        if !(1.0..=2.0).contains(&self.repetition_penalty) {
+            return Err(ConfigError::BadValue(
+                "repetition-penalty",
+                "between 1 and 2".into(),
+            ));
+        }
+        if !(0.0..=50.0).contains(&self.citation_margin) {
+            return Err(ConfigError::BadValue(
+                "citation-margin",
+                "between 0 and 50".into(),
+            ));
+        }
+        if self.min_bm25.is_nan() || self.min_bm25 < 0.0 {
+            return Err(ConfigError::BadValue("min-bm25", "0 or more".into()));
+        }
+        Ok(crate::rag::RagConfig {
+            top_k: self.top_k,
+            context_tokens: self.context_tokens,
+            max_tokens: self.max_tokens,
+            min_cosine: self.min_cosine,
+            min_bm25: self.min_bm25,
+            repetition_penalty: self.repetition_penalty,
+            citation_margin: self.citation_margin,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the HTTP API (cited answers, search, embeddings, OpenAI-compatible chat).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "CITED_HOST", default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        #[arg(long, env = "CITED_PORT", default_value_t = 8080)]
+        port: u16,
+        #[command(flatten)]
+        rag: RagArgs,
+    },
+    /// Answer one question from the corpus, streamed to the terminal with its citations.
+    Ask {
+        question: String,
+        /// patient or clinician.
+        #[arg(long, default_value = "patient")]
+        audience: crate::rag::Audience,
+        #[command(flatten)]
+        rag: RagArgs,
+    },
     /// Print the embedding of each text as a JSON array.
     Embed {
         /// Texts to embed (one forward pass for all).

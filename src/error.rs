@@ -61,6 +61,8 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
 pub enum OpsError {
     #[error("shape: {0}")]
     Shape(String),
+    #[error("{0}")]
+    Invalid(String),
     #[error("device: {0}")]
     Device(String),
     #[error("tensor operation failed: {0}")]
@@ -120,4 +122,19 @@ pub enum IndexError {
     Model(#[from] ModelError),
     #[error("{0}")]
     Invalid(String),
+}
+
+/// Failures of the engine (the device worker and what it runs).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Ops(#[from] OpsError),
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("the engine has stopped")]
+    Stopped,
 }

@@ -17,3 +17,5 @@ pub mod index;
 pub mod ingest;
 pub mod models;
 pub mod ops;
+pub mod rag;
+pub mod server;

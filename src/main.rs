@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use cited::config::{Args, Command, Config, EvalCommand};
+use cited::config::{Args, Command, Config, EvalCommand, RagArgs};
 use cited::engine::generate::generate_greedy;
 use cited::index::{Corpus, Mode, SearchOptions};
 use cited::ingest::{ingest_paths, IngestOptions};
@@ -14,6 +14,80 @@ use cited::models::chat_template::{ChatMessage, ChatTemplate, Role};
 use cited::models::gguf::GgufFile;
 use cited::models::llama::Llama;
 use cited::models::tokenizer::BpeTokenizer;
+use cited::rag::pipeline::{AnswerEvent, AnswerRequest};
+use cited::rag::Audience;
+use cited::server::{serve, ServiceConfig, Services};
+
+/// What `serve` and `ask` load.
+fn service_config(args: &Args, rag: &RagArgs) -> Result<ServiceConfig> {
+    let cfg = Config::from_args(&args.models, true, true)?;
+    Ok(ServiceConfig {
+        embedder: cfg.embedder,
+        generator: cfg.generator,
+        device: cfg.device.open()?,
+        weights: cfg.weights,
+        data_dir: args.data_dir.clone(),
+        rag: rag.to_config()?,
+    })
+}
+
+/// Answers one question in this process, printing the text as it streams and the cited
+/// sources at the end.
+async fn ask(service: &ServiceConfig, question: &str, audience: Audience) -> Result<()> {
+    let services = tokio::task::block_in_place(|| Services::load(service))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let request = AnswerRequest {
+        question: question.to_string(),
+        audience,
+        ..AnswerRequest::default()
+    };
+    let pipeline = services.pipeline.clone();
+    tokio::spawn(async move { pipeline.answer(request, tx).await });
+    let mut sources = Vec::new();
+    let mut cited = std::collections::BTreeSet::new();
+    let mut stdout = std::io::stdout();
+    while let Some(event) = rx.recv().await {
+        match event {
+            AnswerEvent::Sources(s) => sources = s,
+            AnswerEvent::Delta(text) => {
+                stdout.write_all(text.as_bytes())?;
+                stdout.flush()?;
+            }
+            AnswerEvent::Citation { marker, .. } => {
+                cited.insert(marker);
+            }
+            AnswerEvent::Done(summary) => {
+                println!("\n");
+                for source in sources.iter().filter(|s| cited.contains(&s.marker)) {
+                    let s = &source.hit;
+                    let section = s.section.rsplit(" > ").next().unwrap_or("");
+                    let mut line = format!("[{}] {}", source.marker, s.title);
+                    if !section.is_empty() && section != s.title {
+                        line.push_str(&format!(", {section}"));
+                    }
+                    if !s.date.is_empty() {
+                        line.push_str(&format!(" ({})", s.date));
+                    }
+                    if !s.url.is_empty() {
+                        line.push_str(&format!(" <{}>", s.url));
+                    }
+                    println!("{line}");
+                }
+                tracing::info!(
+                    finish = %summary.finish_reason,
+                    citations = summary.citations.total,
+                    prompt_tokens = summary.usage.prompt_tokens,
+                    generated_tokens = summary.usage.completion_tokens,
+                    first_token_ms = summary.timings.first_token_ms,
+                    total_ms = summary.timings.total_ms,
+                    "answer finished"
+                );
+            }
+            AnswerEvent::Error { message, .. } => anyhow::bail!("{message}"),
+        }
+    }
+    Ok(())
+}
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -24,6 +98,24 @@ fn main() -> Result<()> {
         .init();
     let args = Args::parse();
     match &args.command {
+        Command::Serve { host, port, rag } => {
+            let service = service_config(&args, rag)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(serve(std::net::SocketAddr::new(*host, *port), service))?;
+        }
+        Command::Ask {
+            question,
+            audience,
+            rag,
+        } => {
+            let service = service_config(&args, rag)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(ask(&service, question, *audience))?;
+        }
         Command::Embed { texts } => {
             let cfg = Config::from_args(&args.models, true, false)?;
             let device = cfg.device.open()?;

@@ -17,6 +17,8 @@ pub enum StopReason {
     EndOfTurn,
     /// `max_new_tokens` were generated.
     Length,
+    /// The client went away.
+    Cancelled,
 }
 
 /// A finished generation with its timings.

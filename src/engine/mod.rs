@@ -1,4 +1,6 @@
-//! Drives the models. For now a single-sequence generation loop; the batching scheduler, the
-//! paged KV cache and the device worker thread come with the batched engine.
+//! Drives the models: the device worker thread that owns them ([`worker`]) and the
+//! single-sequence generation loop ([`generate`]). The batching scheduler and the paged KV cache
+//! come with the batched engine.
 
 pub mod generate;
+pub mod worker;

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod rng;
+pub mod sampling;
 pub mod similarity;
 #[cfg(feature = "cuda")]
 pub mod similarity_variants;

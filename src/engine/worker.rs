@@ -1,0 +1,416 @@
+//! The device worker: one OS thread owns the models and the device; async code talks to it
+//! through a cloneable [`EngineHandle`]. Embedding jobs run as they arrive; generations run one at
+//! a time, and between two decode steps the worker serves waiting embedding jobs and queues new
+//! generations, so a question's embedding never waits for another answer to finish. (The batched
+//! scheduler replaces the one-at-a-time loop.) A generation whose receiver is gone stops at its
+//! next step.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use tokio::sync::{mpsc, oneshot};
+
+use super::generate::StopReason;
+use crate::error::{EngineError, ModelError};
+use crate::models::bert::Embedder;
+use crate::models::chat_template::{ChatMessage, ChatTemplate};
+use crate::models::gguf::GgufFile;
+use crate::models::kv_cache::KvCache;
+use crate::models::llama::{Llama, QuantMode};
+use crate::models::tokenizer::{BpeTokenizer, StreamDecoder};
+use crate::models::{Batch, LogitsAt};
+use crate::ops::sampling::{LogitsProcessor, Sampler, SamplingParams};
+
+type Result<T> = std::result::Result<T, EngineError>;
+
+/// The generator's text side (tokenizer and chat template), shared with request handlers that
+/// build prompts and count tokens.
+pub struct TextSide {
+    pub tokenizer: BpeTokenizer,
+    pub template: ChatTemplate,
+    /// Tokens the model can attend to.
+    pub context_length: usize,
+}
+
+impl TextSide {
+    /// A conversation as prompt token ids, ending with the assistant's turn opened.
+    pub fn encode_chat(&self, system: &str, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        Ok(self
+            .template
+            .encode(&self.tokenizer, system, messages, true)?)
+    }
+
+    /// Token ids whose text contains any of `chars` (to forbid them in a generation).
+    pub fn tokens_containing(&self, chars: &[char]) -> Vec<u32> {
+        (0..self.tokenizer.vocab_size() as u32)
+            .filter(|&id| String::from_utf8_lossy(self.tokenizer.token_bytes(id)).contains(chars))
+            .collect()
+    }
+}
+
+/// Loads the generator from a GGUF file: the model for the worker, the text side for everyone.
+pub fn load_generator(path: &Path, device: &Device, mode: QuantMode) -> Result<(Llama, TextSide)> {
+    let mut file = GgufFile::open(path)?;
+    let tokenizer = BpeTokenizer::from_gguf(file.content())?;
+    let model = Llama::from_gguf(&mut file, device, mode)?;
+    let source = tokenizer
+        .chat_template()
+        .ok_or_else(|| ModelError::Gguf("the GGUF file carries no chat template".into()))?;
+    let token_text = |id: Option<u32>| {
+        id.and_then(|id| tokenizer.token_text(id))
+            .unwrap_or("")
+            .to_string()
+    };
+    let template = ChatTemplate::new(
+        source,
+        &token_text(tokenizer.bos_id()),
+        &token_text(tokenizer.eos_id()),
+    )?;
+    let context_length = model.config().max_position_embeddings;
+    Ok((
+        model,
+        TextSide {
+            tokenizer,
+            template,
+            context_length,
+        },
+    ))
+}
+
+/// What to generate.
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Token ids the model may not emit.
+    pub suppress: Vec<u32>,
+    /// Edits the logits at each step (citation constraints).
+    pub processor: Option<Box<dyn LogitsProcessor>>,
+}
+
+/// Counts and timings of one generation.
+#[derive(Clone, Debug)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub stop: StopReason,
+    /// From submission to the start of the prompt's forward pass.
+    pub queued: Duration,
+    /// The prompt's forward pass (which yields the first token).
+    pub prefill: Duration,
+    /// The remaining forward passes.
+    pub decode: Duration,
+}
+
+/// Streamed from the worker to the request.
+#[derive(Clone, Debug)]
+pub enum GenerateEvent {
+    /// Newly completed text (whole UTF-8 characters).
+    Text(String),
+    Done(GenerationStats),
+    Error(String),
+}
+
+/// Embeddings of a batch of texts and the tokens they took.
+#[derive(Clone, Debug)]
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    pub tokens: usize,
+}
+
+enum Job {
+    Embed {
+        texts: Vec<String>,
+        reply: oneshot::Sender<Result<Embedded>>,
+    },
+    Generate {
+        request: GenerateRequest,
+        events: mpsc::Sender<GenerateEvent>,
+        queued_at: Instant,
+    },
+}
+
+/// Names and shapes the server reports.
+#[derive(Clone, Debug)]
+pub struct EngineInfo {
+    pub embedder: String,
+    pub generator: String,
+    pub embedding_dim: usize,
+    pub embedder_max_tokens: usize,
+}
+
+/// Running totals kept by the worker (exported as metrics by the server).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub generated_tokens: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generations_finished: AtomicU64,
+    /// Generations stopped because their client went away.
+    pub generations_cancelled: AtomicU64,
+    pub embedded_texts: AtomicU64,
+}
+
+/// A cloneable handle on the device worker.
+#[derive(Clone)]
+pub struct EngineHandle {
+    jobs: Sender<Job>,
+    text: Arc<TextSide>,
+    info: Arc<EngineInfo>,
+    stats: Arc<EngineStats>,
+}
+
+impl EngineHandle {
+    /// Starts the worker thread, which owns `embedder` and `model` from now on.
+    pub fn start(embedder: Embedder, model: Llama, text: TextSide, info: EngineInfo) -> Self {
+        let (jobs, rx) = std::sync::mpsc::channel();
+        let text = Arc::new(text);
+        let stats = Arc::new(EngineStats::default());
+        let worker = Worker {
+            embedder,
+            model,
+            text: text.clone(),
+            stats: stats.clone(),
+            jobs: rx,
+            waiting: VecDeque::new(),
+        };
+        std::thread::Builder::new()
+            .name("cited-device".into())
+            .spawn(move || worker.run())
+            .expect("spawning the device worker thread");
+        Self {
+            jobs,
+            text,
+            info: Arc::new(info),
+            stats,
+        }
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn text(&self) -> &TextSide {
+        &self.text
+    }
+
+    pub fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    /// Embeds `texts` (unit vectors), in one batch on the worker.
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Embedded> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Embed { texts, reply })
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Queues a generation; events arrive on the returned receiver. Dropping the receiver stops
+    /// the generation at its next step.
+    pub fn generate(&self, request: GenerateRequest) -> Result<mpsc::Receiver<GenerateEvent>> {
+        request
+            .sampling
+            .validate()
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        if request.prompt.is_empty() {
+            return Err(EngineError::Invalid("empty prompt".into()));
+        }
+        if request.prompt.len() + request.max_tokens > self.text.context_length {
+            return Err(EngineError::Invalid(format!(
+                "prompt of {} tokens plus max_tokens {} exceeds the model's context of {}",
+                request.prompt.len(),
+                request.max_tokens,
+                self.text.context_length
+            )));
+        }
+        let (events, rx) = mpsc::channel(256);
+        self.jobs
+            .send(Job::Generate {
+                request,
+                events,
+                queued_at: Instant::now(),
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(rx)
+    }
+}
+
+struct Worker {
+    embedder: Embedder,
+    model: Llama,
+    text: Arc<TextSide>,
+    stats: Arc<EngineStats>,
+    jobs: Receiver<Job>,
+    waiting: VecDeque<(GenerateRequest, mpsc::Sender<GenerateEvent>, Instant)>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            // Block for work only when no generation waits.
+            if self.waiting.is_empty() {
+                match self.jobs.recv() {
+                    Ok(job) => self.accept(job),
+                    Err(_) => return, // every handle dropped
+                }
+            }
+            self.serve_pending_jobs();
+            if let Some((request, events, queued_at)) = self.waiting.pop_front() {
+                self.generate(request, events, queued_at);
+            }
+        }
+    }
+
+    /// Takes every job already sent: embeddings now, generations into the queue.
+    fn serve_pending_jobs(&mut self) {
+        loop {
+            match self.jobs.recv_timeout(Duration::ZERO) {
+                Ok(job) => self.accept(job),
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn accept(&mut self, job: Job) {
+        match job {
+            Job::Embed { texts, reply } => {
+                let result = self.embed(&texts);
+                let _ = reply.send(result);
+            }
+            Job::Generate {
+                request,
+                events,
+                queued_at,
+            } => self.waiting.push_back((request, events, queued_at)),
+        }
+    }
+
+    fn embed(&self, texts: &[String]) -> Result<Embedded> {
+        if texts.is_empty() {
+            return Ok(Embedded {
+                vectors: Vec::new(),
+                tokens: 0,
+            });
+        }
+        let tokens = self.embedder.tokenize(texts)?.iter().map(|t| t.len()).sum();
+        let vectors = self.embedder.embed(texts)?.to_vec2::<f32>()?;
+        self.stats
+            .embedded_texts
+            .fetch_add(texts.len() as u64, Ordering::Relaxed);
+        Ok(Embedded { vectors, tokens })
+    }
+
+    fn generate(
+        &mut self,
+        request: GenerateRequest,
+        events: mpsc::Sender<GenerateEvent>,
+        queued_at: Instant,
+    ) {
+        if events.is_closed() {
+            return; // the client left while it waited
+        }
+        let outcome = self.run_generation(request, &events, queued_at);
+        let event = match outcome {
+            Ok(stats) => {
+                let counter = if stats.stop == StopReason::Cancelled {
+                    &self.stats.generations_cancelled
+                } else {
+                    &self.stats.generations_finished
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                GenerateEvent::Done(stats)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "generation failed");
+                GenerateEvent::Error(e.to_string())
+            }
+        };
+        let _ = events.blocking_send(event);
+    }
+
+    fn run_generation(
+        &mut self,
+        mut request: GenerateRequest,
+        events: &mpsc::Sender<GenerateEvent>,
+        queued_at: Instant,
+    ) -> Result<GenerationStats> {
+        const SEQ: u64 = 0;
+        let started = Instant::now();
+        let mut stats = GenerationStats {
+            prompt_tokens: request.prompt.len(),
+            generated_tokens: 0,
+            stop: StopReason::Length,
+            queued: started - queued_at,
+            prefill: Duration::ZERO,
+            decode: Duration::ZERO,
+        };
+        if request.max_tokens == 0 {
+            return Ok(stats);
+        }
+        let stop_ids = self.text.tokenizer.stop_ids();
+        let mut sampler = Sampler::new(
+            request.sampling.clone(),
+            std::mem::take(&mut request.suppress),
+        );
+        if let Some(p) = request.processor.take() {
+            sampler = sampler.with_processor(p);
+        }
+        let mut cache = KvCache::new(self.model.config().num_hidden_layers);
+        let mut decoder = StreamDecoder::new();
+        let mut batch = Batch::new();
+        batch.push(SEQ, &request.prompt, 0);
+        let logits = self
+            .model
+            .forward(&batch, &mut cache, LogitsAt::LastOfEach)?;
+        let mut next = sampler.sample(&mut logits.flatten_all()?.to_vec1::<f32>()?)?;
+        stats.prefill = started.elapsed();
+        self.stats
+            .prompt_tokens
+            .fetch_add(request.prompt.len() as u64, Ordering::Relaxed);
+        let decode_started = Instant::now();
+        loop {
+            if stop_ids.contains(&next) {
+                stats.stop = StopReason::EndOfTurn;
+                break;
+            }
+            stats.generated_tokens += 1;
+            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            let piece = decoder.push(&self.text.tokenizer, next);
+            if !piece.is_empty() && events.blocking_send(GenerateEvent::Text(piece)).is_err() {
+                stats.stop = StopReason::Cancelled;
+                break;
+            }
+            if stats.generated_tokens == request.max_tokens {
+                break;
+            }
+            // Serve embeddings that arrived meanwhile, then the next step.
+            self.serve_pending_jobs();
+            if events.is_closed() {
+                stats.stop = StopReason::Cancelled;
+                break;
+            }
+            let mut batch = Batch::new();
+            batch.push(
+                SEQ,
+                &[next],
+                request.prompt.len() + stats.generated_tokens - 1,
+            );
+            let logits = self
+                .model
+                .forward(&batch, &mut cache, LogitsAt::LastOfEach)?;
+            next = sampler.sample(&mut logits.flatten_all()?.to_vec1::<f32>()?)?;
+        }
+        stats.decode = decode_started.elapsed();
+        let rest = decoder.finish();
+        if !rest.is_empty() {
+            let _ = events.blocking_send(GenerateEvent::Text(rest));
+        }
+        Ok(stats)
+    }
+}

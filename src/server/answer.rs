@@ -1,0 +1,258 @@
+//! `POST /v1/answer`: a cited answer, streamed as server-sent events (`sources`, `delta`,
+//! `citation`, `done`, `error`, with keep-alive comments while the answer waits) or, with
+//! `stream: false`, returned as one JSON body holding the same information.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use super::error::{ApiError, ApiJson};
+use super::routes::{check_text, parse_filters};
+use super::AppState;
+use crate::models::chat_template::{ChatMessage, Role};
+use crate::ops::sampling::SamplingParams;
+use crate::rag::pipeline::{AnswerEvent, AnswerRequest, AnswerSummary};
+use crate::rag::{Audience, RagConfig};
+
+/// Most passages an answer may ask for.
+pub const MAX_TOP_K: usize = 20;
+/// Most earlier turns a follow-up may carry.
+pub const MAX_MESSAGES: usize = 32;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerBody {
+    question: String,
+    top_k: Option<usize>,
+    filters: Option<Value>,
+    audience: Option<Audience>,
+    max_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    stream: Option<bool>,
+    messages: Option<Vec<MessageBody>>,
+}
+
+#[derive(Deserialize, Clone)]
+pub struct MessageBody {
+    pub role: String,
+    pub content: String,
+}
+
+/// Sampling settings from request fields, each range checked and named.
+pub(crate) fn sampling(
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+) -> Result<SamplingParams, ApiError> {
+    let p = SamplingParams {
+        temperature: temperature.unwrap_or(0.0),
+        top_p: top_p.unwrap_or(1.0),
+        top_k: 0,
+        seed: seed.unwrap_or(0),
+        repetition_penalty: 1.0,
+    };
+    if !(0.0..=2.0).contains(&p.temperature) {
+        return Err(ApiError::invalid("temperature", "must be between 0 and 2"));
+    }
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            "top_p",
+            "must be greater than 0 and at most 1",
+        ));
+    }
+    Ok(p)
+}
+
+pub(crate) fn check_max_tokens(max_tokens: Option<usize>, cfg: &RagConfig) -> Result<(), ApiError> {
+    match max_tokens {
+        Some(n) if n == 0 || n > cfg.max_tokens => Err(ApiError::invalid(
+            "max_tokens",
+            format!("must be between 1 and {}", cfg.max_tokens),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Earlier turns: `user` and `assistant` only, each non-empty.
+pub(crate) fn history(messages: &[MessageBody], field: &str) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.len() > MAX_MESSAGES {
+        return Err(ApiError::invalid(
+            field,
+            format!("at most {MAX_MESSAGES} messages"),
+        ));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                other => {
+                    return Err(ApiError::invalid(
+                        &format!("{field}[{i}].role"),
+                        format!("`{other}` is not `user` or `assistant`"),
+                    ))
+                }
+            };
+            check_text(&format!("{field}[{i}].content"), &m.content)?;
+            Ok(ChatMessage::new(role, m.content.clone()))
+        })
+        .collect()
+}
+
+pub async fn answer(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<AnswerBody>,
+) -> Result<Response, ApiError> {
+    let services = state.services()?;
+    let pipeline = services.pipeline.clone();
+    check_text("question", &body.question)?;
+    if let Some(k) = body.top_k {
+        if !(1..=MAX_TOP_K).contains(&k) {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("must be between 1 and {MAX_TOP_K}"),
+            ));
+        }
+    }
+    check_max_tokens(body.max_tokens, pipeline.config())?;
+    let request = AnswerRequest {
+        question: body.question,
+        history: history(body.messages.as_deref().unwrap_or(&[]), "messages")?,
+        top_k: body.top_k,
+        filter: parse_filters(body.filters.as_ref())?,
+        audience: body.audience.unwrap_or_default(),
+        max_tokens: body.max_tokens,
+        sampling: sampling(body.temperature, body.top_p, body.seed)?,
+        suppress: Vec::new(),
+    };
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move { pipeline.answer(request, tx).await });
+    let metrics_state = state.clone();
+    if body.stream.unwrap_or(true) {
+        let stream = ReceiverStream::new(rx).map(move |event| {
+            observe(&metrics_state, &event);
+            Ok::<_, Infallible>(sse_event(&event))
+        });
+        let sse = Sse::new(stream).keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(10))
+                .text("keep-alive"),
+        );
+        Ok((
+            [
+                (header::CACHE_CONTROL, "no-cache"),
+                (header::HeaderName::from_static("x-accel-buffering"), "no"),
+            ],
+            sse,
+        )
+            .into_response())
+    } else {
+        collect(rx, &state).await.map(|v| Json(v).into_response())
+    }
+}
+
+/// Metrics from the events as they pass (counts and timings only).
+pub(crate) fn observe(state: &AppState, event: &AnswerEvent) {
+    let m = state.metrics();
+    match event {
+        AnswerEvent::Done(s) => {
+            m.answers_total
+                .with_label_values(&[s.finish_reason.as_str()])
+                .inc();
+            if let Some(t) = s.timings.first_token_ms {
+                m.answer_first_token_seconds.observe(t / 1e3);
+            }
+            m.answer_duration_seconds.observe(s.timings.total_ms / 1e3);
+            m.citations_total.inc_by(s.citations.total as u64);
+            m.citations_dropped_total.inc_by(s.citations.dropped as u64);
+        }
+        AnswerEvent::Error { .. } => m.answers_total.with_label_values(&["error"]).inc(),
+        _ => {}
+    }
+}
+
+fn sse_event(event: &AnswerEvent) -> Event {
+    let (name, data) = match event {
+        AnswerEvent::Sources(sources) => ("sources", json!({"sources": sources})),
+        AnswerEvent::Delta(text) => ("delta", json!({"text": text})),
+        AnswerEvent::Citation { marker, passage_id } => (
+            "citation",
+            json!({"marker": marker, "passage_id": passage_id}),
+        ),
+        AnswerEvent::Done(summary) => ("done", json!(summary)),
+        AnswerEvent::Error { kind, message } => (
+            "error",
+            json!({"error": {"type": kind, "message": message}}),
+        ),
+    };
+    Event::default().event(name).data(data.to_string())
+}
+
+/// An answer gathered from its events.
+pub(crate) struct Collected {
+    pub text: String,
+    pub sources: Value,
+    pub citations: Vec<Value>,
+    pub summary: Box<AnswerSummary>,
+}
+
+/// Gathers every event of an answer; an `error` event becomes the matching error response.
+pub(crate) async fn gather(
+    mut rx: mpsc::Receiver<AnswerEvent>,
+    state: &AppState,
+) -> Result<Collected, ApiError> {
+    let mut text = String::new();
+    let mut sources = Value::Array(Vec::new());
+    let mut citations = Vec::new();
+    while let Some(event) = rx.recv().await {
+        observe(state, &event);
+        match event {
+            AnswerEvent::Sources(s) => sources = json!(s),
+            AnswerEvent::Delta(t) => text.push_str(&t),
+            AnswerEvent::Citation { marker, passage_id } => {
+                citations.push(json!({"marker": marker, "passage_id": passage_id}))
+            }
+            AnswerEvent::Done(summary) => {
+                return Ok(Collected {
+                    text,
+                    sources,
+                    citations,
+                    summary,
+                })
+            }
+            AnswerEvent::Error { kind, message } => {
+                let status = if kind == "invalid_request" {
+                    axum::http::StatusCode::UNPROCESSABLE_ENTITY
+                } else {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                };
+                return Err(ApiError::new(status, kind, message));
+            }
+        }
+    }
+    Err(ApiError::internal("the answer ended without a summary"))
+}
+
+/// The whole answer as one JSON body.
+async fn collect(rx: mpsc::Receiver<AnswerEvent>, state: &AppState) -> Result<Value, ApiError> {
+    let c = gather(rx, state).await?;
+    let mut body = json!(c.summary);
+    body["answer"] = json!(c.text);
+    body["sources"] = c.sources;
+    body["citations"] = json!(c.citations);
+    Ok(body)
+}

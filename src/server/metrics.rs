@@ -1,0 +1,173 @@
+//! Every metric the server exports, in one place, names with unit suffixes. Labels carry routes,
+//! statuses and outcomes only: never a question, a passage or anything about a patient.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests_total: IntCounterVec,
+    pub http_request_duration_seconds: HistogramVec,
+    pub answers_total: IntCounterVec,
+    pub answer_first_token_seconds: Histogram,
+    pub answer_duration_seconds: Histogram,
+    pub prompt_tokens_total: IntCounter,
+    pub generated_tokens_total: IntCounter,
+    pub generations_finished_total: IntCounter,
+    pub generations_cancelled_total: IntCounter,
+    pub citations_total: IntCounter,
+    pub citations_dropped_total: IntCounter,
+    pub embedded_texts_total: IntCounter,
+    pub ready: IntGauge,
+    pub corpus_documents: IntGauge,
+    pub corpus_chunks: IntGauge,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str| {
+            let h = Histogram::with_opts(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("metric definition");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let http_requests_total = IntCounterVec::new(
+            Opts::new(
+                "cited_http_requests_total",
+                "HTTP requests by route and status",
+            ),
+            &["route", "status"],
+        )
+        .expect("metric definition");
+        registry
+            .register(Box::new(http_requests_total.clone()))
+            .expect("unique metric");
+        let http_request_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "cited_http_request_duration_seconds",
+                "Time to the response head (streams continue after it), by route",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("metric definition");
+        registry
+            .register(Box::new(http_request_duration_seconds.clone()))
+            .expect("unique metric");
+        let answers_total = IntCounterVec::new(
+            Opts::new(
+                "cited_answers_total",
+                "Answers by outcome: stop, length, abstained, cancelled, error",
+            ),
+            &["outcome"],
+        )
+        .expect("metric definition");
+        registry
+            .register(Box::new(answers_total.clone()))
+            .expect("unique metric");
+        Self {
+            http_requests_total,
+            http_request_duration_seconds,
+            answers_total,
+            answer_first_token_seconds: histogram(
+                "cited_answer_first_token_seconds",
+                "From the request to the first generated text",
+            ),
+            answer_duration_seconds: histogram(
+                "cited_answer_duration_seconds",
+                "From the request to the end of the answer",
+            ),
+            prompt_tokens_total: counter("cited_prompt_tokens_total", "Prompt tokens processed"),
+            generated_tokens_total: counter("cited_generated_tokens_total", "Tokens generated"),
+            generations_finished_total: counter(
+                "cited_generations_finished_total",
+                "Generations that ran to their end (stop token or max_tokens)",
+            ),
+            generations_cancelled_total: counter(
+                "cited_generations_cancelled_total",
+                "Generations stopped because the client went away",
+            ),
+            citations_total: counter("cited_citations_total", "Citation events sent"),
+            citations_dropped_total: counter(
+                "cited_citations_dropped_total",
+                "Marker numbers naming no provided passage, removed",
+            ),
+            embedded_texts_total: counter(
+                "cited_embedded_texts_total",
+                "Texts embedded (questions, queries and /v1/embeddings inputs)",
+            ),
+            ready: gauge("cited_ready", "1 once models and store are loaded"),
+            corpus_documents: gauge("cited_corpus_documents", "Documents in the store"),
+            corpus_chunks: gauge("cited_corpus_chunks", "Chunks in the store"),
+            registry,
+        }
+    }
+
+    /// Brings the engine's running totals into the exported counters.
+    pub fn sync_engine(&self, stats: &crate::engine::worker::EngineStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sync = |c: &IntCounter, v: u64| {
+            let cur = c.get();
+            if v > cur {
+                c.inc_by(v - cur);
+            }
+        };
+        sync(&self.prompt_tokens_total, stats.prompt_tokens.load(Relaxed));
+        sync(
+            &self.generated_tokens_total,
+            stats.generated_tokens.load(Relaxed),
+        );
+        sync(
+            &self.generations_finished_total,
+            stats.generations_finished.load(Relaxed),
+        );
+        sync(
+            &self.generations_cancelled_total,
+            stats.generations_cancelled.load(Relaxed),
+        );
+        sync(
+            &self.embedded_texts_total,
+            stats.embedded_texts.load(Relaxed),
+        );
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding metrics to memory");
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
