@@ -154,10 +154,12 @@ pub fn strip_reference_markers(text: &str) -> String {
     out
 }
 
-/// The user turn: numbered passages (heading, then text without its own reference markers),
-/// then the question. Dates stay out of the prompt (the client sees them with each source).
+/// The user turn: the question, the numbered passages (heading, then text without its own
+/// reference markers), then the question again as the thing to answer. Dates stay out of the
+/// prompt (the client sees them with each source).
 pub fn user_message(passages: &[PromptPassage<'_>], question: &str) -> String {
-    let mut s = String::from("Sources:\n");
+    let question = question.trim();
+    let mut s = format!("Question: {question}\n\nSources:\n");
     for (i, p) in passages.iter().enumerate() {
         // The section's own heading (the path repeats the document title).
         let heading = p
@@ -167,14 +169,15 @@ pub fn user_message(passages: &[PromptPassage<'_>], question: &str) -> String {
             .filter(|h| !h.is_empty())
             .unwrap_or(p.title);
         s.push_str(&format!(
-            "[{}] {}\n{}\n\n",
+            "Source {} ({}): {}\n\n",
             i + 1,
             heading,
             strip_reference_markers(p.text).trim()
         ));
     }
-    s.push_str("Question: ");
-    s.push_str(question.trim());
+    s.push_str(&format!(
+        "Using the sources, answer in your own words, citing them like [1]: {question}"
+    ));
     s
 }
 
@@ -227,7 +230,7 @@ mod tests {
         let m = user_message(&p, "How is it treated?");
         assert_eq!(
             m,
-            "Sources:\n[1] Treatment\nSystemic therapy.\n\n[2] T\nOther.\n\nQuestion: How is it treated?"
+            "Question: How is it treated?\n\nSources:\nSource 1 (Treatment): Systemic therapy.\n\nSource 2 (T): Other.\n\nUsing the sources, answer in your own words, citing them like [1]: How is it treated?"
         );
     }
 }
