@@ -517,6 +517,33 @@ async fn openai_search_and_embedding_shapes() {
         c["usage"]["prompt_tokens"].as_u64().unwrap() + 12
     );
 
+    // A stop string ends the generated text (the disclaimer is ours and follows).
+    let (st, c) = s
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": SEED_QUESTION}], "stop": "."}),
+        )
+        .await;
+    assert_eq!(st, 200, "{c}");
+    let content = c["choices"][0]["message"]["content"].as_str().unwrap();
+    let generated = content
+        .strip_suffix(cited::rag::pipeline::DISCLAIMER)
+        .unwrap();
+    assert!(!generated.contains('.'), "{content}");
+    assert_eq!(c["choices"][0]["finish_reason"], "stop");
+
+    // Seeded sampling repeats.
+    let seeded = json!({
+        "messages": [{"role": "user", "content": SEED_QUESTION}],
+        "max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "min_p": 0.05, "seed": 7
+    });
+    let (_, a) = s.post("/v1/chat/completions", seeded.clone()).await;
+    let (_, b) = s.post("/v1/chat/completions", seeded).await;
+    assert_eq!(
+        a["choices"][0]["message"]["content"],
+        b["choices"][0]["message"]["content"]
+    );
+
     // Streamed, with the usage chunk and the final [DONE].
     let events = s
         .stream(

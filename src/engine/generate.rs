@@ -19,6 +19,8 @@ pub enum StopReason {
     Length,
     /// The client went away.
     Cancelled,
+    /// A requested stop string appeared.
+    StopString,
 }
 
 /// A finished generation with its timings.

@@ -3,4 +3,5 @@
 //! come with the batched engine.
 
 pub mod generate;
+pub mod stop;
 pub mod worker;

@@ -16,6 +16,7 @@ use candle_core::Device;
 use tokio::sync::{mpsc, oneshot};
 
 use super::generate::StopReason;
+use super::stop::StopMatcher;
 use crate::error::{EngineError, ModelError};
 use crate::models::bert::Embedder;
 use crate::models::chat_template::{ChatMessage, ChatTemplate};
@@ -91,6 +92,25 @@ pub struct GenerateRequest {
     pub suppress: Vec<u32>,
     /// Edits the logits at each step (citation constraints).
     pub processor: Option<Box<dyn LogitsProcessor>>,
+    /// Generation ends before any of these strings; they are not sent.
+    pub stop: Vec<String>,
+    /// Generation ends at any of these token ids (besides the model's own end of turn).
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl GenerateRequest {
+    /// A request with default sampling (greedy) and no stops or processors.
+    pub fn new(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::default(),
+            suppress: Vec::new(),
+            processor: None,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+        }
+    }
 }
 
 /// Counts and timings of one generation.
@@ -353,7 +373,9 @@ impl Worker {
         if request.max_tokens == 0 {
             return Ok(stats);
         }
-        let stop_ids = self.text.tokenizer.stop_ids();
+        let mut stop_ids = self.text.tokenizer.stop_ids();
+        stop_ids.extend(&request.stop_token_ids);
+        let mut stops = StopMatcher::new(std::mem::take(&mut request.stop));
         let mut sampler = Sampler::new(
             request.sampling.clone(),
             std::mem::take(&mut request.suppress),
@@ -381,9 +403,17 @@ impl Worker {
             }
             stats.generated_tokens += 1;
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            let piece = decoder.push(&self.text.tokenizer, next);
-            if !piece.is_empty() && events.blocking_send(GenerateEvent::Text(piece)).is_err() {
+            let piece = stops.push(&decoder.push(&self.text.tokenizer, next));
+            if !piece.text.is_empty()
+                && events
+                    .blocking_send(GenerateEvent::Text(piece.text))
+                    .is_err()
+            {
                 stats.stop = StopReason::Cancelled;
+                break;
+            }
+            if piece.stopped {
+                stats.stop = StopReason::StopString;
                 break;
             }
             if stats.generated_tokens == request.max_tokens {
@@ -407,7 +437,17 @@ impl Worker {
             next = sampler.sample(&mut logits.flatten_all()?.to_vec1::<f32>()?)?;
         }
         stats.decode = decode_started.elapsed();
-        let rest = decoder.finish();
+        let rest = if stats.stop == StopReason::StopString {
+            String::new()
+        } else {
+            let tail = stops.push(&decoder.finish());
+            if tail.stopped {
+                stats.stop = StopReason::StopString;
+                tail.text
+            } else {
+                tail.text + &stops.finish()
+            }
+        };
         if !rest.is_empty() {
             let _ = events.blocking_send(GenerateEvent::Text(rest));
         }

@@ -1,5 +1,6 @@
 //! Choosing the next token from a row of logits: greedy, or a seeded draw after temperature,
-//! top-k and top-p. The CPU path is the reference a CUDA twin will match. Suppressed tokens (the
+//! top-k, min-p and top-p, with repetition, presence and frequency penalties over the tokens the
+//! sequence generated. The CPU path is the reference a CUDA twin will match. Suppressed tokens (the
 //! logits-processor hook: a test that forbids citation brackets, later citation constraints) are
 //! removed before anything else, so they can never be chosen.
 
@@ -20,6 +21,12 @@ pub struct SamplingParams {
     /// positive and multiplied when negative (1 is off). Prompt tokens are not penalised, so
     /// copying a drug name from a passage stays cheap.
     pub repetition_penalty: f32,
+    /// Keep tokens whose probability is at least `min_p` times the top token's (0 keeps all).
+    pub min_p: f32,
+    /// Subtracted from the logit of every token generated so far (OpenAI semantics, -2..2).
+    pub presence_penalty: f32,
+    /// Subtracted once per earlier occurrence of the token in the generated text (-2..2).
+    pub frequency_penalty: f32,
 }
 
 /// Generated tokens the repetition penalty looks back on.
@@ -33,27 +40,74 @@ impl Default for SamplingParams {
             top_k: 0,
             seed: 0,
             repetition_penalty: 1.0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
     }
 }
 
 impl SamplingParams {
     /// Checks the ranges; the error names the field.
-    pub fn validate(&self) -> Result<(), OpsError> {
-        if !(0.0..=2.0).contains(&self.temperature) {
-            return Err(OpsError::Invalid(
-                "temperature must be between 0 and 2".into(),
-            ));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(OpsError::Invalid("top_p must be in (0, 1]".into()));
-        }
-        if !(1.0..=2.0).contains(&self.repetition_penalty) {
-            return Err(OpsError::Invalid(
-                "repetition_penalty must be between 1 and 2".into(),
-            ));
-        }
-        Ok(())
+    pub fn validate(&self) -> Result<(), InvalidParam> {
+        let check = |ok: bool, field: &'static str, range: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(InvalidParam {
+                    field,
+                    message: format!("must be {range}"),
+                })
+            }
+        };
+        check(
+            (0.0..=2.0).contains(&self.temperature),
+            "temperature",
+            "between 0 and 2",
+        )?;
+        check(
+            self.top_p > 0.0 && self.top_p <= 1.0,
+            "top_p",
+            "greater than 0 and at most 1",
+        )?;
+        check(
+            self.top_k <= 1_000_000,
+            "top_k",
+            "at most 1000000 (0 keeps all)",
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.min_p),
+            "min_p",
+            "between 0 and 1",
+        )?;
+        check(
+            (1.0..=2.0).contains(&self.repetition_penalty),
+            "repetition_penalty",
+            "between 1 and 2",
+        )?;
+        check(
+            (-2.0..=2.0).contains(&self.presence_penalty),
+            "presence_penalty",
+            "between -2 and 2",
+        )?;
+        check(
+            (-2.0..=2.0).contains(&self.frequency_penalty),
+            "frequency_penalty",
+            "between -2 and 2",
+        )
+    }
+}
+
+/// A sampling setting out of range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidParam {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for InvalidParam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.field, self.message)
     }
 }
 
@@ -73,6 +127,8 @@ pub struct Sampler {
     processors: Vec<Box<dyn LogitsProcessor>>,
     /// The last generated tokens, for the repetition penalty.
     recent: std::collections::VecDeque<u32>,
+    /// How often each token was generated, for presence and frequency penalties.
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 /// Index of the largest value; ties to the lower index. `None` when every value is -inf or NaN.
@@ -99,6 +155,7 @@ impl Sampler {
             suppress,
             processors: Vec::new(),
             recent: std::collections::VecDeque::with_capacity(PENALTY_WINDOW),
+            counts: std::collections::HashMap::new(),
         }
     }
 
@@ -119,6 +176,7 @@ impl Sampler {
             self.recent.pop_front();
         }
         self.recent.push_back(token);
+        *self.counts.entry(token).or_insert(0) += 1;
         Ok(token)
     }
 
@@ -134,6 +192,14 @@ impl Sampler {
             for id in seen {
                 if let Some(x) = logits.get_mut(id as usize) {
                     *x = if *x > 0.0 { *x / penalty } else { *x * penalty };
+                }
+            }
+        }
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if presence != 0.0 || frequency != 0.0 {
+            for (&id, &n) in &self.counts {
+                if let Some(x) = logits.get_mut(id as usize) {
+                    *x -= presence + frequency * n as f32;
                 }
             }
         }
@@ -167,6 +233,14 @@ impl Sampler {
             .collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
+        // Min-p: relative to the most likely token (probs[0]); the order is descending.
+        if self.params.min_p > 0.0 {
+            let floor = probs[0] * self.params.min_p;
+            let n = probs.iter().take_while(|&&p| p >= floor).count().max(1);
+            probs.truncate(n);
+            let kept: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= kept);
+        }
         // Top-p: the shortest prefix reaching the mass.
         let mut keep = probs.len();
         let mut mass = 0.0;
@@ -277,6 +351,43 @@ mod tests {
     }
 
     #[test]
+    fn min_p_drops_tokens_far_below_the_top() {
+        // p = 0.5, 0.3, 0.15, 0.05: min_p 0.25 keeps p >= 0.125, the first three.
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.15f32.ln(), 0.05f32.ln()];
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                min_p: 0.25,
+                seed: 9,
+                ..SamplingParams::default()
+            },
+            vec![],
+        );
+        let drawn: std::collections::BTreeSet<u32> = (0..3000)
+            .map(|_| s.sample(&mut logits.clone()).unwrap())
+            .collect();
+        assert_eq!(drawn.into_iter().collect::<Vec<_>>(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_generated_tokens() {
+        let params = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.3,
+            ..SamplingParams::default()
+        };
+        let mut s = Sampler::new(params, vec![]);
+        // Token 0 wins, then carries -0.8, then -1.1.
+        assert_eq!(s.sample(&mut [1.0, 0.5]).unwrap(), 0);
+        let mut l = [1.0f32, 0.1];
+        assert_eq!(s.sample(&mut l).unwrap(), 0);
+        assert!((l[0] - 0.2).abs() < 1e-6, "{l:?}");
+        let mut l = [1.0f32, 0.1];
+        assert_eq!(s.sample(&mut l).unwrap(), 1);
+        assert!((l[0] - (1.0 - 0.5 - 0.6)).abs() < 1e-6, "{l:?}");
+    }
+
+    #[test]
     fn validation_names_the_field() {
         let bad = SamplingParams {
             temperature: 3.0,
@@ -292,5 +403,30 @@ mod tests {
             ..SamplingParams::default()
         };
         assert!(bad.validate().unwrap_err().to_string().contains("top_p"));
+        for (bad, field) in [
+            (
+                SamplingParams {
+                    min_p: 1.5,
+                    ..SamplingParams::default()
+                },
+                "min_p",
+            ),
+            (
+                SamplingParams {
+                    presence_penalty: 3.0,
+                    ..SamplingParams::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: -2.5,
+                    ..SamplingParams::default()
+                },
+                "frequency_penalty",
+            ),
+        ] {
+            assert!(bad.validate().unwrap_err().to_string().contains(field));
+        }
     }
 }

@@ -83,6 +83,8 @@ pub struct AnswerRequest {
     pub sampling: SamplingParams,
     /// Token ids the model may not emit (the logits-processor hook).
     pub suppress: Vec<u32>,
+    /// Strings that end the answer (not sent).
+    pub stop: Vec<String>,
 }
 
 /// A passage given to the model, as the client sees it: the search hit with the number the model
@@ -360,21 +362,20 @@ impl Pipeline {
             return Ok(());
         }
 
-        let mut rx = self.engine.generate(GenerateRequest {
-            prompt,
-            max_tokens,
-            sampling: SamplingParams {
-                repetition_penalty: self.cfg.repetition_penalty,
-                ..req.sampling.clone()
-            },
-            suppress: req.suppress.clone(),
-            processor: Some(Box::new(CitationGuide::new(
-                used,
-                text_side.tokenizer.vocab_size(),
-                |id| String::from_utf8_lossy(text_side.tokenizer.token_bytes(id)).into_owned(),
-                self.cfg.citation_margin,
-            ))),
-        })?;
+        let mut generate = GenerateRequest::new(prompt, max_tokens);
+        generate.sampling = SamplingParams {
+            repetition_penalty: self.cfg.repetition_penalty,
+            ..req.sampling.clone()
+        };
+        generate.suppress = req.suppress.clone();
+        generate.stop = req.stop.clone();
+        generate.processor = Some(Box::new(CitationGuide::new(
+            used,
+            text_side.tokenizer.vocab_size(),
+            |id| String::from_utf8_lossy(text_side.tokenizer.token_bytes(id)).into_owned(),
+            self.cfg.citation_margin,
+        )));
+        let mut rx = self.engine.generate(generate)?;
         let mut tracker = CitationTracker::new(used);
         let mut cited = std::collections::BTreeSet::new();
         while let Some(event) = rx.recv().await {
@@ -410,7 +411,7 @@ impl Pipeline {
                     summary.timings.prefill_ms = ms(stats.prefill);
                     summary.timings.decode_ms = ms(stats.decode);
                     summary.finish_reason = match stats.stop {
-                        StopReason::EndOfTurn => "stop",
+                        StopReason::EndOfTurn | StopReason::StopString => "stop",
                         StopReason::Length => "length",
                         StopReason::Cancelled => "cancelled",
                     }

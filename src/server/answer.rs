@@ -39,6 +39,9 @@ pub struct AnswerBody {
     max_tokens: Option<usize>,
     temperature: Option<f32>,
     top_p: Option<f32>,
+    min_p: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
     seed: Option<u64>,
     stream: Option<bool>,
     messages: Option<Vec<MessageBody>>,
@@ -50,28 +53,33 @@ pub struct MessageBody {
     pub content: String,
 }
 
+/// Sampling fields a request may carry.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub seed: Option<u64>,
+}
+
 /// Sampling settings from request fields, each range checked and named.
-pub(crate) fn sampling(
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    seed: Option<u64>,
-) -> Result<SamplingParams, ApiError> {
+pub(crate) fn sampling(f: SamplingFields) -> Result<SamplingParams, ApiError> {
+    let d = SamplingParams::default();
     let p = SamplingParams {
-        temperature: temperature.unwrap_or(0.0),
-        top_p: top_p.unwrap_or(1.0),
-        top_k: 0,
-        seed: seed.unwrap_or(0),
-        repetition_penalty: 1.0,
+        temperature: f.temperature.unwrap_or(d.temperature),
+        top_p: f.top_p.unwrap_or(d.top_p),
+        top_k: f.top_k.unwrap_or(d.top_k),
+        min_p: f.min_p.unwrap_or(d.min_p),
+        presence_penalty: f.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: f.frequency_penalty.unwrap_or(d.frequency_penalty),
+        seed: f.seed.unwrap_or(d.seed),
+        repetition_penalty: d.repetition_penalty,
     };
-    if !(0.0..=2.0).contains(&p.temperature) {
-        return Err(ApiError::invalid("temperature", "must be between 0 and 2"));
-    }
-    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-        return Err(ApiError::invalid(
-            "top_p",
-            "must be greater than 0 and at most 1",
-        ));
-    }
+    p.validate()
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
     Ok(p)
 }
 
@@ -136,8 +144,17 @@ pub async fn answer(
         filter: parse_filters(body.filters.as_ref())?,
         audience: body.audience.unwrap_or_default(),
         max_tokens: body.max_tokens,
-        sampling: sampling(body.temperature, body.top_p, body.seed)?,
+        sampling: sampling(SamplingFields {
+            temperature: body.temperature,
+            top_p: body.top_p,
+            min_p: body.min_p,
+            presence_penalty: body.presence_penalty,
+            frequency_penalty: body.frequency_penalty,
+            seed: body.seed,
+            ..SamplingFields::default()
+        })?,
         suppress: Vec::new(),
+        stop: Vec::new(),
     };
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move { pipeline.answer(request, tx).await });

@@ -2,7 +2,7 @@
 //! Every completion is a cited answer: the last user message is the question, earlier user and
 //! assistant turns are the conversation, and client system messages are ignored (the rules of a
 //! cited answer are ours). The text carries the `[n]` markers; `sources` and `citations` are added
-//! to the non-streamed body. `stop`, `n` > 1, tools and logprobs are not offered.
+//! to the non-streamed body. `n` > 1, tools and logprobs are not offered.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +18,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::answer::{check_max_tokens, gather, history, observe, sampling, MessageBody};
+use super::answer::{
+    check_max_tokens, gather, history, observe, sampling, MessageBody, SamplingFields,
+};
 use super::error::{ApiError, ApiJson};
 use super::routes::{check_model, check_text};
 use super::AppState;
@@ -34,8 +36,52 @@ pub struct ChatRequest {
     max_completion_tokens: Option<usize>,
     temperature: Option<f32>,
     top_p: Option<f32>,
+    top_k: Option<usize>,
+    min_p: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
     seed: Option<u64>,
     n: Option<usize>,
+    stop: Option<Value>,
+}
+
+/// Most stop strings a request may give, and their longest length.
+const MAX_STOPS: usize = 4;
+const MAX_STOP_CHARS: usize = 64;
+
+/// `stop`: a string or a list of up to four non-empty strings.
+fn stop_strings(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    let list = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::invalid("stop", "expected a string or a list of strings"))?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "stop",
+                "expected a string or a list of strings",
+            ))
+        }
+    };
+    if list.len() > MAX_STOPS {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("at most {MAX_STOPS} strings"),
+        ));
+    }
+    if list
+        .iter()
+        .any(|s| s.is_empty() || s.chars().count() > MAX_STOP_CHARS)
+    {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("each string must have 1 to {MAX_STOP_CHARS} characters"),
+        ));
+    }
+    Ok(list)
 }
 
 #[derive(Deserialize)]
@@ -149,7 +195,16 @@ pub async fn chat_completions(
         question,
         history: history(&turns, "messages")?,
         max_tokens,
-        sampling: sampling(req.temperature, req.top_p, req.seed)?,
+        sampling: sampling(SamplingFields {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            min_p: req.min_p,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+            seed: req.seed,
+        })?,
+        stop: stop_strings(req.stop.as_ref())?,
         ..AnswerRequest::default()
     };
     let (tx, rx) = mpsc::channel(64);
