@@ -3,5 +3,6 @@
 //! come with the batched engine.
 
 pub mod generate;
+pub mod kv_blocks;
 pub mod stop;
 pub mod worker;
