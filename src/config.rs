@@ -142,6 +142,41 @@ impl RagArgs {
     }
 }
 
+/// Engine limits (serve and ask).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineArgs {
+    /// Tokens in one forward pass: a decode token per running answer, then prompt chunks.
+    #[arg(long, env = "CITED_MAX_BATCH_TOKENS", default_value_t = 256)]
+    pub max_batch_tokens: usize,
+    /// Answers generated together.
+    #[arg(long, env = "CITED_MAX_RUNNING", default_value_t = 16)]
+    pub max_running: usize,
+    /// Answers allowed to wait for a slot; beyond it the API answers 429 with Retry-After.
+    #[arg(long, env = "CITED_MAX_WAITING", default_value_t = 64)]
+    pub max_waiting: usize,
+}
+
+impl EngineArgs {
+    pub fn to_config(&self) -> Result<crate::engine::worker::EngineConfig, ConfigError> {
+        if self.max_batch_tokens == 0 {
+            return Err(ConfigError::BadValue(
+                "max-batch-tokens",
+                "at least 1".into(),
+            ));
+        }
+        if self.max_running == 0 {
+            return Err(ConfigError::BadValue("max-running", "at least 1".into()));
+        }
+        Ok(crate::engine::worker::EngineConfig {
+            scheduler: crate::engine::scheduler::SchedulerConfig {
+                max_running: self.max_running,
+                max_batch_tokens: self.max_batch_tokens,
+            },
+            max_waiting: self.max_waiting,
+        })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the HTTP API (cited answers, search, embeddings, OpenAI-compatible chat).
@@ -153,6 +188,8 @@ pub enum Command {
         port: u16,
         #[command(flatten)]
         rag: RagArgs,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
     /// Answer one question from the corpus, streamed to the terminal with its citations.
     Ask {

@@ -137,4 +137,6 @@ pub enum EngineError {
     Invalid(String),
     #[error("the engine has stopped")]
     Stopped,
+    #[error("too many requests are waiting; retry shortly")]
+    Busy,
 }

@@ -28,6 +28,7 @@ fn service_config(args: &Args, rag: &RagArgs) -> Result<ServiceConfig> {
         weights: cfg.weights,
         data_dir: args.data_dir.clone(),
         rag: rag.to_config()?,
+        engine: Default::default(),
     })
 }
 
@@ -98,8 +99,14 @@ fn main() -> Result<()> {
         .init();
     let args = Args::parse();
     match &args.command {
-        Command::Serve { host, port, rag } => {
-            let service = service_config(&args, rag)?;
+        Command::Serve {
+            host,
+            port,
+            rag,
+            engine,
+        } => {
+            let mut service = service_config(&args, rag)?;
+            service.engine = engine.to_config()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

@@ -30,6 +30,7 @@ fn config(data: &Path) -> ServiceConfig {
         weights: QuantMode::Auto,
         data_dir: data.to_path_buf(),
         rag: RagConfig::default(),
+        engine: Default::default(),
     }
 }
 

@@ -4,5 +4,6 @@
 
 pub mod generate;
 pub mod kv_blocks;
+pub mod scheduler;
 pub mod stop;
 pub mod worker;

@@ -1,11 +1,9 @@
 //! The device worker: one OS thread owns the models and the device; async code talks to it
-//! through a cloneable [`EngineHandle`]. Embedding jobs run as they arrive; generations run one at
-//! a time, and between two decode steps the worker serves waiting embedding jobs and queues new
-//! generations, so a question's embedding never waits for another answer to finish. (The batched
-//! scheduler replaces the one-at-a-time loop.) A generation whose receiver is gone stops at its
-//! next step.
+//! through a cloneable [`EngineHandle`]. Embedding jobs run as they arrive, between two steps of
+//! the continuous-batching [`Scheduler`], so a question's embedding never waits for answers to
+//! finish. A generation whose receiver is gone stops at its next step; beyond `max_waiting`
+//! queued generations, new ones are refused at once ([`EngineError::Busy`]).
 
-use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -16,16 +14,14 @@ use candle_core::Device;
 use tokio::sync::{mpsc, oneshot};
 
 use super::generate::StopReason;
-use super::stop::StopMatcher;
+use super::scheduler::{Pending, Scheduler, SchedulerConfig};
 use crate::error::{EngineError, ModelError};
 use crate::models::bert::Embedder;
 use crate::models::chat_template::{ChatMessage, ChatTemplate};
 use crate::models::gguf::GgufFile;
-use crate::models::kv_cache::KvCache;
 use crate::models::llama::{Llama, QuantMode};
-use crate::models::tokenizer::{BpeTokenizer, StreamDecoder};
-use crate::models::{Batch, LogitsAt};
-use crate::ops::sampling::{LogitsProcessor, Sampler, SamplingParams};
+use crate::models::tokenizer::BpeTokenizer;
+use crate::ops::sampling::{LogitsProcessor, SamplingParams};
 
 type Result<T> = std::result::Result<T, EngineError>;
 
@@ -173,6 +169,25 @@ pub struct EngineStats {
     /// Generations stopped because their client went away.
     pub generations_cancelled: AtomicU64,
     pub embedded_texts: AtomicU64,
+    /// Generations submitted and not yet admitted to the running set.
+    pub waiting: AtomicU64,
+}
+
+/// Engine limits.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+    /// Generations allowed to wait for a slot; beyond it, requests are refused at once.
+    pub max_waiting: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: SchedulerConfig::default(),
+            max_waiting: 64,
+        }
+    }
 }
 
 /// A cloneable handle on the device worker.
@@ -182,21 +197,29 @@ pub struct EngineHandle {
     text: Arc<TextSide>,
     info: Arc<EngineInfo>,
     stats: Arc<EngineStats>,
+    max_waiting: usize,
 }
 
 impl EngineHandle {
     /// Starts the worker thread, which owns `embedder` and `model` from now on.
-    pub fn start(embedder: Embedder, model: Llama, text: TextSide, info: EngineInfo) -> Self {
+    pub fn start(
+        embedder: Embedder,
+        model: Llama,
+        text: TextSide,
+        info: EngineInfo,
+        cfg: EngineConfig,
+    ) -> Self {
         let (jobs, rx) = std::sync::mpsc::channel();
         let text = Arc::new(text);
         let stats = Arc::new(EngineStats::default());
+        let model_layers = model.config().num_hidden_layers;
         let worker = Worker {
             embedder,
             model,
             text: text.clone(),
             stats: stats.clone(),
             jobs: rx,
-            waiting: VecDeque::new(),
+            scheduler: Scheduler::new(cfg.scheduler, model_layers),
         };
         std::thread::Builder::new()
             .name("cited-device".into())
@@ -207,11 +230,17 @@ impl EngineHandle {
             text,
             info: Arc::new(info),
             stats,
+            max_waiting: cfg.max_waiting,
         }
     }
 
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// Whether a new generation would be refused now (the waiting queue is full).
+    pub fn is_busy(&self) -> bool {
+        self.stats.waiting.load(Ordering::Relaxed) as usize >= self.max_waiting
     }
 
     pub fn text(&self) -> &TextSide {
@@ -249,6 +278,10 @@ impl EngineHandle {
                 self.text.context_length
             )));
         }
+        if self.is_busy() {
+            return Err(EngineError::Busy);
+        }
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         let (events, rx) = mpsc::channel(256);
         self.jobs
             .send(Job::Generate {
@@ -267,23 +300,22 @@ struct Worker {
     text: Arc<TextSide>,
     stats: Arc<EngineStats>,
     jobs: Receiver<Job>,
-    waiting: VecDeque<(GenerateRequest, mpsc::Sender<GenerateEvent>, Instant)>,
+    scheduler: Scheduler,
 }
 
 impl Worker {
     fn run(mut self) {
         loop {
-            // Block for work only when no generation waits.
-            if self.waiting.is_empty() {
+            // Block for work only when no generation runs or waits.
+            if !self.scheduler.has_work() {
                 match self.jobs.recv() {
                     Ok(job) => self.accept(job),
                     Err(_) => return, // every handle dropped
                 }
             }
+            // Embeddings that arrived meanwhile go first, then one batched step.
             self.serve_pending_jobs();
-            if let Some((request, events, queued_at)) = self.waiting.pop_front() {
-                self.generate(request, events, queued_at);
-            }
+            self.scheduler.step(&self.model, &self.text, &self.stats);
         }
     }
 
@@ -307,7 +339,11 @@ impl Worker {
                 request,
                 events,
                 queued_at,
-            } => self.waiting.push_back((request, events, queued_at)),
+            } => self.scheduler.waiting.push_back(Pending {
+                request,
+                events,
+                queued_at,
+            }),
         }
     }
 
@@ -324,133 +360,5 @@ impl Worker {
             .embedded_texts
             .fetch_add(texts.len() as u64, Ordering::Relaxed);
         Ok(Embedded { vectors, tokens })
-    }
-
-    fn generate(
-        &mut self,
-        request: GenerateRequest,
-        events: mpsc::Sender<GenerateEvent>,
-        queued_at: Instant,
-    ) {
-        if events.is_closed() {
-            return; // the client left while it waited
-        }
-        let outcome = self.run_generation(request, &events, queued_at);
-        let event = match outcome {
-            Ok(stats) => {
-                let counter = if stats.stop == StopReason::Cancelled {
-                    &self.stats.generations_cancelled
-                } else {
-                    &self.stats.generations_finished
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                GenerateEvent::Done(stats)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "generation failed");
-                GenerateEvent::Error(e.to_string())
-            }
-        };
-        let _ = events.blocking_send(event);
-    }
-
-    fn run_generation(
-        &mut self,
-        mut request: GenerateRequest,
-        events: &mpsc::Sender<GenerateEvent>,
-        queued_at: Instant,
-    ) -> Result<GenerationStats> {
-        const SEQ: u64 = 0;
-        let started = Instant::now();
-        let mut stats = GenerationStats {
-            prompt_tokens: request.prompt.len(),
-            generated_tokens: 0,
-            stop: StopReason::Length,
-            queued: started - queued_at,
-            prefill: Duration::ZERO,
-            decode: Duration::ZERO,
-        };
-        if request.max_tokens == 0 {
-            return Ok(stats);
-        }
-        let mut stop_ids = self.text.tokenizer.stop_ids();
-        stop_ids.extend(&request.stop_token_ids);
-        let mut stops = StopMatcher::new(std::mem::take(&mut request.stop));
-        let mut sampler = Sampler::new(
-            request.sampling.clone(),
-            std::mem::take(&mut request.suppress),
-        );
-        if let Some(p) = request.processor.take() {
-            sampler = sampler.with_processor(p);
-        }
-        let mut cache = KvCache::new(self.model.config().num_hidden_layers);
-        let mut decoder = StreamDecoder::new();
-        let mut batch = Batch::new();
-        batch.push(SEQ, &request.prompt, 0);
-        let logits = self
-            .model
-            .forward(&batch, &mut cache, LogitsAt::LastOfEach)?;
-        let mut next = sampler.sample(&mut logits.flatten_all()?.to_vec1::<f32>()?)?;
-        stats.prefill = started.elapsed();
-        self.stats
-            .prompt_tokens
-            .fetch_add(request.prompt.len() as u64, Ordering::Relaxed);
-        let decode_started = Instant::now();
-        loop {
-            if stop_ids.contains(&next) {
-                stats.stop = StopReason::EndOfTurn;
-                break;
-            }
-            stats.generated_tokens += 1;
-            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            let piece = stops.push(&decoder.push(&self.text.tokenizer, next));
-            if !piece.text.is_empty()
-                && events
-                    .blocking_send(GenerateEvent::Text(piece.text))
-                    .is_err()
-            {
-                stats.stop = StopReason::Cancelled;
-                break;
-            }
-            if piece.stopped {
-                stats.stop = StopReason::StopString;
-                break;
-            }
-            if stats.generated_tokens == request.max_tokens {
-                break;
-            }
-            // Serve embeddings that arrived meanwhile, then the next step.
-            self.serve_pending_jobs();
-            if events.is_closed() {
-                stats.stop = StopReason::Cancelled;
-                break;
-            }
-            let mut batch = Batch::new();
-            batch.push(
-                SEQ,
-                &[next],
-                request.prompt.len() + stats.generated_tokens - 1,
-            );
-            let logits = self
-                .model
-                .forward(&batch, &mut cache, LogitsAt::LastOfEach)?;
-            next = sampler.sample(&mut logits.flatten_all()?.to_vec1::<f32>()?)?;
-        }
-        stats.decode = decode_started.elapsed();
-        let rest = if stats.stop == StopReason::StopString {
-            String::new()
-        } else {
-            let tail = stops.push(&decoder.finish());
-            if tail.stopped {
-                stats.stop = StopReason::StopString;
-                tail.text
-            } else {
-                tail.text + &stops.finish()
-            }
-        };
-        if !rest.is_empty() {
-            let _ = events.blocking_send(GenerateEvent::Text(rest));
-        }
-        Ok(stats)
     }
 }

@@ -222,6 +222,7 @@ impl Pipeline {
                 AnswerError::Invalid(_) | AnswerError::Engine(EngineError::Invalid(_)) => {
                     "invalid_request"
                 }
+                AnswerError::Engine(EngineError::Busy) => "overloaded",
                 _ => "internal",
             };
             if kind == "internal" {

@@ -156,6 +156,9 @@ pub async fn answer(
         suppress: Vec::new(),
         stop: Vec::new(),
     };
+    if pipeline.engine().is_busy() {
+        return Err(ApiError::busy());
+    }
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move { pipeline.answer(request, tx).await });
     let metrics_state = state.clone();
@@ -252,12 +255,15 @@ pub(crate) async fn gather(
                 })
             }
             AnswerEvent::Error { kind, message } => {
-                let status = if kind == "invalid_request" {
-                    axum::http::StatusCode::UNPROCESSABLE_ENTITY
-                } else {
-                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
-                };
-                return Err(ApiError::new(status, kind, message));
+                return Err(match kind {
+                    "invalid_request" => {
+                        ApiError::new(axum::http::StatusCode::UNPROCESSABLE_ENTITY, kind, message)
+                    }
+                    "overloaded" => ApiError::busy(),
+                    _ => {
+                        ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, kind, message)
+                    }
+                })
             }
         }
     }

@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use candle_core::Device;
 
-use crate::engine::worker::{load_generator, EngineHandle, EngineInfo};
+use crate::engine::worker::{load_generator, EngineConfig, EngineHandle, EngineInfo};
 use crate::error::{EngineError, IndexError, ModelError};
 use crate::index::store::Store;
 use crate::index::Corpus;
@@ -45,6 +45,7 @@ pub struct ServiceConfig {
     pub weights: QuantMode,
     pub data_dir: PathBuf,
     pub rag: RagConfig,
+    pub engine: EngineConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +76,7 @@ impl Services {
             embedding_dim: embedder.dim(),
             embedder_max_tokens: embedder.max_tokens(),
         };
-        let engine = EngineHandle::start(embedder, model, text, info);
+        let engine = EngineHandle::start(embedder, model, text, info, cfg.engine);
         let corpus = Arc::new(Mutex::new(corpus));
         Ok(Self {
             pipeline: Pipeline::new(engine, corpus.clone(), cfg.rag.clone()),

@@ -207,6 +207,9 @@ pub async fn chat_completions(
         stop: stop_strings(req.stop.as_ref())?,
         ..AnswerRequest::default()
     };
+    if pipeline.engine().is_busy() {
+        return Err(ApiError::busy());
+    }
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move { pipeline.answer(request, tx).await });
     let id = completion_id();
