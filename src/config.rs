@@ -167,6 +167,9 @@ impl EngineArgs {
         if self.max_running == 0 {
             return Err(ConfigError::BadValue("max-running", "at least 1".into()));
         }
+        if self.max_waiting == 0 {
+            return Err(ConfigError::BadValue("max-waiting", "at least 1".into()));
+        }
         Ok(crate::engine::worker::EngineConfig {
             scheduler: crate::engine::scheduler::SchedulerConfig {
                 max_running: self.max_running,

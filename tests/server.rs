@@ -62,8 +62,11 @@ struct Server {
 
 impl Server {
     async fn start(data: &Path) -> Self {
+        Self::start_with(config(data)).await
+    }
+
+    async fn start_with(cfg: ServiceConfig) -> Self {
         let state = AppState::new();
-        let cfg = config(data);
         let services = tokio::task::spawn_blocking(move || Services::load(&cfg).unwrap())
             .await
             .unwrap();
@@ -622,6 +625,63 @@ async fn a_client_that_leaves_stops_its_generation() {
         )
         .await;
     assert_eq!(st, 200, "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let mut cfg = config(corpus_store());
+    cfg.engine.scheduler.max_running = 1;
+    cfg.engine.max_waiting = 1;
+    let server = Server::start_with(cfg).await;
+    // A runs; B waits; C finds the queue full.
+    let a = server
+        .http
+        .post(format!("{}/v1/answer", server.base))
+        .json(&json!({"question": SEED_QUESTION, "max_tokens": 400}))
+        .send()
+        .await
+        .unwrap();
+    let mut a_body = a.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("event: delta") {
+        seen.push_str(&String::from_utf8_lossy(
+            &a_body.next().await.unwrap().unwrap(),
+        ));
+    }
+    let b_client = server.http.clone();
+    let b_url = format!("{}/v1/answer", server.base);
+    let b = tokio::spawn(async move {
+        let r = b_client
+            .post(b_url)
+            .json(&json!({"question": SEED_QUESTION, "max_tokens": 4, "stream": false}))
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    });
+    // Once B is queued, C is refused.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&server.get("/metrics").await.1, "cited_generations_waiting") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "B never queued: {}",
+            server.get("/metrics").await.1
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = server
+        .http
+        .post(format!("{}/v1/chat/completions", server.base))
+        .json(&json!({"messages": [{"role": "user", "content": SEED_QUESTION}], "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(c.status().as_u16(), 429);
+    assert_eq!(c.headers()["retry-after"], "2");
+    let body: Value = c.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "overloaded");
+    drop(a_body); // A leaves; B runs
+    assert_eq!(b.await.unwrap(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

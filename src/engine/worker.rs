@@ -6,7 +6,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -322,9 +322,9 @@ impl Worker {
     /// Takes every job already sent: embeddings now, generations into the queue.
     fn serve_pending_jobs(&mut self) {
         loop {
-            match self.jobs.recv_timeout(Duration::ZERO) {
+            match self.jobs.try_recv() {
                 Ok(job) => self.accept(job),
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
             }
         }
     }

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub citations_dropped_total: IntCounter,
     pub embedded_texts_total: IntCounter,
     pub ready: IntGauge,
+    pub generations_waiting: IntGauge,
     pub corpus_documents: IntGauge,
     pub corpus_chunks: IntGauge,
 }
@@ -122,6 +123,10 @@ impl Metrics {
                 "Texts embedded (questions, queries and /v1/embeddings inputs)",
             ),
             ready: gauge("cited_ready", "1 once models and store are loaded"),
+            generations_waiting: gauge(
+                "cited_generations_waiting",
+                "Answers queued for a generation slot",
+            ),
             corpus_documents: gauge("cited_corpus_documents", "Documents in the store"),
             corpus_chunks: gauge("cited_corpus_chunks", "Chunks in the store"),
             registry,
@@ -154,6 +159,8 @@ impl Metrics {
             &self.embedded_texts_total,
             stats.embedded_texts.load(Relaxed),
         );
+        self.generations_waiting
+            .set(stats.waiting.load(Relaxed) as i64);
     }
 
     /// The Prometheus text exposition.
