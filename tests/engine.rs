@@ -46,7 +46,7 @@ fn prompt(engine: &EngineHandle, question: &str) -> Vec<u32> {
         .unwrap()
 }
 
-async fn collect(mut rx: tokio::sync::mpsc::Receiver<GenerateEvent>) -> (String, usize) {
+async fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>) -> (String, usize) {
     let mut text = String::new();
     while let Some(e) = rx.recv().await {
         match e {

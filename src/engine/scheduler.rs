@@ -44,7 +44,7 @@ impl Default for SchedulerConfig {
 /// A generation waiting for a slot.
 pub(crate) struct Pending {
     pub request: GenerateRequest,
-    pub events: mpsc::Sender<GenerateEvent>,
+    pub events: mpsc::UnboundedSender<GenerateEvent>,
     pub queued_at: Instant,
 }
 
@@ -59,7 +59,7 @@ struct Running {
     decoder: StreamDecoder,
     stops: StopMatcher,
     stop_ids: Vec<u32>,
-    events: mpsc::Sender<GenerateEvent>,
+    events: mpsc::UnboundedSender<GenerateEvent>,
     /// The last sampled token, not yet in the cache (None until the prompt is read).
     next: Option<u32>,
     stats: GenerationStats,
@@ -207,7 +207,7 @@ impl Scheduler {
                 for i in failed {
                     let r = self.running.swap_remove(i);
                     self.cache.remove(r.id);
-                    let _ = r.events.blocking_send(GenerateEvent::Error(e.to_string()));
+                    let _ = r.events.send(GenerateEvent::Error(e.to_string()));
                 }
                 return true;
             }
@@ -227,7 +227,7 @@ impl Scheduler {
                 Err(e) => {
                     let _ = r
                         .events
-                        .blocking_send(GenerateEvent::Error(EngineError::Ops(e).to_string()));
+                        .send(GenerateEvent::Error(EngineError::Ops(e).to_string()));
                     done.push((i, StopReason::Cancelled));
                     continue;
                 }
@@ -262,7 +262,7 @@ impl Scheduler {
             &stats.generations_finished
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let _ = r.events.blocking_send(GenerateEvent::Done(r.stats.clone()));
+        let _ = r.events.send(GenerateEvent::Done(r.stats.clone()));
     }
 }
 
@@ -275,12 +275,7 @@ impl Running {
         self.stats.generated_tokens += 1;
         stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         let piece = self.stops.push(&self.decoder.push(&text.tokenizer, token));
-        if !piece.text.is_empty()
-            && self
-                .events
-                .blocking_send(GenerateEvent::Text(piece.text))
-                .is_err()
-        {
+        if !piece.text.is_empty() && self.events.send(GenerateEvent::Text(piece.text)).is_err() {
             return Some(StopReason::Cancelled);
         }
         if piece.stopped {
@@ -302,7 +297,7 @@ impl Running {
             (tail.text + &self.stops.finish(), reason)
         };
         if !text.is_empty() {
-            let _ = self.events.blocking_send(GenerateEvent::Text(text));
+            let _ = self.events.send(GenerateEvent::Text(text));
         }
         reason
     }

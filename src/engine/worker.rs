@@ -146,7 +146,7 @@ enum Job {
     },
     Generate {
         request: GenerateRequest,
-        events: mpsc::Sender<GenerateEvent>,
+        events: mpsc::UnboundedSender<GenerateEvent>,
         queued_at: Instant,
     },
 }
@@ -262,7 +262,10 @@ impl EngineHandle {
 
     /// Queues a generation; events arrive on the returned receiver. Dropping the receiver stops
     /// the generation at its next step.
-    pub fn generate(&self, request: GenerateRequest) -> Result<mpsc::Receiver<GenerateEvent>> {
+    pub fn generate(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<mpsc::UnboundedReceiver<GenerateEvent>> {
         request
             .sampling
             .validate()
@@ -282,7 +285,9 @@ impl EngineHandle {
             return Err(EngineError::Busy);
         }
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        let (events, rx) = mpsc::channel(256);
+        // Unbounded, so a slow client never stalls the worker: a generation sends at most
+        // max_tokens + 2 events.
+        let (events, rx) = mpsc::unbounded_channel();
         self.jobs
             .send(Job::Generate {
                 request,
