@@ -2,17 +2,17 @@
 
 use std::io::Write;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 
 use cited::config::{Args, Command, Config, EvalCommand, RagArgs};
 use cited::engine::generate::generate_greedy;
+use cited::engine::worker::load_generator;
 use cited::index::{Corpus, Mode, SearchOptions};
 use cited::ingest::{ingest_paths, IngestOptions};
 use cited::models::bert::Embedder;
-use cited::models::chat_template::{ChatMessage, ChatTemplate, Role};
+use cited::models::chat_template::{ChatMessage, Role};
 use cited::models::gguf::GgufFile;
-use cited::models::llama::Llama;
 use cited::models::tokenizer::BpeTokenizer;
 use cited::rag::pipeline::{AnswerEvent, AnswerRequest};
 use cited::rag::Audience;
@@ -137,29 +137,10 @@ fn main() -> Result<()> {
         } => {
             let cfg = Config::from_args(&args.models, false, true)?;
             let device = cfg.device.open()?;
-            let mut file = GgufFile::open(&cfg.generator)?;
-            let tokenizer = BpeTokenizer::from_gguf(file.content())?;
-            let model = Llama::from_gguf(&mut file, &device, cfg.weights)?;
-            let source = tokenizer
-                .chat_template()
-                .context("the GGUF file carries no chat template")?;
-            let bos = tokenizer
-                .bos_id()
-                .and_then(|id| tokenizer.token_text(id))
-                .unwrap_or("");
-            let eos = tokenizer
-                .eos_id()
-                .and_then(|id| tokenizer.token_text(id))
-                .unwrap_or("");
-            let template = ChatTemplate::new(source, bos, eos)?;
-            let ids = template.encode(
-                &tokenizer,
-                system,
-                &[ChatMessage::new(Role::User, prompt)],
-                true,
-            )?;
+            let (model, text) = load_generator(&cfg.generator, &device, cfg.weights)?;
+            let ids = text.encode_chat(system, &[ChatMessage::new(Role::User, prompt)])?;
             let mut stdout = std::io::stdout();
-            let out = generate_greedy(&model, &tokenizer, &ids, *max_tokens, |piece| {
+            let out = generate_greedy(&model, &text.tokenizer, &ids, *max_tokens, |piece| {
                 let _ = stdout.write_all(piece.as_bytes());
                 let _ = stdout.flush();
             })?;

@@ -30,8 +30,6 @@ fn engine(cfg: EngineConfig) -> EngineHandle {
     let info = EngineInfo {
         embedder: "e".into(),
         generator: "g".into(),
-        embedding_dim: embedder.dim(),
-        embedder_max_tokens: embedder.max_tokens(),
     };
     EngineHandle::start(embedder, model, text, info, cfg)
 }

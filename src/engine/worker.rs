@@ -156,8 +156,6 @@ enum Job {
 pub struct EngineInfo {
     pub embedder: String,
     pub generator: String,
-    pub embedding_dim: usize,
-    pub embedder_max_tokens: usize,
 }
 
 /// Running totals kept by the worker (exported as metrics by the server).

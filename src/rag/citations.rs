@@ -5,6 +5,8 @@
 //! valid number disappears from the text. Only generated text goes through here, so every
 //! citation is one the model wrote.
 
+use std::sync::Arc;
+
 use crate::ops::sampling::LogitsProcessor;
 
 /// What the tracker releases: text for the client, or a citation right after its marker's text.
@@ -114,6 +116,14 @@ impl CitationTracker {
 ///   allowed, so the model cannot cite a passage it was not given.
 pub struct CitationGuide {
     passages: usize,
+    vocab: Arc<CitationVocab>,
+    margin: f32,
+    state: GuideState,
+}
+
+/// The tokens the guide watches, found once per tokenizer and shared by every answer.
+#[derive(Debug)]
+pub struct CitationVocab {
     /// Tokens that are exactly `[` or ` [`.
     open: Vec<u32>,
     close: Option<u32>,
@@ -121,29 +131,11 @@ pub struct CitationGuide {
     digits: [Option<u32>; 10],
     /// Tokens that end a sentence or a line.
     ends_sentence: Vec<bool>,
-    margin: f32,
-    state: GuideState,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum GuideState {
-    /// Outside a marker: tokens in the current sentence, and whether it was cited.
-    Text { tokens: usize, cited: bool },
-    /// Inside a marker: the number so far.
-    Number(usize),
-}
-
-/// Sentences shorter than this (list numbers such as `1.`) are not steered toward a citation.
-const MIN_SENTENCE_TOKENS: usize = 5;
-
-impl CitationGuide {
-    /// `token_text(id)` for every id below `vocab`; `margin` in logits.
-    pub fn new(
-        passages: usize,
-        vocab: usize,
-        token_text: impl Fn(u32) -> String,
-        margin: f32,
-    ) -> Self {
+impl CitationVocab {
+    /// From `token_text(id)` for every id below `vocab`.
+    pub fn new(vocab: usize, token_text: impl Fn(u32) -> String) -> Self {
         let mut open = Vec::new();
         let mut close = None;
         let mut digits = [None; 10];
@@ -164,11 +156,31 @@ impl CitationGuide {
                 || (t.ends_with(['.', '!', '?']) && !t.chars().any(|c| c.is_ascii_digit()));
         }
         Self {
-            passages,
             open,
             close,
             digits,
             ends_sentence,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum GuideState {
+    /// Outside a marker: tokens in the current sentence, and whether it was cited.
+    Text { tokens: usize, cited: bool },
+    /// Inside a marker: the number so far.
+    Number(usize),
+}
+
+/// Sentences shorter than this (list numbers such as `1.`) are not steered toward a citation.
+const MIN_SENTENCE_TOKENS: usize = 5;
+
+impl CitationGuide {
+    /// A guide for an answer over `passages` passages; `margin` in logits.
+    pub fn new(passages: usize, vocab: Arc<CitationVocab>, margin: f32) -> Self {
+        Self {
+            passages,
+            vocab,
             margin,
             state: GuideState::Text {
                 tokens: 0,
@@ -190,10 +202,11 @@ impl LogitsProcessor for CitationGuide {
                     return;
                 }
                 let Some(top) = Self::top(logits) else { return };
-                if !self.ends_sentence.get(top).copied().unwrap_or(false) {
+                if !self.vocab.ends_sentence.get(top).copied().unwrap_or(false) {
                     return;
                 }
                 let best_open = self
+                    .vocab
                     .open
                     .iter()
                     .copied()
@@ -208,7 +221,7 @@ impl LogitsProcessor for CitationGuide {
             }
             GuideState::Number(value) => {
                 let mut allowed: Vec<u32> = Vec::new();
-                for (d, id) in self.digits.iter().enumerate() {
+                for (d, id) in self.vocab.digits.iter().enumerate() {
                     let next = value * 10 + d;
                     if let Some(id) = id {
                         if next >= 1 && next <= self.passages && !(value == 0 && d == 0) {
@@ -217,7 +230,7 @@ impl LogitsProcessor for CitationGuide {
                     }
                 }
                 if value >= 1 {
-                    allowed.extend(self.close);
+                    allowed.extend(self.vocab.close);
                 }
                 if allowed.is_empty() {
                     return;
@@ -234,9 +247,10 @@ impl LogitsProcessor for CitationGuide {
     fn accept(&mut self, token: u32) {
         self.state = match self.state {
             GuideState::Text { tokens, cited } => {
-                if self.open.contains(&token) {
+                if self.vocab.open.contains(&token) {
                     GuideState::Number(0)
                 } else if self
+                    .vocab
                     .ends_sentence
                     .get(token as usize)
                     .copied()
@@ -253,13 +267,15 @@ impl LogitsProcessor for CitationGuide {
                     }
                 }
             }
-            GuideState::Number(value) => match self.digits.iter().position(|&d| d == Some(token)) {
-                Some(d) => GuideState::Number(value * 10 + d),
-                None => GuideState::Text {
-                    tokens: 0,
-                    cited: Some(token) == self.close,
-                },
-            },
+            GuideState::Number(value) => {
+                match self.vocab.digits.iter().position(|&d| d == Some(token)) {
+                    Some(d) => GuideState::Number(value * 10 + d),
+                    None => GuideState::Text {
+                        tokens: 0,
+                        cited: Some(token) == self.vocab.close,
+                    },
+                }
+            }
         };
     }
 }
@@ -341,8 +357,9 @@ mod tests {
         (
             CitationGuide::new(
                 passages,
-                vocab.len(),
-                move |id| v[id as usize].to_string(),
+                Arc::new(CitationVocab::new(vocab.len(), move |id| {
+                    v[id as usize].to_string()
+                })),
                 4.0,
             ),
             vocab,

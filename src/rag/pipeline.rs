@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::citations::{CitationGuide, CitationTracker, Piece};
+use super::citations::{CitationGuide, CitationTracker, CitationVocab, Piece};
 use super::prompt::{strip_instructions, system_prompt, user_message, Audience, PromptPassage};
 use crate::engine::generate::StopReason;
 use crate::engine::worker::{EngineHandle, GenerateEvent, GenerateRequest};
@@ -170,14 +170,21 @@ pub struct Pipeline {
     engine: EngineHandle,
     corpus: Arc<Mutex<Corpus>>,
     cfg: RagConfig,
+    /// The generator's bracket, digit and sentence-end tokens, found once.
+    citation_vocab: Arc<CitationVocab>,
 }
 
 impl Pipeline {
     pub fn new(engine: EngineHandle, corpus: Arc<Mutex<Corpus>>, cfg: RagConfig) -> Self {
+        let tokenizer = &engine.text().tokenizer;
+        let citation_vocab = Arc::new(CitationVocab::new(tokenizer.vocab_size(), |id| {
+            String::from_utf8_lossy(tokenizer.token_bytes(id)).into_owned()
+        }));
         Self {
             engine,
             corpus,
             cfg,
+            citation_vocab,
         }
     }
 
@@ -372,8 +379,7 @@ impl Pipeline {
         generate.stop = req.stop.clone();
         generate.processor = Some(Box::new(CitationGuide::new(
             used,
-            text_side.tokenizer.vocab_size(),
-            |id| String::from_utf8_lossy(text_side.tokenizer.token_bytes(id)).into_owned(),
+            self.citation_vocab.clone(),
             self.cfg.citation_margin,
         )));
         let mut rx = self.engine.generate(generate)?;

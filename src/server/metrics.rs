@@ -1,6 +1,7 @@
 //! Every metric the server exports, in one place, names with unit suffixes. Labels carry routes,
 //! statuses and outcomes only: never a question, a passage or anything about a patient.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
@@ -33,64 +34,53 @@ const LATENCY_BUCKETS: &[f64] = &[
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("metric definition");
+        // Every metric is defined here once; a bad definition or a duplicate name is a bug.
+        fn add<C: Collector + Clone + 'static>(registry: &Registry, c: prometheus::Result<C>) -> C {
+            let c = c.expect("metric definition");
             registry
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
             c
-        };
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("metric definition");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
+        }
+        let buckets = |opts: HistogramOpts| opts.buckets(LATENCY_BUCKETS.to_vec());
+        let counter = |name: &str, help: &str| add(&registry, IntCounter::new(name, help));
+        let gauge = |name: &str, help: &str| add(&registry, IntGauge::new(name, help));
         let histogram = |name: &str, help: &str| {
-            let h = Histogram::with_opts(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+            add(
+                &registry,
+                Histogram::with_opts(buckets(HistogramOpts::new(name, help))),
             )
-            .expect("metric definition");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
         };
-        let http_requests_total = IntCounterVec::new(
-            Opts::new(
-                "cited_http_requests_total",
-                "HTTP requests by route and status",
+        let http_requests_total = add(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "cited_http_requests_total",
+                    "HTTP requests by route and status",
+                ),
+                &["route", "status"],
             ),
-            &["route", "status"],
-        )
-        .expect("metric definition");
-        registry
-            .register(Box::new(http_requests_total.clone()))
-            .expect("unique metric");
-        let http_request_duration_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "cited_http_request_duration_seconds",
-                "Time to the response head (streams continue after it), by route",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["route"],
-        )
-        .expect("metric definition");
-        registry
-            .register(Box::new(http_request_duration_seconds.clone()))
-            .expect("unique metric");
-        let answers_total = IntCounterVec::new(
-            Opts::new(
-                "cited_answers_total",
-                "Answers by outcome: stop, length, abstained, cancelled, error",
+        );
+        let http_request_duration_seconds = add(
+            &registry,
+            HistogramVec::new(
+                buckets(HistogramOpts::new(
+                    "cited_http_request_duration_seconds",
+                    "Time to the response head (streams continue after it), by route",
+                )),
+                &["route"],
             ),
-            &["outcome"],
-        )
-        .expect("metric definition");
-        registry
-            .register(Box::new(answers_total.clone()))
-            .expect("unique metric");
+        );
+        let answers_total = add(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "cited_answers_total",
+                    "Answers by outcome: stop, length, abstained, cancelled, error",
+                ),
+                &["outcome"],
+            ),
+        );
         Self {
             http_requests_total,
             http_request_duration_seconds,

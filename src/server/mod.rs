@@ -73,8 +73,6 @@ impl Services {
         let info = EngineInfo {
             embedder: model_name(&cfg.embedder),
             generator: model_name(&cfg.generator),
-            embedding_dim: embedder.dim(),
-            embedder_max_tokens: embedder.max_tokens(),
         };
         let engine = EngineHandle::start(embedder, model, text, info, cfg.engine);
         let corpus = Arc::new(Mutex::new(corpus));
