@@ -103,21 +103,21 @@ fn bench(c: &mut Criterion) {
             "cited_auto",
             Box::new(Ours {
                 model: &auto,
-                cache: KvCache::new(30),
+                cache: KvCache::with_tokens(auto.config(), 1024),
             }),
         ),
         (
             "cited_quantized",
             Box::new(Ours {
                 model: &quantized,
-                cache: KvCache::new(30),
+                cache: KvCache::with_tokens(auto.config(), 1024),
             }),
         ),
         (
             "cited_dequantized",
             Box::new(Ours {
                 model: &dequantized,
-                cache: KvCache::new(30),
+                cache: KvCache::with_tokens(auto.config(), 1024),
             }),
         ),
         ("candle_quantized_llama", Box::new(Plain(plain))),

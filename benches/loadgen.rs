@@ -8,8 +8,9 @@
 //!     cargo bench --bench loadgen -- --url http://127.0.0.1:8080 --concurrency 4 --requests 16
 //!     cargo bench --bench loadgen -- --endpoint answer --prompts questions.txt --rate 0.5
 //!
-//! Prompts: a text file with one prompt per line, or JSONL with a `question` or `prompt` field;
-//! without `--prompts`, a fixed prompt of about `--prompt-words` words. Streaming is always on;
+//! Prompts: a text file with one prompt per line, or JSONL with a `question` or `prompt` field
+//! (`{n}` in a prompt becomes the request's number); without `--prompts`, a prompt of about
+//! `--prompt-words` words that starts with the request's number, so requests share no prefix. Streaming is always on;
 //! output tokens are counted from the usage the server reports when it does, else from the
 //! number of content chunks.
 
@@ -28,6 +29,9 @@ enum Endpoint {
     Chat,
     /// cited's `POST /v1/answer` (server-sent `delta` events).
     Answer,
+    /// `POST /v1/completions` (raw prompt, no chat template), streamed, with usage; on cited
+    /// it needs `serve --completions`.
+    Completions,
 }
 
 #[derive(Parser, Debug)]
@@ -59,8 +63,8 @@ struct Args {
     /// Model name sent in chat requests.
     #[arg(long, default_value = "default")]
     model: String,
-    /// Suppress the end of turn so every request generates `max_tokens` (llama.cpp's
-    /// `ignore_eos`; cited ignores the field).
+    /// Ignore the end of turn so every request generates `max_tokens` (`ignore_eos`, which
+    /// llama.cpp's server and cited's /v1/completions take).
     #[arg(long)]
     ignore_eos: bool,
     #[arg(long)]
@@ -79,6 +83,8 @@ struct Record {
     itl_s: Option<f64>,
     e2e_s: f64,
     output_tokens: usize,
+    /// As the server reported it (cached prompt tokens included).
+    prompt_tokens: Option<usize>,
     error: Option<String>,
 }
 
@@ -101,8 +107,10 @@ fn load_prompts(args: &Args) -> Vec<String> {
         let text: Vec<&str> = (0..args.prompt_words)
             .map(|i| words[i % words.len()])
             .collect();
+        // `{n}` becomes the run's and the request's number, so no two requests share a prompt
+        // prefix (no server's prefix cache turns the prefill into a lookup).
         return vec![format!(
-            "Explain in detail, for a patient: {}. How is metastatic sarcoma treated?",
+            "Case {{n}}. Explain in detail, for a patient: {}. How is metastatic sarcoma treated?",
             text.join(" ")
         )];
     };
@@ -138,6 +146,17 @@ async fn one(client: &reqwest::Client, args: &Args, prompt: &str) -> Record {
         Endpoint::Answer => (
             "/v1/answer",
             json!({"question": prompt, "max_tokens": args.max_tokens}),
+        ),
+        Endpoint::Completions => (
+            "/v1/completions",
+            json!({
+                "model": args.model,
+                "prompt": prompt,
+                "max_tokens": args.max_tokens,
+                "stream": true,
+                "stream_options": {"include_usage": true},
+                "ignore_eos": args.ignore_eos,
+            }),
         ),
     };
     let started = Instant::now();
@@ -196,6 +215,9 @@ async fn one(client: &reqwest::Client, args: &Args, prompt: &str) -> Record {
                     .as_str()
                     .is_some_and(|c| !c.is_empty()),
                 Endpoint::Answer => event == "delta",
+                Endpoint::Completions => v["choices"][0]["text"]
+                    .as_str()
+                    .is_some_and(|c| !c.is_empty()),
             };
             if content {
                 let now = started.elapsed().as_secs_f64();
@@ -204,12 +226,15 @@ async fn one(client: &reqwest::Client, args: &Args, prompt: &str) -> Record {
                 chunks += 1;
             }
             let usage = match args.endpoint {
-                Endpoint::Chat => &v["usage"]["completion_tokens"],
-                Endpoint::Answer if event == "done" => &v["usage"]["completion_tokens"],
+                Endpoint::Chat | Endpoint::Completions => &v["usage"],
+                Endpoint::Answer if event == "done" => &v["usage"],
                 Endpoint::Answer => &Value::Null,
             };
-            if let Some(n) = usage.as_u64() {
+            if let Some(n) = usage["completion_tokens"].as_u64() {
                 usage_tokens = Some(n as usize);
+            }
+            if let Some(n) = usage["prompt_tokens"].as_u64() {
+                rec.prompt_tokens = Some(n as usize);
             }
             if event == "error" || v.get("error").is_some() {
                 rec.error = Some(data.to_string());
@@ -242,6 +267,10 @@ fn main() {
         .build()
         .unwrap();
     let prompts = Arc::new(load_prompts(&args));
+    // Numbers differ from run to run too, so a second run finds nothing cached from the first.
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() % 1_000_000);
     let client = reqwest::Client::new();
     let records = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
@@ -269,7 +298,8 @@ fn main() {
                     records.clone(),
                 );
                 tasks.push(tokio::spawn(async move {
-                    let r = one(&client, &args, &prompts[i % prompts.len()]).await;
+                    let prompt = prompts[i % prompts.len()].replace("{n}", &format!("{run}-{i}"));
+                    let r = one(&client, &args, &prompt).await;
                     records.lock().await.push(r);
                 }));
                 let gap = -(1.0 - rng.unit() as f64).ln() / rate;
@@ -286,7 +316,9 @@ fn main() {
                 );
                 tasks.push(tokio::spawn(async move {
                     while let Some(i) = take() {
-                        let r = one(&client, &args, &prompts[i % prompts.len()]).await;
+                        let prompt =
+                            prompts[i % prompts.len()].replace("{n}", &format!("{run}-{i}"));
+                        let r = one(&client, &args, &prompt).await;
                         records.lock().await.push(r);
                     }
                 }));
@@ -310,15 +342,26 @@ fn main() {
         Some(r) => format!("Poisson {r} req/s"),
         None => format!("concurrency {}", args.concurrency),
     };
+    let prompt_tokens = col(&|r| r.prompt_tokens.map(|n| n as f64));
+    let mean_prompt = if prompt_tokens.is_empty() {
+        "-".to_string()
+    } else {
+        format!(
+            "{:.0}",
+            prompt_tokens.iter().sum::<f64>() / prompt_tokens.len() as f64
+        )
+    };
     println!(
-        "{:?} {} | {} requests, {} failed | {:.1} s | output {:.1} tok/s | {:.2} req/s",
+        "{:?} {} | {} requests, {} failed | {:.1} s | output {:.1} tok/s | {:.2} req/s | \
+         prompt {} tok",
         args.endpoint,
         mode,
         records.len(),
         records.len() - ok.len(),
         wall,
         tokens as f64 / wall,
-        ok.len() as f64 / wall
+        ok.len() as f64 / wall,
+        mean_prompt
     );
     println!("metric      p50 ms    p90 ms    p99 ms");
     for (name, v) in [("TTFT", &ttft), ("ITL", &itl), ("end-to-end", &e2e)] {

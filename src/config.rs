@@ -154,6 +154,13 @@ pub struct EngineArgs {
     /// Answers allowed to wait for a slot; beyond it the API answers 429 with Retry-After.
     #[arg(long, env = "CITED_MAX_WAITING", default_value_t = 64)]
     pub max_waiting: usize,
+    /// Memory for the paged KV cache (all layers, f16), in MiB. It bounds how many answer
+    /// tokens are held at once; a request that needs more than all of it is refused.
+    #[arg(long, env = "CITED_KV_CACHE_MEMORY", default_value_t = 512)]
+    pub kv_cache_memory: usize,
+    /// Token positions per KV cache block (the unit of allocation and of prefix reuse).
+    #[arg(long, env = "CITED_KV_BLOCK_SIZE", default_value_t = 16)]
+    pub kv_block_size: usize,
 }
 
 impl EngineArgs {
@@ -170,12 +177,23 @@ impl EngineArgs {
         if self.max_waiting == 0 {
             return Err(ConfigError::BadValue("max-waiting", "at least 1".into()));
         }
+        if self.kv_cache_memory == 0 {
+            return Err(ConfigError::BadValue(
+                "kv-cache-memory",
+                "at least 1 (MiB)".into(),
+            ));
+        }
+        if !(1..=1024).contains(&self.kv_block_size) {
+            return Err(ConfigError::BadValue("kv-block-size", "1 to 1024".into()));
+        }
         Ok(crate::engine::worker::EngineConfig {
             scheduler: crate::engine::scheduler::SchedulerConfig {
                 max_running: self.max_running,
                 max_batch_tokens: self.max_batch_tokens,
             },
             max_waiting: self.max_waiting,
+            kv_cache_bytes: self.kv_cache_memory << 20,
+            block_size: self.kv_block_size,
         })
     }
 }
@@ -193,6 +211,11 @@ pub enum Command {
         rag: RagArgs,
         #[command(flatten)]
         engine: EngineArgs,
+        /// Also serve /v1/completions: plain generation from a raw prompt, with no retrieval and
+        /// no citations, for load tests that send other servers the same prompts. Not for
+        /// clinical questions.
+        #[arg(long, env = "CITED_COMPLETIONS")]
+        completions: bool,
     },
     /// Answer one question from the corpus, streamed to the terminal with its citations.
     Ask {

@@ -29,6 +29,8 @@ pub enum ModelError {
     Unsupported(String),
     #[error("invalid input: {0}")]
     Invalid(String),
+    #[error(transparent)]
+    Ops(#[from] OpsError),
 }
 
 impl ModelError {

@@ -29,6 +29,7 @@ fn service_config(args: &Args, rag: &RagArgs) -> Result<ServiceConfig> {
         data_dir: args.data_dir.clone(),
         rag: rag.to_config()?,
         engine: Default::default(),
+        completions: false,
     })
 }
 
@@ -104,9 +105,11 @@ fn main() -> Result<()> {
             port,
             rag,
             engine,
+            completions,
         } => {
             let mut service = service_config(&args, rag)?;
             service.engine = engine.to_config()?;
+            service.completions = *completions;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

@@ -17,21 +17,19 @@ use cited::models::chat_template::{ChatMessage, Role};
 use cited::models::llama::QuantMode;
 use cited::ops::sampling::SamplingParams;
 
-/// Dense f32 weights: the same matmul path whatever the number of rows in a step, so batching
-/// changes no arithmetic beyond summation order.
+/// Quantized products on every step: our kernels compute each row's dot products in the same
+/// order whatever else is in the batch, and the paged attention runs one task per token, so a
+/// sequence's arithmetic does not depend on its batch, its prefill chunking, or whether its
+/// prefix came from the cache. Outputs are compared exactly.
 fn engine(cfg: EngineConfig) -> EngineHandle {
     let embedder = Embedder::load(&common::minilm_dir(), &Device::Cpu).unwrap();
-    let (model, text) = load_generator(
-        &common::smollm2_gguf(),
-        &Device::Cpu,
-        QuantMode::Dequantized,
-    )
-    .unwrap();
+    let (model, text) =
+        load_generator(&common::smollm2_gguf(), &Device::Cpu, QuantMode::Quantized).unwrap();
     let info = EngineInfo {
         embedder: "e".into(),
         generator: "g".into(),
     };
-    EngineHandle::start(embedder, model, text, info, cfg)
+    EngineHandle::start(embedder, model, text, info, cfg).unwrap()
 }
 
 fn prompt(engine: &EngineHandle, question: &str) -> Vec<u32> {
@@ -77,6 +75,7 @@ async fn answers_generated_together_equal_each_alone() {
             max_batch_tokens: 16,
         },
         max_waiting: 16,
+        ..EngineConfig::default()
     });
     let seeded = SamplingParams {
         temperature: 0.8,
@@ -110,6 +109,7 @@ async fn a_full_queue_refuses_and_a_cancelled_answer_frees_its_slot() {
             max_batch_tokens: 64,
         },
         max_waiting: 1,
+        ..EngineConfig::default()
     });
     let long = |e: &EngineHandle| {
         let mut r = request(e, QUESTIONS[1], SamplingParams::default());

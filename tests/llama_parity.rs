@@ -3,9 +3,13 @@
 //!
 //! Tolerances, from the quantization. The oracle rounds every activation row to 8 bits (blocks
 //! of 32, one step = block max / 127) before each of the seven products of each of 30 layers.
-//! - Our quantized decode path (one token per forward, as the oracle is run here) performs the
-//!   oracle's arithmetic exactly (Q/K/V and gate/up are stacked, which leaves each row's dot
-//!   product unchanged): `EXACT_TOL`, measured 0.
+//! - On a CPU without AVX-512 VNNI our quantized decode path (one token per forward, as the
+//!   oracle is run here) runs candle's kernels and performs the oracle's arithmetic exactly (Q/K/V
+//!   and gate/up are stacked, which leaves each row's dot product unchanged): `EXACT_TOL`,
+//!   measured 0. With VNNI it runs our kernels (`ops::qmatmul`), which keep the activation
+//!   scales in f32 where the oracle rounds them to f16; the kernel itself is checked against its
+//!   scalar reference in its unit tests, and here the decode path is held to the quantization
+//!   tolerance below (measured max 1.71 / mean 0.202).
 //! - Our prefill path multiplies the attention matrices in other shapes than a one-token step,
 //!   so sums round differently in the last bit. Usually the 8-bit rounding of the next product
 //!   absorbs that; when a value sits on a rounding boundary it moves by a whole step, and that
@@ -30,6 +34,7 @@ use cited::models::kv_cache::KvCache;
 use cited::models::llama::{Llama, QuantMode};
 use cited::models::tokenizer::BpeTokenizer;
 use cited::models::{Batch, LogitsAt};
+use cited::ops::qmatmul;
 
 /// Largest logit difference when the arithmetic is the oracle's.
 const EXACT_TOL: f32 = 1e-4;
@@ -158,7 +163,7 @@ fn stats(got: &Tensor, want: &Tensor) -> (f32, f32, usize) {
 /// Our logits at every prompt position, one token per forward (decode path) and all in one
 /// forward (prefill path).
 fn our_logits(model: &Llama, prompt: &[u32]) -> (Tensor, Tensor) {
-    let mut cache = KvCache::new(model.config().num_hidden_layers);
+    let mut cache = KvCache::with_tokens(model.config(), 4096);
     let rows: Vec<Tensor> = prompt
         .iter()
         .enumerate()
@@ -169,7 +174,7 @@ fn our_logits(model: &Llama, prompt: &[u32]) -> (Tensor, Tensor) {
         })
         .collect();
     let decode = Tensor::cat(&rows, 0).unwrap();
-    let mut cache = KvCache::new(model.config().num_hidden_layers);
+    let mut cache = KvCache::with_tokens(model.config(), 4096);
     let mut b = Batch::new();
     b.push(0, prompt, 0);
     (
@@ -206,7 +211,7 @@ fn greedy_both(
     };
     let first = feed(&mut oracle_step);
     let (theirs, margins) = greedy(first, &mut oracle_step, prompt.len(), 64);
-    let mut cache = KvCache::new(model.config().num_hidden_layers);
+    let mut cache = KvCache::with_tokens(model.config(), 4096);
     let mut our_step = |toks: &[u32], pos: usize| {
         let mut b = Batch::new();
         b.push(0, toks, pos);
@@ -243,8 +248,14 @@ fn assert_within(what: &str, got: &Tensor, want: &Tensor, max_tol: f32, mean_tol
 }
 
 /// Modes whose one-token steps run on the quantized blocks: the decode path is the oracle's
-/// arithmetic, the prefill path (f32 in `Auto`) is within the quantization tolerance.
+/// arithmetic (or ours, within the quantization tolerance), the prefill path (f32 in `Auto`) is
+/// within the quantization tolerance.
 fn check_quantized_steps(mode: QuantMode) {
+    let (step_max, step_mean) = if qmatmul::fast_path_available() {
+        (QUANT_TOL, QUANT_MEAN_TOL)
+    } else {
+        (EXACT_TOL, EXACT_TOL)
+    };
     let (model, tok) = ours(mode);
     let prompt = prompt64(&tok);
     assert_eq!(prompt.len(), 64);
@@ -256,8 +267,8 @@ fn check_quantized_steps(mode: QuantMode) {
         &format!("{mode:?} decode path"),
         &decode,
         &want,
-        EXACT_TOL,
-        EXACT_TOL,
+        step_max,
+        step_mean,
     );
     assert_within(
         &format!("{mode:?} prefill path"),
@@ -273,7 +284,7 @@ fn check_quantized_steps(mode: QuantMode) {
         &mine,
         &theirs,
         &margins,
-        EXACT_TOL,
+        step_max,
     );
     let (mine, theirs, margins) = greedy_both(&model, &mut oracle, &prompt, true);
     assert_greedy_agrees(
@@ -292,7 +303,7 @@ fn quantized_logits_and_greedy_tokens_match_candle_quantized_llama() {
 }
 
 #[test]
-fn auto_mode_decodes_exactly_and_prefills_within_the_quantization_tolerance() {
+fn auto_mode_decodes_and_prefills_within_the_quantization_tolerance() {
     check_quantized_steps(QuantMode::Auto);
 }
 

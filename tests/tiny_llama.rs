@@ -29,7 +29,7 @@ fn gguf_model(shape: TinyLlama, seed: u64, dtype: GgmlDType, mode: QuantMode) ->
 
 /// Logits of every position of `tokens`, computed in one forward.
 fn full_forward(model: &Llama, tokens: &[u32]) -> Tensor {
-    let mut cache = KvCache::new(model.config().num_hidden_layers);
+    let mut cache = KvCache::with_tokens(model.config(), 4096);
     let mut b = Batch::new();
     b.push(0, tokens, 0);
     model.forward(&b, &mut cache, LogitsAt::All).unwrap()
@@ -37,7 +37,7 @@ fn full_forward(model: &Llama, tokens: &[u32]) -> Tensor {
 
 /// Logits of every position of `tokens`, one token per forward.
 fn step_by_step(model: &Llama, tokens: &[u32]) -> Tensor {
-    let mut cache = KvCache::new(model.config().num_hidden_layers);
+    let mut cache = KvCache::with_tokens(model.config(), 4096);
     let rows: Vec<Tensor> = tokens
         .iter()
         .enumerate()
@@ -74,7 +74,7 @@ fn chunked_prefill_equals_one_prefill() {
     let (_dir, model) = hf_model(TinyLlama::DEFAULT, 3);
     let tokens = Rng::new(8).tokens(40, 97);
     let whole = full_forward(&model, &tokens);
-    let mut cache = KvCache::new(2);
+    let mut cache = KvCache::with_tokens(model.config(), 4096);
     let mut rows = Vec::new();
     for (start, end) in [(0, 17), (17, 18), (18, 40)] {
         let mut b = Batch::new();
@@ -98,7 +98,7 @@ fn batched_sequences_equal_one_by_one() {
         .collect();
     let mut alone = Vec::new();
     for (p, n) in prompts.iter().zip(&nexts) {
-        let mut cache = KvCache::new(2);
+        let mut cache = KvCache::with_tokens(model.config(), 4096);
         let mut b = Batch::new();
         b.push(0, p, 0);
         let mut rows = vec![model.forward(&b, &mut cache, LogitsAt::LastOfEach).unwrap()];
@@ -112,7 +112,7 @@ fn batched_sequences_equal_one_by_one() {
 
     // Together: all prefills in one batch, then decode steps batched, with sequence 2 joining
     // late (its prefill packed alongside the others' first decode step).
-    let mut cache = KvCache::new(2);
+    let mut cache = KvCache::with_tokens(model.config(), 4096);
     let ids = [100u64, 200, 300, 400];
     let mut b = Batch::new();
     for (i, p) in prompts.iter().enumerate().filter(|(i, _)| *i != 2) {
@@ -149,7 +149,7 @@ fn batched_sequences_equal_one_by_one() {
 fn greedy_decoding_is_deterministic() {
     let (_dir, model) = hf_model(TinyLlama::DEFAULT, 4);
     let run = || {
-        let mut cache = KvCache::new(2);
+        let mut cache = KvCache::with_tokens(model.config(), 4096);
         let mut tokens = vec![1u32, 5, 9];
         let mut b = Batch::new();
         b.push(0, &tokens, 0);
@@ -185,7 +185,11 @@ fn gguf_with_permuted_rows_computes_what_the_hf_folder_computes() {
 
 #[test]
 fn quantized_gguf_matches_candle_quantized_llama() {
-    // The stacked Q/K/V and gate/up blocks must compute exactly what separate matrices compute.
+    // The stacked Q/K/V and gate/up blocks must compute what separate matrices compute. Our
+    // products keep the 8-bit activation scales in f32 where the oracle rounds them to f16, and
+    // our KV cache holds f16, so the two agree within the activation rounding (the kernels'
+    // exact arithmetic is checked against their scalar references in `ops`); a misplaced row
+    // would be off by whole logits.
     let shape = TinyLlama {
         ff: 128,
         ..TinyLlama::DEFAULT
@@ -219,7 +223,7 @@ fn quantized_gguf_matches_candle_quantized_llama() {
     let want = Tensor::cat(&want, 0).unwrap();
     let got = full_forward(&ours, &tokens);
     let d = max_abs_diff(&got, &want);
-    assert!(d < 1e-3, "{d}");
+    assert!(d < 0.1, "{d}");
 
     // Dequantized weights differ only by the 8-bit activation rounding of the quantized path.
     let deq = gguf_model(shape, 31, GgmlDType::Q4_1, QuantMode::Dequantized);
@@ -247,7 +251,7 @@ fn quantized_widths_the_cpu_kernels_cannot_take_fall_back_to_f32() {
 #[test]
 fn rejects_a_sequence_that_skips_its_cache() {
     let (_dir, model) = hf_model(TinyLlama::DEFAULT, 4);
-    let mut cache = KvCache::new(2);
+    let mut cache = KvCache::with_tokens(model.config(), 4096);
     let mut b = Batch::new();
     b.push(0, &[1, 2, 3], 0);
     model.forward(&b, &mut cache, LogitsAt::LastOfEach).unwrap();

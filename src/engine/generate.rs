@@ -52,7 +52,7 @@ pub fn generate_greedy(
 ) -> Result<Generation> {
     const SEQ: u64 = 0;
     let stop_ids = tokenizer.stop_ids();
-    let mut cache = KvCache::new(model.config().num_hidden_layers);
+    let mut cache = KvCache::with_tokens(model.config(), prompt.len() + max_new_tokens);
     let mut decoder = StreamDecoder::new();
     let mut out = Generation {
         tokens: Vec::new(),

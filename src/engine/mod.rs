@@ -1,9 +1,8 @@
-//! Drives the models: the device worker thread that owns them ([`worker`]) and the
-//! single-sequence generation loop ([`generate`]). The batching scheduler and the paged KV cache
-//! come with the batched engine.
+//! Drives the models: the device worker thread that owns them ([`worker`]), the continuous
+//! batching scheduler over the paged KV cache ([`scheduler`]) and the single-sequence generation
+//! loop of the command line ([`generate`]).
 
 pub mod generate;
-pub mod kv_blocks;
 pub mod scheduler;
 pub mod stop;
 pub mod worker;

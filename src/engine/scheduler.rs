@@ -2,10 +2,15 @@
 //! token for every running sequence first, then prefill chunks of sequences still reading their
 //! prompt (chunked prefill: a long RAG prompt never stalls the streams already running), runs one
 //! forward pass for all of them, and samples each sequence's next token with its own sampler. A
-//! sequence whose client is gone is dropped at the next step and its cache freed.
+//! sequence whose client is gone is dropped at the next step and its blocks freed.
 //!
-//! The KV history is the model's per-sequence cache for now; the paged block pool
-//! ([`super::kv_blocks`]) takes its place with the paged attention op.
+//! Memory is the paged KV cache ([`KvCache`]): a sequence is admitted only when the free blocks
+//! hold its tokens so far plus one; it starts on the cached blocks of the longest prefix it shares
+//! with an earlier sequence of the same cache salt, skipping their prefill. When a step's decode
+//! tokens need more blocks than are free, the most recently admitted sequences are preempted:
+//! their blocks are freed and they wait at the head of the queue to recompute their history
+//! (prompt and tokens generated so far, often from their own still-cached prefix) when blocks
+//! free up; their output continues unchanged.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -48,45 +53,51 @@ pub(crate) struct Pending {
     pub queued_at: Instant,
 }
 
-/// A sequence in the running set.
+/// A sequence admitted at least once.
 struct Running {
     id: u64,
-    prompt: Vec<u32>,
-    /// Prompt tokens already in the cache.
-    prefilled: usize,
+    /// The prompt, then every sampled token: all the tokens whose K/V the sequence needs.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Leading tokens whose K/V are in the cache.
+    computed: usize,
+    salt: u64,
     max_tokens: usize,
     sampler: Sampler,
     decoder: StreamDecoder,
     stops: StopMatcher,
     stop_ids: Vec<u32>,
     events: mpsc::UnboundedSender<GenerateEvent>,
-    /// The last sampled token, not yet in the cache (None until the prompt is read).
-    next: Option<u32>,
     stats: GenerationStats,
     admitted_at: Instant,
     first_token_at: Option<Instant>,
 }
 
-/// What one sequence contributes to a step.
-enum Work {
-    Decode(u32),
-    Prefill(usize),
+impl Running {
+    /// Tokens still to run through the model (1 for a decode step).
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
 }
 
 pub(crate) struct Scheduler {
     cfg: SchedulerConfig,
     cache: KvCache,
+    /// In admission order (the newest last: the first to be preempted).
     running: Vec<Running>,
+    /// Preempted sequences, resumed before any new admission.
+    preempted: VecDeque<Running>,
     pub waiting: VecDeque<Pending>,
     next_id: u64,
 }
 
 impl Scheduler {
-    pub fn new(cfg: SchedulerConfig, num_layers: usize) -> Self {
+    pub fn new(cfg: SchedulerConfig, cache: KvCache) -> Self {
         Self {
             cfg,
-            cache: KvCache::new(num_layers),
+            cache,
             running: Vec::new(),
+            preempted: VecDeque::new(),
             waiting: VecDeque::new(),
             next_id: 0,
         }
@@ -94,21 +105,56 @@ impl Scheduler {
 
     /// Whether a step has anything to do.
     pub fn has_work(&self) -> bool {
-        !self.running.is_empty() || !self.waiting.is_empty()
+        !self.running.is_empty() || !self.preempted.is_empty() || !self.waiting.is_empty()
     }
 
-    /// Admits waiting sequences into free slots.
+    /// Starts `r` on its cached prefix if the cache holds the rest of its tokens plus one; on
+    /// success it joins the running set, otherwise it comes back.
+    fn try_start(&mut self, mut r: Running) -> Result<(), Box<Running>> {
+        let reused = self.cache.start(r.id, &r.tokens, r.salt);
+        let needed = self.cache.blocks_needed(r.id, r.tokens.len() - reused + 1);
+        if needed > self.cache.available_blocks() {
+            self.cache.remove(r.id);
+            return Err(Box::new(r));
+        }
+        r.computed = reused;
+        self.running.push(r);
+        Ok(())
+    }
+
+    /// Resumes preempted sequences, then admits waiting ones, while slots and blocks allow.
     fn admit(&mut self, text: &TextSide, stats: &EngineStats) {
+        while self.running.len() < self.cfg.max_running {
+            let Some(r) = self.preempted.pop_front() else {
+                break;
+            };
+            if let Err(r) = self.try_start(r) {
+                self.preempted.push_front(*r);
+                return;
+            }
+        }
         while self.running.len() < self.cfg.max_running {
             let Some(mut p) = self.waiting.pop_front() else {
                 break;
             };
             stats.waiting.fetch_sub(1, Ordering::Relaxed);
             if p.events.is_closed() {
-                continue; // left while it waited
+                // Left while it waited.
+                stats.generations_cancelled.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let total = p.request.prompt.len() + p.request.max_tokens;
+            if let Err(e) = self.cache.check_fits(total) {
+                // The handle refuses these before they queue; kept for any other caller.
+                let _ = p.events.send(GenerateEvent::Error(e.to_string()));
+                continue;
             }
             let now = Instant::now();
-            let mut stop_ids = text.tokenizer.stop_ids();
+            let mut stop_ids = if p.request.ignore_eos {
+                Vec::new()
+            } else {
+                text.tokenizer.stop_ids()
+            };
             stop_ids.extend(&p.request.stop_token_ids);
             let mut sampler = Sampler::new(
                 p.request.sampling.clone(),
@@ -118,29 +164,99 @@ impl Scheduler {
                 sampler = sampler.with_processor(proc);
             }
             self.next_id += 1;
-            self.running.push(Running {
+            let r = Running {
                 id: self.next_id,
-                prefilled: 0,
+                prompt_len: p.request.prompt.len(),
+                computed: 0,
+                salt: p.request.cache_salt,
                 max_tokens: p.request.max_tokens,
                 sampler,
                 decoder: StreamDecoder::new(),
                 stops: StopMatcher::new(std::mem::take(&mut p.request.stop)),
                 stop_ids,
-                next: None,
                 stats: GenerationStats {
                     prompt_tokens: p.request.prompt.len(),
+                    cached_prompt_tokens: 0,
                     generated_tokens: 0,
                     stop: StopReason::Length,
                     queued: now - p.queued_at,
                     prefill: Duration::ZERO,
                     decode: Duration::ZERO,
                 },
-                prompt: std::mem::take(&mut p.request.prompt),
+                tokens: std::mem::take(&mut p.request.prompt),
                 events: p.events,
                 admitted_at: now,
                 first_token_at: None,
-            });
+            };
+            match self.try_start(r) {
+                Ok(()) => {
+                    let r = self.running.last_mut().expect("just started");
+                    r.stats.cached_prompt_tokens = r.computed;
+                    stats
+                        .cached_prompt_tokens
+                        .fetch_add(r.computed as u64, Ordering::Relaxed);
+                }
+                Err(r) => {
+                    // Not enough free blocks yet: first in line once running sequences end.
+                    self.preempted.push_back(*r);
+                    return;
+                }
+            }
         }
+    }
+
+    /// Frees the newest running sequence's blocks and queues it to recompute its history.
+    fn preempt_newest(&mut self, stats: &EngineStats) {
+        if let Some(mut r) = self.running.pop() {
+            self.cache.remove(r.id);
+            r.computed = 0;
+            stats.preemptions.fetch_add(1, Ordering::Relaxed);
+            self.preempted.push_front(r);
+        }
+    }
+
+    /// Decode tokens first, then prefill chunks, under the token budget and the free blocks.
+    /// Preempts the newest sequences while the decode tokens do not fit.
+    fn plan(&mut self, stats: &EngineStats) -> Vec<(usize, usize)> {
+        loop {
+            let decode_blocks: usize = self
+                .running
+                .iter()
+                .filter(|r| r.pending() == 1)
+                .map(|r| self.cache.blocks_needed(r.id, 1))
+                .sum();
+            if decode_blocks <= self.cache.available_blocks() || self.running.len() <= 1 {
+                break;
+            }
+            self.preempt_newest(stats);
+        }
+        let mut budget = self.cfg.max_batch_tokens.max(1);
+        let mut free = self.cache.available_blocks();
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        for (i, r) in self.running.iter().enumerate() {
+            if r.pending() == 1 && budget > 0 {
+                let need = self.cache.blocks_needed(r.id, 1);
+                if need <= free {
+                    free -= need;
+                    budget -= 1;
+                    plan.push((i, 1));
+                }
+            }
+        }
+        for (i, r) in self.running.iter().enumerate() {
+            if r.pending() > 1 && budget > 0 {
+                let n = r
+                    .pending()
+                    .min(budget)
+                    .min(self.cache.room_with(r.id, free));
+                if n > 0 {
+                    free -= self.cache.blocks_needed(r.id, n);
+                    budget -= n;
+                    plan.push((i, n));
+                }
+            }
+        }
+        plan
     }
 
     /// One forward pass over the running set. Returns false when there was nothing to run.
@@ -150,49 +266,39 @@ impl Scheduler {
         while i < self.running.len() {
             let r = &self.running[i];
             if r.events.is_closed() {
-                let r = self.running.swap_remove(i);
+                let r = self.running.remove(i);
                 self.finish(r, StopReason::Cancelled, stats);
             } else if r.max_tokens == 0 {
-                let r = self.running.swap_remove(i);
+                let r = self.running.remove(i);
                 self.finish(r, StopReason::Length, stats);
             } else {
                 i += 1;
             }
         }
+        let mut i = 0;
+        while i < self.preempted.len() {
+            if self.preempted[i].events.is_closed() {
+                let r = self.preempted.remove(i).expect("in range");
+                self.finish(r, StopReason::Cancelled, stats);
+            } else {
+                i += 1;
+            }
+        }
         self.admit(text, stats);
-        if self.running.is_empty() {
+        let mut plan = self.plan(stats);
+        while plan.is_empty() && self.running.len() > 1 {
+            // Prompts half-read hold every block: the newest gives way to the others.
+            self.preempt_newest(stats);
+            plan = self.plan(stats);
+        }
+        self.publish(stats);
+        if plan.is_empty() {
             return false;
         }
-        // Decode tokens first, then prefill chunks under the budget.
-        let mut budget = self.cfg.max_batch_tokens.max(1);
-        let mut plan: Vec<(usize, Work)> = Vec::new();
-        for (i, r) in self.running.iter().enumerate() {
-            if let Some(t) = r.next {
-                if budget == 0 {
-                    break;
-                }
-                plan.push((i, Work::Decode(t)));
-                budget -= 1;
-            }
-        }
-        for (i, r) in self.running.iter().enumerate() {
-            if r.next.is_none() && budget > 0 {
-                let n = (r.prompt.len() - r.prefilled).min(budget);
-                plan.push((i, Work::Prefill(n)));
-                budget -= n;
-            }
-        }
         let mut batch = Batch::new();
-        for (i, work) in &plan {
-            let r = &self.running[*i];
-            match work {
-                Work::Decode(t) => {
-                    batch.push(r.id, &[*t], r.prompt.len() + r.stats.generated_tokens - 1)
-                }
-                Work::Prefill(n) => {
-                    batch.push(r.id, &r.prompt[r.prefilled..r.prefilled + n], r.prefilled)
-                }
-            }
+        for &(i, n) in &plan {
+            let r = &self.running[i];
+            batch.push(r.id, &r.tokens[r.computed..r.computed + n], r.computed);
         }
         let rows = model
             .forward(&batch, &mut self.cache, LogitsAt::LastOfEach)
@@ -205,22 +311,28 @@ impl Scheduler {
                 let mut failed: Vec<usize> = plan.iter().map(|(i, _)| *i).collect();
                 failed.sort_unstable_by(|a, b| b.cmp(a));
                 for i in failed {
-                    let r = self.running.swap_remove(i);
+                    let r = self.running.remove(i);
                     self.cache.remove(r.id);
                     let _ = r.events.send(GenerateEvent::Error(e.to_string()));
                 }
+                self.publish(stats);
                 return true;
             }
         };
         let mut done: Vec<(usize, StopReason)> = Vec::new();
-        for ((i, work), mut logits) in plan.into_iter().zip(rows) {
+        for ((i, n), mut logits) in plan.into_iter().zip(rows) {
             let r = &mut self.running[i];
-            if let Work::Prefill(n) = work {
-                r.prefilled += n;
-                stats.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
-                if r.prefilled < r.prompt.len() {
-                    continue; // more prompt to read; these logits are not needed
-                }
+            let was_prompt = r.computed < r.prompt_len;
+            r.computed += n;
+            self.cache.register(r.id, &r.tokens[..r.computed], r.salt);
+            if was_prompt {
+                let read = r.computed.min(r.prompt_len) - (r.computed - n).min(r.prompt_len);
+                stats
+                    .prompt_tokens
+                    .fetch_add(read as u64, Ordering::Relaxed);
+            }
+            if r.computed < r.tokens.len() {
+                continue; // more history to read; these logits are not needed
             }
             let token = match r.sampler.sample(&mut logits) {
                 Ok(t) => t,
@@ -243,13 +355,32 @@ impl Scheduler {
         }
         done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, stop) in done {
-            let r = self.running.swap_remove(i);
+            let r = self.running.remove(i);
             self.finish(r, stop, stats);
         }
+        self.publish(stats);
         true
     }
 
-    /// Ends a sequence: frees its cache and sends its closing stats.
+    /// Copies the cache's counts into the shared stats.
+    fn publish(&self, stats: &EngineStats) {
+        let u = self.cache.usage();
+        stats
+            .kv_blocks_total
+            .store(u.total as u64, Ordering::Relaxed);
+        stats.kv_blocks_used.store(u.used as u64, Ordering::Relaxed);
+        stats
+            .kv_blocks_cached
+            .store(u.cached as u64, Ordering::Relaxed);
+        stats
+            .prefix_blocks_looked_up
+            .store(u.prefix_lookups, Ordering::Relaxed);
+        stats
+            .prefix_blocks_hit
+            .store(u.prefix_hits, Ordering::Relaxed);
+    }
+
+    /// Ends a sequence: frees its blocks and sends its closing stats.
     fn finish(&mut self, mut r: Running, stop: StopReason, stats: &EngineStats) {
         self.cache.remove(r.id);
         r.stats.stop = stop;
@@ -284,7 +415,7 @@ impl Running {
         if self.stats.generated_tokens == self.max_tokens {
             return Some(self.flush(StopReason::Length));
         }
-        self.next = Some(token);
+        self.tokens.push(token);
         None
     }
 

@@ -19,6 +19,8 @@ use crate::error::{EngineError, ModelError};
 use crate::models::bert::Embedder;
 use crate::models::chat_template::{ChatMessage, ChatTemplate};
 use crate::models::gguf::GgufFile;
+use crate::models::kv_blocks::DEFAULT_BLOCK_SIZE;
+use crate::models::kv_cache::KvCache;
 use crate::models::llama::{Llama, QuantMode};
 use crate::models::tokenizer::BpeTokenizer;
 use crate::ops::sampling::{LogitsProcessor, SamplingParams};
@@ -92,6 +94,11 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Generation ends at any of these token ids (besides the model's own end of turn).
     pub stop_token_ids: Vec<u32>,
+    /// Generate `max_tokens` tokens, ignoring the model's end-of-turn ids (load tests).
+    pub ignore_eos: bool,
+    /// Prefix-cache partition: cached prompt blocks are shared only between requests with the
+    /// same salt (one per tenant or patient), so no one reuses, or times, another's prompt.
+    pub cache_salt: u64,
 }
 
 impl GenerateRequest {
@@ -105,6 +112,8 @@ impl GenerateRequest {
             processor: None,
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            cache_salt: 0,
         }
     }
 }
@@ -113,6 +122,8 @@ impl GenerateRequest {
 #[derive(Clone, Debug)]
 pub struct GenerationStats {
     pub prompt_tokens: usize,
+    /// Prompt tokens found in the prefix cache (their forward pass skipped).
+    pub cached_prompt_tokens: usize,
     pub generated_tokens: usize,
     pub stop: StopReason,
     /// From submission to the start of the prompt's forward pass.
@@ -169,6 +180,17 @@ pub struct EngineStats {
     pub embedded_texts: AtomicU64,
     /// Generations submitted and not yet admitted to the running set.
     pub waiting: AtomicU64,
+    /// Prompt tokens whose forward pass the prefix cache saved.
+    pub cached_prompt_tokens: AtomicU64,
+    /// Sequences whose blocks were taken back to let others decode (recomputed later).
+    pub preemptions: AtomicU64,
+    /// KV cache blocks: all, held by sequences, free but holding a reusable prefix.
+    pub kv_blocks_total: AtomicU64,
+    pub kv_blocks_used: AtomicU64,
+    pub kv_blocks_cached: AtomicU64,
+    /// Full prompt blocks looked up in the prefix cache, and found.
+    pub prefix_blocks_looked_up: AtomicU64,
+    pub prefix_blocks_hit: AtomicU64,
 }
 
 /// Engine limits.
@@ -177,13 +199,22 @@ pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     /// Generations allowed to wait for a slot; beyond it, requests are refused at once.
     pub max_waiting: usize,
+    /// Bytes of K/V storage (all layers) the paged cache takes.
+    pub kv_cache_bytes: usize,
+    /// Token positions per KV block.
+    pub block_size: usize,
 }
+
+/// Default K/V storage: 512 MiB (about 22,800 tokens of SmolLM2-135M in f16).
+pub const DEFAULT_KV_CACHE_BYTES: usize = 512 << 20;
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             scheduler: SchedulerConfig::default(),
             max_waiting: 64,
+            kv_cache_bytes: DEFAULT_KV_CACHE_BYTES,
+            block_size: DEFAULT_BLOCK_SIZE,
         }
     }
 }
@@ -196,40 +227,50 @@ pub struct EngineHandle {
     info: Arc<EngineInfo>,
     stats: Arc<EngineStats>,
     max_waiting: usize,
+    /// Token positions the whole KV cache holds.
+    cache_tokens: usize,
 }
 
 impl EngineHandle {
-    /// Starts the worker thread, which owns `embedder` and `model` from now on.
+    /// Starts the worker thread, which owns `embedder` and `model` from now on. Fails when the
+    /// KV cache budget holds no block.
     pub fn start(
         embedder: Embedder,
         model: Llama,
         text: TextSide,
         info: EngineInfo,
         cfg: EngineConfig,
-    ) -> Self {
+    ) -> Result<Self> {
         let (jobs, rx) = std::sync::mpsc::channel();
         let text = Arc::new(text);
         let stats = Arc::new(EngineStats::default());
-        let model_layers = model.config().num_hidden_layers;
+        let cache = KvCache::with_memory(model.config(), cfg.kv_cache_bytes, cfg.block_size)?;
+        let cache_tokens = cache.usage().total * cache.block_size();
         let worker = Worker {
             embedder,
             model,
             text: text.clone(),
             stats: stats.clone(),
             jobs: rx,
-            scheduler: Scheduler::new(cfg.scheduler, model_layers),
+            scheduler: Scheduler::new(cfg.scheduler, cache),
         };
         std::thread::Builder::new()
             .name("cited-device".into())
             .spawn(move || worker.run())
             .expect("spawning the device worker thread");
-        Self {
+        Ok(Self {
             jobs,
             text,
             info: Arc::new(info),
             stats,
             max_waiting: cfg.max_waiting,
-        }
+            cache_tokens,
+        })
+    }
+
+    /// Token positions the whole KV cache holds (the most one generation can reach).
+    pub fn cache_tokens(&self) -> usize {
+        self.cache_tokens
     }
 
     pub fn stats(&self) -> &EngineStats {
@@ -277,6 +318,16 @@ impl EngineHandle {
                 request.prompt.len(),
                 request.max_tokens,
                 self.text.context_length
+            )));
+        }
+        let total = request.prompt.len() + request.max_tokens;
+        if total > self.cache_tokens {
+            return Err(EngineError::Invalid(format!(
+                "prompt of {} tokens plus max_tokens {} needs {total} positions; the whole KV \
+                 cache holds {} (raise --kv-cache-memory or lower max_tokens)",
+                request.prompt.len(),
+                request.max_tokens,
+                self.cache_tokens
             )));
         }
         if self.is_busy() {

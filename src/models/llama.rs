@@ -1,5 +1,6 @@
 //! Llama-family decoders (SmolLM2, Llama 3.x) from a GGUF file or a Hugging Face folder
-//! (`config.json` + safetensors), run over packed variable-length sequences with a KV cache.
+//! (`config.json` + safetensors), run over packed variable-length sequences with a paged KV
+//! cache.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -14,7 +15,8 @@ use super::gguf::GgufFile;
 use super::kv_cache::KvCache;
 use super::{Batch, LogitsAt, Result};
 use crate::error::{read_json, ModelError};
-use crate::ops::attention::attention;
+use crate::ops::paged_attention::paged_attention;
+use crate::ops::qmatmul::{self, QMatrix};
 
 /// How rotary embeddings pair the dimensions of a head.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -142,21 +144,28 @@ impl LlamaConfig {
 /// How GGUF matrices are computed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum QuantMode {
-    /// Both forms kept: one-row products (a decode step) on the quantized blocks, products of
-    /// [`DENSE_MIN_ROWS`] rows or more (a prompt) in f32. Costs the f32 copy in memory.
+    /// Both forms kept: products of fewer than [`DENSE_MIN_ROWS`] rows (decode steps, one stream
+    /// or a batch of streams) on the quantized blocks, larger ones (prompt chunks) in f32. Costs
+    /// the f32 copy in memory.
     #[default]
     Auto,
     /// Products on the quantized blocks (activations quantized to 8 bits on the fly): 4-8x less
-    /// memory traffic per token.
+    /// memory traffic per token. Q4_1 and Q8_0 matrices run on our AVX-512 VNNI kernels
+    /// ([`crate::ops::qmatmul`]) where the CPU has them, other types on candle's.
     Quantized,
     /// Matrices dequantized to f32 once at load; products in f32.
     Dequantized,
 }
 
-/// Rows from which [`QuantMode::Auto`] takes the f32 form. On the 2-core CPU of BENCHMARKS.md a
-/// one-row step costs 39 ms quantized and 55 ms in f32, while f32 costs about the same for two
-/// rows and quantized twice as much.
-pub const DENSE_MIN_ROWS: usize = 2;
+/// Rows from which [`QuantMode::Auto`] takes the f32 form. On the 2-core CPU of BENCHMARKS.md
+/// (`cargo bench --bench qmatmul`) our quantized kernel costs about 30 µs a row for the stacked
+/// gate/up matrix at any row count, candle's f32 product 285 µs for one row, 48 µs a row at 16
+/// and 23 µs a row at 128: the two meet between 32 and 128 rows.
+pub const DENSE_MIN_ROWS: usize = 64;
+
+/// Without our kernel (another CPU, another type), candle's quantized product only wins for a
+/// single row.
+const CANDLE_DENSE_MIN_ROWS: usize = 2;
 
 impl std::str::FromStr for QuantMode {
     type Err = String;
@@ -173,9 +182,17 @@ impl std::str::FromStr for QuantMode {
     }
 }
 
+/// The quantized form of a weight matrix.
+enum QuantForm {
+    /// Repacked for our AVX-512 VNNI kernels (CPU).
+    Ours(QMatrix),
+    /// candle's quantized tensor (other types, other CPUs, GPUs).
+    Candle(QMatMul),
+}
+
 /// A weight matrix `(out, in)` in the forms its [`QuantMode`] keeps (at least one).
 struct Proj {
-    quantized: Option<QMatMul>,
+    quantized: Option<QuantForm>,
     dense: Option<QMatMul>,
 }
 
@@ -189,19 +206,31 @@ impl Proj {
 
     /// `x` `(rows, in)` -> `(rows, out)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mm = match (&self.quantized, &self.dense) {
+        let rows = x.dim(0)?;
+        let quantized = match (&self.quantized, &self.dense) {
             (Some(q), Some(d)) => {
-                if x.dim(0)? >= DENSE_MIN_ROWS {
-                    d
-                } else {
-                    q
+                let limit = match q {
+                    QuantForm::Ours(_) => DENSE_MIN_ROWS,
+                    QuantForm::Candle(_) => CANDLE_DENSE_MIN_ROWS,
+                };
+                if rows >= limit {
+                    return Ok(d.forward(x)?);
                 }
+                q
             }
             (Some(q), None) => q,
-            (None, Some(d)) => d,
+            (None, Some(d)) => return Ok(d.forward(x)?),
             (None, None) => unreachable!("a projection keeps at least one form"),
         };
-        Ok(mm.forward(x)?)
+        match quantized {
+            QuantForm::Candle(q) => Ok(q.forward(x)?),
+            QuantForm::Ours(m) => {
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; rows * m.rows()];
+                m.matmul(&xs, rows, &mut out)?;
+                Ok(Tensor::from_vec(out, (rows, m.rows()), x.device())?)
+            }
+        }
     }
 }
 
@@ -223,9 +252,9 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Proj,
-    /// `(max_positions, head_dim / 2)`
-    cos: Tensor,
-    sin: Tensor,
+    /// `(max_positions, head_dim / 2)`, row-major.
+    cos_table: Vec<f32>,
+    sin_table: Vec<f32>,
     cfg: LlamaConfig,
     device: Device,
 }
@@ -272,12 +301,22 @@ fn stack(
     } else {
         None
     };
+    let ours = device.is_cpu() && QMatrix::supports(dtype, cols) && qmatmul::fast_path_available();
     let quantized = if !keep_quantized {
         None
+    } else if ours {
+        let rows: usize = parts.iter().map(|p| p.shape().dims()[0]).sum();
+        let mut bytes = Vec::new();
+        for p in &parts {
+            bytes.extend_from_slice(&p.data()?);
+        }
+        Some(QuantForm::Ours(QMatrix::from_ggml(
+            dtype, rows, cols, &bytes,
+        )?))
     } else if parts.len() == 1 {
-        Some(QMatMul::QTensor(Arc::new(
+        Some(QuantForm::Candle(QMatMul::QTensor(Arc::new(
             parts.into_iter().next().unwrap(),
-        )))
+        ))))
     } else {
         let rows: usize = parts.iter().map(|p| p.shape().dims()[0]).sum();
         let mut bytes = Vec::new();
@@ -285,25 +324,31 @@ fn stack(
             bytes.extend_from_slice(&p.data()?);
         }
         let storage = QStorage::from_data(Cow::Owned(bytes), device, dtype)?;
-        Some(QMatMul::QTensor(Arc::new(QTensor::new(
+        Some(QuantForm::Candle(QMatMul::QTensor(Arc::new(QTensor::new(
             storage,
             (rows, cols),
-        )?)))
+        )?))))
     };
     Ok(Proj { quantized, dense })
 }
 
-fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+/// Rotary tables `(max_positions, head_dim / 2)`, row-major: cos and sin of each position's
+/// angle for each dimension pair.
+fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
     let half = cfg.head_dim() / 2;
     let inv: Vec<f32> = (0..half)
         .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32)
         .collect();
-    let inv = Tensor::from_vec(inv, (1, half), device)?;
-    let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((cfg.max_position_embeddings, 1))?;
-    let freqs = pos.broadcast_mul(&inv)?; // (max_positions, half)
-    Ok((freqs.cos()?, freqs.sin()?))
+    let mut cos = Vec::with_capacity(cfg.max_position_embeddings * half);
+    let mut sin = Vec::with_capacity(cfg.max_position_embeddings * half);
+    for p in 0..cfg.max_position_embeddings {
+        for f in &inv {
+            let angle = p as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (cos, sin)
 }
 
 impl Llama {
@@ -410,14 +455,14 @@ impl Llama {
         lm_head: Proj,
         device: &Device,
     ) -> Result<Self> {
-        let (cos, sin) = rope_tables(&cfg, device)?;
+        let (cos_table, sin_table) = rope_tables(&cfg);
         Ok(Self {
             embed: embed.to_dtype(DType::F32)?,
             layers,
             norm,
             lm_head,
-            cos,
-            sin,
+            cos_table,
+            sin_table,
             cfg,
             device: device.clone(),
         })
@@ -431,21 +476,34 @@ impl Llama {
         &self.device
     }
 
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        // x: (heads, n, head_dim) -> (1, heads, n, head_dim) for candle's kernels.
-        let x = x.unsqueeze(0)?;
-        let y = match self.cfg.rope_style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
-            RopeStyle::Half => candle_nn::rotary_emb::rope(&x, cos, sin)?,
-        };
-        Ok(y.squeeze(0)?)
+    /// Rotates the heads `first..first + count` of each row of `rows` (stride `stride`) in
+    /// place by the angles of the row's position.
+    fn rope(&self, rows: &mut [f32], stride: usize, positions: &[u32], first: usize, count: usize) {
+        let hd = self.cfg.head_dim();
+        let half = hd / 2;
+        for (row, &pos) in rows.chunks_mut(stride).zip(positions) {
+            let cos = &self.cos_table[pos as usize * half..][..half];
+            let sin = &self.sin_table[pos as usize * half..][..half];
+            for head in row[first * hd..(first + count) * hd].chunks_mut(hd) {
+                for i in 0..half {
+                    let (a, b) = match self.cfg.rope_style {
+                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                        RopeStyle::Half => (i, i + half),
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * cos[i] - x1 * sin[i];
+                    head[b] = x0 * sin[i] + x1 * cos[i];
+                }
+            }
+        }
     }
 
     /// Runs the batch, extending each sequence's history in `cache`; returns logits
     /// `(rows, vocab)` with one row per sequence (`LastOfEach`) or per token (`All`).
     ///
     /// Each sequence must continue its cached history: its first position equals the number of
-    /// tokens cached for it.
+    /// tokens cached for it. The cache must have the blocks for the batch's new positions
+    /// ([`KvCache::blocks_needed`]); otherwise nothing is computed and an error returned.
     pub fn forward(&self, batch: &Batch, cache: &mut KvCache, at: LogitsAt) -> Result<Tensor> {
         if batch.is_empty() {
             return Err(ModelError::Invalid("empty batch".into()));
@@ -478,59 +536,40 @@ impl Llama {
                 "token id {bad} outside the vocabulary"
             )));
         }
+        let g = *cache.geometry();
+        if (g.heads, g.kv_heads, g.head_dim)
+            != (
+                self.cfg.num_attention_heads,
+                self.cfg.num_kv_heads(),
+                self.cfg.head_dim(),
+            )
+        {
+            return Err(ModelError::Invalid(format!(
+                "a KV cache for {g:?} used with a model of another shape"
+            )));
+        }
+        cache.reserve(batch)?;
         let dev = &self.device;
         let n = batch.num_tokens();
-        let (nh, nkv, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_kv_heads(),
-            self.cfg.head_dim(),
-        );
+        let (nh, nkv, hd) = (g.heads, g.kv_heads, g.head_dim);
         let ff = self.cfg.intermediate_size;
         let eps = self.cfg.rms_norm_eps as f32;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let stride = (nh + 2 * nkv) * hd;
 
         let ids = Tensor::new(batch.input_ids(), dev)?;
-        let pos = Tensor::new(batch.positions(), dev)?;
-        let cos = self.cos.index_select(&pos, 0)?; // (n, head_dim / 2)
-        let sin = self.sin.index_select(&pos, 0)?;
         let mut x = self.embed.index_select(&ids, 0)?; // (n, hidden)
 
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let qkv = layer.wqkv.forward(&h)?; // (n, (nh + 2 nkv) * hd)
-                                               // (count, n, hd)
-            let heads = |first: usize, count: usize| -> Result<Tensor> {
-                Ok(qkv
-                    .narrow(1, first * hd, count * hd)?
-                    .reshape((n, count, hd))?
-                    .transpose(0, 1)?
-                    .contiguous()?)
-            };
-            let q = self.rope(&heads(0, nh)?, &cos, &sin)?;
-            let k = self.rope(&heads(nh, nkv)?, &cos, &sin)?;
-            let v = heads(nh + nkv, nkv)?;
-            let mut outs = Vec::with_capacity(batch.num_seqs());
-            for s in 0..batch.num_seqs() {
-                let r = batch.seq_range(s);
-                let (start, len) = (r.start, r.len());
-                let (k_all, v_all) = cache.append(
-                    batch.seq_id(s),
-                    li,
-                    &k.narrow(1, start, len)?,
-                    &v.narrow(1, start, len)?,
-                )?;
-                outs.push(attention(
-                    &q.narrow(1, start, len)?,
-                    &k_all,
-                    &v_all,
-                    true,
-                    scale,
-                )?);
-            }
-            // (n, nh * hd)
-            let o = Tensor::cat(&outs, 1)?
-                .transpose(0, 1)?
-                .reshape((n, nh * hd))?;
+            // (n, (nh + 2 nkv) * hd): each row holds its token's Q heads, K heads, V heads.
+            let mut qkv = layer.wqkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+            self.rope(&mut qkv, stride, batch.positions(), 0, nh + nkv);
+            cache.write(li, batch, &qkv, stride, nh * hd, (nh + nkv) * hd);
+            let mut o = vec![0f32; n * nh * hd];
+            let (k, v, seqs) = cache.views(li, batch);
+            paged_attention(&g, &qkv, stride, k, v, &seqs, scale, &mut o)?;
+            let o = Tensor::from_vec(o, (n, nh * hd), dev)?;
             x = (x + layer.wo.forward(&o)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let gu = layer.w_gate_up.forward(&h)?; // (n, 2 * ff)

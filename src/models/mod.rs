@@ -8,6 +8,7 @@ pub mod batch;
 pub mod bert;
 pub mod chat_template;
 pub mod gguf;
+pub mod kv_blocks;
 pub mod kv_cache;
 pub mod llama;
 pub mod tokenizer;

@@ -45,6 +45,11 @@ impl ApiError {
         )
     }
 
+    /// A route that exists but is switched off on this server.
+    pub fn disabled(message: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_enabled", message)
+    }
+
     pub fn model_not_found(model: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -99,6 +104,7 @@ impl From<EngineError> for ApiError {
             EngineError::Invalid(m) => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", m)
             }
+            EngineError::Busy => Self::busy(),
             other => Self::internal(other),
         }
     }

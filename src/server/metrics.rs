@@ -23,6 +23,13 @@ pub struct Metrics {
     pub embedded_texts_total: IntCounter,
     pub ready: IntGauge,
     pub generations_waiting: IntGauge,
+    pub kv_cache_blocks: IntGauge,
+    pub kv_cache_blocks_used: IntGauge,
+    pub kv_cache_blocks_cached: IntGauge,
+    pub prefix_cache_lookups_total: IntCounter,
+    pub prefix_cache_hits_total: IntCounter,
+    pub prompt_tokens_cached_total: IntCounter,
+    pub preemptions_total: IntCounter,
     pub corpus_documents: IntGauge,
     pub corpus_chunks: IntGauge,
 }
@@ -117,6 +124,31 @@ impl Metrics {
                 "cited_generations_waiting",
                 "Answers queued for a generation slot",
             ),
+            kv_cache_blocks: gauge("cited_kv_cache_blocks", "Blocks of the paged KV cache"),
+            kv_cache_blocks_used: gauge(
+                "cited_kv_cache_blocks_used",
+                "KV cache blocks held by running sequences",
+            ),
+            kv_cache_blocks_cached: gauge(
+                "cited_kv_cache_blocks_cached",
+                "Free KV cache blocks still holding a reusable prompt prefix",
+            ),
+            prefix_cache_lookups_total: counter(
+                "cited_prefix_cache_lookups_total",
+                "Full prompt blocks looked up in the prefix cache",
+            ),
+            prefix_cache_hits_total: counter(
+                "cited_prefix_cache_hits_total",
+                "Full prompt blocks found in the prefix cache (hit rate = hits / lookups)",
+            ),
+            prompt_tokens_cached_total: counter(
+                "cited_prompt_tokens_cached_total",
+                "Prompt tokens whose forward pass the prefix cache saved",
+            ),
+            preemptions_total: counter(
+                "cited_preemptions_total",
+                "Sequences preempted (blocks freed, history recomputed later) for lack of KV blocks",
+            ),
             corpus_documents: gauge("cited_corpus_documents", "Documents in the store"),
             corpus_chunks: gauge("cited_corpus_chunks", "Chunks in the store"),
             registry,
@@ -149,8 +181,27 @@ impl Metrics {
             &self.embedded_texts_total,
             stats.embedded_texts.load(Relaxed),
         );
+        sync(
+            &self.prefix_cache_lookups_total,
+            stats.prefix_blocks_looked_up.load(Relaxed),
+        );
+        sync(
+            &self.prefix_cache_hits_total,
+            stats.prefix_blocks_hit.load(Relaxed),
+        );
+        sync(
+            &self.prompt_tokens_cached_total,
+            stats.cached_prompt_tokens.load(Relaxed),
+        );
+        sync(&self.preemptions_total, stats.preemptions.load(Relaxed));
         self.generations_waiting
             .set(stats.waiting.load(Relaxed) as i64);
+        self.kv_cache_blocks
+            .set(stats.kv_blocks_total.load(Relaxed) as i64);
+        self.kv_cache_blocks_used
+            .set(stats.kv_blocks_used.load(Relaxed) as i64);
+        self.kv_cache_blocks_cached
+            .set(stats.kv_blocks_cached.load(Relaxed) as i64);
     }
 
     /// The Prometheus text exposition.

@@ -6,6 +6,7 @@
 //! are in. Every error has the body `{"error": {"type", "message"}}` ([`error`]).
 
 pub mod answer;
+pub mod completions;
 pub mod error;
 pub mod metrics;
 pub mod openai;
@@ -46,6 +47,8 @@ pub struct ServiceConfig {
     pub data_dir: PathBuf,
     pub rag: RagConfig,
     pub engine: EngineConfig,
+    /// Serve `/v1/completions` (plain generation, no retrieval, no citations) for load tests.
+    pub completions: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,8 @@ pub enum LoadError {
 pub struct Services {
     pub pipeline: Pipeline,
     pub corpus: Arc<Mutex<Corpus>>,
+    /// Whether `/v1/completions` is on.
+    pub completions: bool,
 }
 
 impl Services {
@@ -74,11 +79,12 @@ impl Services {
             embedder: model_name(&cfg.embedder),
             generator: model_name(&cfg.generator),
         };
-        let engine = EngineHandle::start(embedder, model, text, info, cfg.engine);
+        let engine = EngineHandle::start(embedder, model, text, info, cfg.engine)?;
         let corpus = Arc::new(Mutex::new(corpus));
         Ok(Self {
             pipeline: Pipeline::new(engine, corpus.clone(), cfg.rag.clone()),
             corpus,
+            completions: cfg.completions,
         })
     }
 }
@@ -161,6 +167,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/search", post(routes::search))
         .route("/v1/answer", post(answer::answer))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(completions::completions))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), record))

@@ -50,7 +50,7 @@ const MAX_STOPS: usize = 4;
 const MAX_STOP_CHARS: usize = 64;
 
 /// `stop`: a string or a list of up to four non-empty strings.
-fn stop_strings(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
+pub(crate) fn stop_strings(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
     let list = match v {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::String(s)) => vec![s.clone()],
@@ -87,7 +87,7 @@ fn stop_strings(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
 #[derive(Deserialize)]
 pub struct StreamOptions {
     #[serde(default)]
-    include_usage: bool,
+    pub(crate) include_usage: bool,
 }
 
 #[derive(Deserialize)]
@@ -120,7 +120,7 @@ fn content_text(i: usize, content: Option<&Value>) -> Result<String, ApiError> {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-fn completion_id() -> String {
+pub(crate) fn completion_id() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
@@ -130,7 +130,7 @@ fn completion_id() -> String {
     )
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

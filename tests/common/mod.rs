@@ -176,6 +176,38 @@ impl TinyLlama {
     /// Writes the same weights as a GGUF file the way llama.cpp's converter does: GGUF names, Q
     /// and K rows permuted for interleaved rotary embeddings, matrices stored as `dtype`.
     pub fn write_gguf(&self, path: &Path, seed: u64, dtype: GgmlDType) {
+        self.write_gguf_with(path, seed, dtype, Vec::new())
+    }
+
+    /// A GGUF that also carries a byte-level BPE tokenizer of 97 tokens: the 94 printable ASCII
+    /// characters other than space (ids 0..94), then `<|im_start|>`, `<|im_end|>` and
+    /// `<|endoftext|>` as control tokens (94, 95, 96; the last two end a turn). No merges: one
+    /// character, one token. Needs `vocab` 97.
+    pub fn write_gguf_with_tokenizer(&self, path: &Path, seed: u64, dtype: GgmlDType) {
+        assert_eq!(self.vocab, 97);
+        let mut tokens: Vec<Value> = (b'!'..=b'~')
+            .map(|c| Value::String((c as char).to_string()))
+            .collect();
+        let mut types = vec![Value::I32(1); tokens.len()];
+        for special in ["<|im_start|>", "<|im_end|>", "<|endoftext|>"] {
+            tokens.push(Value::String(special.into()));
+            types.push(Value::I32(3));
+        }
+        self.write_gguf_with(
+            path,
+            seed,
+            dtype,
+            vec![
+                ("tokenizer.ggml.model", Value::String("gpt2".into())),
+                ("tokenizer.ggml.tokens", Value::Array(tokens)),
+                ("tokenizer.ggml.token_type", Value::Array(types)),
+                ("tokenizer.ggml.merges", Value::Array(Vec::new())),
+                ("tokenizer.ggml.eos_token_id", Value::U32(96)),
+            ],
+        )
+    }
+
+    fn write_gguf_with(&self, path: &Path, seed: u64, dtype: GgmlDType, extra: Vec<(&str, Value)>) {
         let w = self.weights(seed);
         let hd = self.head_dim();
         let permute = |t: &Tensor, heads: usize| {
@@ -261,7 +293,10 @@ impl TinyLlama {
             ("llama.rope.freq_base", Value::F32(10000.0)),
             ("llama.rope.dimension_count", u(hd)),
             ("llama.context_length", u(256)),
-        ];
+        ]
+        .into_iter()
+        .chain(extra)
+        .collect();
         let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
         let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let mut f = std::fs::File::create(path).unwrap();

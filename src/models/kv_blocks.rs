@@ -5,8 +5,8 @@
 //! one patient's cached prompt is never reused, or timed, by another. Released blocks that hold a
 //! cached prefix stay reusable until the pool needs them (least recently released first).
 //!
-//! This module is the bookkeeping only: the tensors live with the model (the batched engine maps
-//! block ids to rows of its K/V storage).
+//! This module is the bookkeeping only: [`super::kv_cache::KvCache`] holds the K/V storage the
+//! block ids index.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
