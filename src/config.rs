@@ -66,6 +66,27 @@ pub struct ModelArgs {
     /// blocks), quantized (always on the blocks, least memory) or dequantized (always f32).
     #[arg(long, env = "CITED_WEIGHTS", default_value = "auto", global = true)]
     pub weights: QuantMode,
+    /// gguf: --generator is a GGUF file. dummy: --generator is a Hugging Face config.json (or
+    /// its folder) and the weights are seeded random numbers of that shape, quantized like a
+    /// GGUF's, for benchmarks at real model shapes; the text means nothing.
+    #[arg(long, env = "CITED_LOAD_FORMAT", default_value = "gguf", global = true)]
+    pub load_format: LoadFormat,
+    /// With --load-format dummy: the GGUF whose tokenizer and chat template the engine uses.
+    #[arg(
+        long,
+        env = "CITED_TOKENIZER",
+        default_value = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
+        global = true
+    )]
+    pub tokenizer: PathBuf,
+}
+
+/// Where the generator's weights come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoadFormat {
+    #[default]
+    Gguf,
+    Dummy,
 }
 
 /// How answers are built (serve and ask).
@@ -364,6 +385,8 @@ pub struct Config {
     pub generator: PathBuf,
     pub device: DeviceSpec,
     pub weights: QuantMode,
+    pub load_format: LoadFormat,
+    pub tokenizer: PathBuf,
 }
 
 fn existing(path: &Path, what: &'static str, flag: &'static str) -> Result<PathBuf, ConfigError> {
@@ -392,16 +415,24 @@ impl Config {
         } else {
             args.embedder.clone()
         };
-        let generator = if needs_generator {
-            existing(&args.generator, "generator GGUF", "generator")?
-        } else {
-            args.generator.clone()
+        let (generator, tokenizer) = match (needs_generator, args.load_format) {
+            (false, _) => (args.generator.clone(), args.tokenizer.clone()),
+            (true, LoadFormat::Gguf) => (
+                existing(&args.generator, "generator GGUF", "generator")?,
+                args.tokenizer.clone(),
+            ),
+            (true, LoadFormat::Dummy) => (
+                existing(&args.generator, "generator config.json", "generator")?,
+                existing(&args.tokenizer, "tokenizer GGUF", "tokenizer")?,
+            ),
         };
         Ok(Self {
             embedder,
             generator,
             device,
             weights: args.weights,
+            load_format: args.load_format,
+            tokenizer,
         })
     }
 }
@@ -433,9 +464,19 @@ mod tests {
             generator: "/nonexistent/g.gguf".into(),
             device: "cpu".into(),
             weights: QuantMode::Quantized,
+            load_format: LoadFormat::Gguf,
+            tokenizer: "/nonexistent/t.gguf".into(),
         };
         let err = Config::from_args(&args, true, false).unwrap_err();
         assert!(err.to_string().contains("models/fetch.sh"));
         assert!(Config::from_args(&args, false, false).is_ok());
+        // A dummy generator needs its config.json and the tokenizer's GGUF.
+        let dummy = ModelArgs {
+            load_format: LoadFormat::Dummy,
+            generator: "models/configs/smollm2-135m.json".into(),
+            ..args
+        };
+        let err = Config::from_args(&dummy, false, true).unwrap_err();
+        assert!(err.to_string().contains("tokenizer"), "{err}");
     }
 }

@@ -5,9 +5,9 @@ use std::io::Write;
 use anyhow::Result;
 use clap::Parser;
 
-use cited::config::{Args, Command, Config, EvalCommand, RagArgs};
+use cited::config::{Args, Command, Config, EvalCommand, LoadFormat, RagArgs};
 use cited::engine::generate::generate_greedy;
-use cited::engine::worker::load_generator;
+use cited::engine::worker::{load_dummy_generator, load_generator};
 use cited::index::{Corpus, Mode, SearchOptions};
 use cited::ingest::{ingest_paths, IngestOptions};
 use cited::models::bert::Embedder;
@@ -30,6 +30,7 @@ fn service_config(args: &Args, rag: &RagArgs) -> Result<ServiceConfig> {
         rag: rag.to_config()?,
         engine: Default::default(),
         completions: false,
+        dummy_tokenizer: (cfg.load_format == LoadFormat::Dummy).then_some(cfg.tokenizer),
     })
 }
 
@@ -140,7 +141,12 @@ fn main() -> Result<()> {
         } => {
             let cfg = Config::from_args(&args.models, false, true)?;
             let device = cfg.device.open()?;
-            let (model, text) = load_generator(&cfg.generator, &device, cfg.weights)?;
+            let (model, text) = match cfg.load_format {
+                LoadFormat::Gguf => load_generator(&cfg.generator, &device, cfg.weights)?,
+                LoadFormat::Dummy => {
+                    load_dummy_generator(&cfg.generator, &cfg.tokenizer, &device, cfg.weights)?
+                }
+            };
             let ids = text.encode_chat(system, &[ChatMessage::new(Role::User, prompt)])?;
             let mut stdout = std::io::stdout();
             let out = generate_greedy(&model, &text.tokenizer, &ids, *max_tokens, |piece| {

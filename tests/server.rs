@@ -32,6 +32,7 @@ fn config(data: &Path) -> ServiceConfig {
         rag: RagConfig::default(),
         engine: Default::default(),
         completions: true,
+        dummy_tokenizer: None,
     }
 }
 

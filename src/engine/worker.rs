@@ -55,8 +55,34 @@ impl TextSide {
 /// Loads the generator from a GGUF file: the model for the worker, the text side for everyone.
 pub fn load_generator(path: &Path, device: &Device, mode: QuantMode) -> Result<(Llama, TextSide)> {
     let mut file = GgufFile::open(path)?;
-    let tokenizer = BpeTokenizer::from_gguf(file.content())?;
     let model = Llama::from_gguf(&mut file, device, mode)?;
+    let text = text_side(&file, model.config().max_position_embeddings)?;
+    Ok((model, text))
+}
+
+/// Seeded random weights of the shape in `config` (a Hugging Face `config.json`, or the folder
+/// holding one), with the tokenizer and chat template of the GGUF file `tokenizer`: the engine at
+/// a real model's shape, for benchmarks (`--load-format dummy`). Ids beyond that tokenizer's
+/// vocabulary decode to nothing.
+pub fn load_dummy_generator(
+    config: &Path,
+    tokenizer: &Path,
+    device: &Device,
+    mode: QuantMode,
+) -> Result<(Llama, TextSide)> {
+    let config = if config.is_dir() {
+        config.join("config.json")
+    } else {
+        config.to_path_buf()
+    };
+    let cfg = Llama::read_hf_config(&config)?;
+    let model = Llama::dummy(&cfg, device, mode, 0)?;
+    let text = text_side(&GgufFile::open(tokenizer)?, cfg.max_position_embeddings)?;
+    Ok((model, text))
+}
+
+fn text_side(file: &GgufFile, context_length: usize) -> Result<TextSide> {
+    let tokenizer = BpeTokenizer::from_gguf(file.content())?;
     let source = tokenizer
         .chat_template()
         .ok_or_else(|| ModelError::Gguf("the GGUF file carries no chat template".into()))?;
@@ -70,15 +96,11 @@ pub fn load_generator(path: &Path, device: &Device, mode: QuantMode) -> Result<(
         &token_text(tokenizer.bos_id()),
         &token_text(tokenizer.eos_id()),
     )?;
-    let context_length = model.config().max_position_embeddings;
-    Ok((
-        model,
-        TextSide {
-            tokenizer,
-            template,
-            context_length,
-        },
-    ))
+    Ok(TextSide {
+        tokenizer,
+        template,
+        context_length,
+    })
 }
 
 /// What to generate.

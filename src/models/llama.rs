@@ -1,6 +1,10 @@
-//! Llama-family decoders (SmolLM2, Llama 3.x) from a GGUF file or a Hugging Face folder
-//! (`config.json` + safetensors), run over packed variable-length sequences with a paged KV
-//! cache.
+//! Llama-family decoders from a GGUF file or a Hugging Face folder (`config.json` +
+//! safetensors), run over packed variable-length sequences with a paged KV cache: Llama 2 and 3
+//! (with Llama 3's rope scaling and optional attention biases), SmolLM2, Mistral and Qwen2/2.5
+//! (biases on the Q, K and V projections). A sliding attention window (Mistral, Qwen2 with
+//! `use_sliding_window`) caps the context at the window, inside which attention is exact.
+//! [`Llama::dummy`] builds seeded random weights from a `config.json` alone, for benchmarks at
+//! real model shapes.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -17,6 +21,7 @@ use super::{Batch, LogitsAt, Result};
 use crate::error::{read_json, ModelError};
 use crate::ops::paged_attention::paged_attention;
 use crate::ops::qmatmul::{self, QMatrix};
+use crate::ops::rng::SplitMix64;
 
 /// How rotary embeddings pair the dimensions of a head.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,8 +51,47 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// `llama` (also when absent), `mistral` or `qwen2`.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// Biases on the Q, K, V and output projections (Llama's `attention_bias`).
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Set when a head is not `hidden_size / num_attention_heads` wide.
+    #[serde(default, rename = "head_dim")]
+    pub head_dim_override: Option<usize>,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Qwen2 applies its window only when this is set.
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
     #[serde(skip)]
     pub rope_style: RopeStyle,
+}
+
+/// `rope_scaling` of a `config.json`: `linear` (positions divided by `factor`) or `llama3`
+/// (long wavelengths divided by `factor`, short ones kept, a smooth blend between).
+#[derive(Clone, Debug, Deserialize)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default = "one")]
+    pub factor: f64,
+    #[serde(default = "one")]
+    pub low_freq_factor: f64,
+    #[serde(default = "four")]
+    pub high_freq_factor: f64,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn four() -> f64 {
+    4.0
 }
 
 fn default_eps() -> f64 {
@@ -66,13 +110,84 @@ impl LlamaConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim_override
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    fn is_qwen2(&self) -> bool {
+        self.model_type.as_deref() == Some("qwen2")
+    }
+
+    /// Whether the Q, K and V projections carry biases.
+    pub fn qkv_bias(&self) -> bool {
+        self.is_qwen2() || self.attention_bias
+    }
+
+    /// The inverse frequency of each dimension pair, after `rope_scaling`.
+    fn inv_freqs(&self) -> Vec<f32> {
+        let hd = self.head_dim();
+        let base: Vec<f64> = (0..hd / 2)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64))
+            .collect();
+        let Some(sc) = &self.rope_scaling else {
+            return base.iter().map(|&f| f as f32).collect();
+        };
+        match sc.rope_type.as_str() {
+            "linear" => base.iter().map(|f| (f / sc.factor) as f32).collect(),
+            "llama3" => {
+                let old = sc
+                    .original_max_position_embeddings
+                    .unwrap_or(self.max_position_embeddings) as f64;
+                let low_wavelen = old / sc.low_freq_factor;
+                let high_wavelen = old / sc.high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        let scaled = if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / sc.factor
+                        } else {
+                            let smooth = (old / wavelen - sc.low_freq_factor)
+                                / (sc.high_freq_factor - sc.low_freq_factor);
+                            (1.0 - smooth) * f / sc.factor + smooth * f
+                        };
+                        scaled as f32
+                    })
+                    .collect()
+            }
+            _ => base.iter().map(|&f| f as f32).collect(),
+        }
+    }
+
+    /// Checks what a Hugging Face `config.json` asks for and caps the context at a sliding
+    /// window, inside which attention is exact.
+    fn prepare_hf(&mut self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::Unsupported(m));
+        match self.model_type.as_deref() {
+            None | Some("llama") | Some("mistral") | Some("qwen2") => {}
+            Some(other) => return bad(format!("model_type `{other}` (llama, mistral, qwen2)")),
+        }
+        if let Some(sc) = &self.rope_scaling {
+            if !matches!(sc.rope_type.as_str(), "default" | "linear" | "llama3") {
+                return bad(format!("rope_scaling `{}` (linear, llama3)", sc.rope_type));
+            }
+        }
+        let windowed = match self.model_type.as_deref() {
+            Some("qwen2") => self.use_sliding_window.unwrap_or(false),
+            _ => true,
+        };
+        if let (true, Some(w)) = (windowed, self.sliding_window) {
+            self.max_position_embeddings = self.max_position_embeddings.min(w);
+        }
+        self.validate()
     }
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Unsupported(m));
         if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+            || (self.head_dim_override.is_none()
+                && !self.hidden_size.is_multiple_of(self.num_attention_heads))
         {
             return bad(format!(
                 "hidden_size {} over {} heads",
@@ -127,6 +242,12 @@ impl LlamaConfig {
             rope_theta: file.f64(&key("rope.freq_base")).unwrap_or(10_000.0),
             max_position_embeddings: file.usize(&key("context_length")).unwrap_or(4096),
             tie_word_embeddings: !file.has_tensor("output.weight"),
+            model_type: None,
+            attention_bias: false,
+            head_dim_override: None,
+            rope_scaling: None,
+            sliding_window: None,
+            use_sliding_window: None,
             rope_style: RopeStyle::Interleaved,
         };
         cfg.validate()?;
@@ -190,10 +311,13 @@ enum QuantForm {
     Candle(QMatMul),
 }
 
-/// A weight matrix `(out, in)` in the forms its [`QuantMode`] keeps (at least one).
+/// A weight matrix `(out, in)` in the forms its [`QuantMode`] keeps (at least one), and its
+/// bias if it has one.
 struct Proj {
     quantized: Option<QuantForm>,
     dense: Option<QMatMul>,
+    /// `(out,)`
+    bias: Option<Tensor>,
 }
 
 impl Proj {
@@ -201,11 +325,25 @@ impl Proj {
         Self {
             quantized: None,
             dense: Some(QMatMul::Tensor(w)),
+            bias: None,
         }
+    }
+
+    fn with_bias(mut self, bias: Option<Tensor>) -> Self {
+        self.bias = bias;
+        self
     }
 
     /// `x` `(rows, in)` -> `(rows, out)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.product(x)?;
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(b)?),
+            None => Ok(y),
+        }
+    }
+
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.dim(0)?;
         let quantized = match (&self.quantized, &self.dense) {
             (Some(q), Some(d)) => {
@@ -329,16 +467,18 @@ fn stack(
             (rows, cols),
         )?))))
     };
-    Ok(Proj { quantized, dense })
+    Ok(Proj {
+        quantized,
+        dense,
+        bias: None,
+    })
 }
 
 /// Rotary tables `(max_positions, head_dim / 2)`, row-major: cos and sin of each position's
 /// angle for each dimension pair.
 fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
     let half = cfg.head_dim() / 2;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim() as f64) as f32)
-        .collect();
+    let inv = cfg.inv_freqs();
     let mut cos = Vec::with_capacity(cfg.max_position_embeddings * half);
     let mut sin = Vec::with_capacity(cfg.max_position_embeddings * half);
     for p in 0..cfg.max_position_embeddings {
@@ -395,9 +535,7 @@ impl Llama {
 
     /// Loads a Hugging Face folder: `config.json` and every `*.safetensors` file in it.
     pub fn from_hf_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let mut cfg: LlamaConfig = read_json(&dir.join("config.json"))?;
-        cfg.rope_style = RopeStyle::Half;
-        cfg.validate()?;
+        let cfg = Self::read_hf_config(&dir.join("config.json"))?;
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| ModelError::io(dir, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -428,8 +566,26 @@ impl Llama {
                     a.get((nh * hd, h), "q_proj.weight")?,
                     a.get((nkv * hd, h), "k_proj.weight")?,
                     a.get((nkv * hd, h), "v_proj.weight")?,
-                ])?,
-                wo: dense(vec![a.get((h, nh * hd), "o_proj.weight")?])?,
+                ])?
+                .with_bias(if cfg.qkv_bias() {
+                    Some(Tensor::cat(
+                        &[
+                            a.get(nh * hd, "q_proj.bias")?,
+                            a.get(nkv * hd, "k_proj.bias")?,
+                            a.get(nkv * hd, "v_proj.bias")?,
+                        ],
+                        0,
+                    )?)
+                } else {
+                    None
+                }),
+                wo: dense(vec![a.get((h, nh * hd), "o_proj.weight")?])?.with_bias(
+                    if cfg.attention_bias {
+                        Some(a.get(h, "o_proj.bias")?)
+                    } else {
+                        None
+                    },
+                ),
                 ffn_norm: l.get(h, "post_attention_layernorm.weight")?,
                 w_gate_up: dense(vec![
                     p.get((ff, h), "gate_proj.weight")?,
@@ -445,6 +601,81 @@ impl Llama {
             Proj::dense(vb.get((cfg.vocab_size, h), "lm_head.weight")?)
         };
         Self::assemble(cfg, embed, layers, norm, lm_head, device)
+    }
+
+    /// Reads and checks a Hugging Face `config.json`.
+    pub fn read_hf_config(path: &Path) -> Result<LlamaConfig> {
+        let mut cfg: LlamaConfig = read_json(path)?;
+        cfg.rope_style = RopeStyle::Half;
+        cfg.prepare_hf()?;
+        Ok(cfg)
+    }
+
+    /// Seeded random weights of the shape `cfg` (normal, standard deviation 0.02; norms 1),
+    /// computed as GGUF weights would be: matrices quantized to Q4_1 (the output projection to
+    /// Q8_0) unless `mode` is [`QuantMode::Dequantized`]. For benchmarks at real model shapes
+    /// (`--load-format dummy`); the text they produce means nothing.
+    pub fn dummy(cfg: &LlamaConfig, device: &Device, mode: QuantMode, seed: u64) -> Result<Self> {
+        let mut cfg = cfg.clone();
+        cfg.rope_style = RopeStyle::Half;
+        cfg.validate()?;
+        let mut rng = SplitMix64::new(seed);
+        let mut random = |rows: usize, cols: usize| -> Result<Tensor> {
+            let mut v = Vec::with_capacity(rows * cols);
+            while v.len() < rows * cols {
+                // Box-Muller: two normals from two uniforms.
+                let (u1, u2) = (rng.unit().max(f32::MIN_POSITIVE), rng.unit());
+                let r = (-2.0 * u1.ln()).sqrt() * 0.02;
+                let t = 2.0 * std::f32::consts::PI * u2;
+                v.push(r * t.cos());
+                v.push(r * t.sin());
+            }
+            v.truncate(rows * cols);
+            Ok(Tensor::from_vec(v, (rows, cols), device)?)
+        };
+        let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
+        let (hd, nh, nkv) = (cfg.head_dim(), cfg.num_attention_heads, cfg.num_kv_heads());
+        let quantizable = |cols: usize| cols.is_multiple_of(GgmlDType::Q4_1.block_size());
+        let proj = |parts: Vec<Tensor>, dtype: GgmlDType| -> Result<Proj> {
+            let cols = parts[0].dim(1)?;
+            if mode == QuantMode::Dequantized || !quantizable(cols) {
+                return Ok(Proj::dense(Tensor::cat(&parts, 0)?));
+            }
+            let qs = parts
+                .iter()
+                .map(|p| QTensor::quantize(p, dtype))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            stack(qs, mode, device, None)
+        };
+        let ones = Tensor::ones(h, DType::F32, device)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            let qkv = vec![
+                random(nh * hd, h)?,
+                random(nkv * hd, h)?,
+                random(nkv * hd, h)?,
+            ];
+            let bias = if cfg.qkv_bias() {
+                Some(random(1, (nh + 2 * nkv) * hd)?.squeeze(0)?)
+            } else {
+                None
+            };
+            layers.push(Layer {
+                attn_norm: ones.clone(),
+                wqkv: proj(qkv, GgmlDType::Q4_1)?.with_bias(bias),
+                wo: proj(vec![random(h, nh * hd)?], GgmlDType::Q4_1)?,
+                ffn_norm: ones.clone(),
+                w_gate_up: proj(vec![random(ff, h)?, random(ff, h)?], GgmlDType::Q4_1)?,
+                w_down: proj(vec![random(h, ff)?], GgmlDType::Q4_1)?,
+            });
+        }
+        let embed = random(cfg.vocab_size, h)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            proj(vec![embed.clone()], GgmlDType::Q8_0)?
+        } else {
+            proj(vec![random(cfg.vocab_size, h)?], GgmlDType::Q8_0)?
+        };
+        Self::assemble(cfg, embed, layers, ones, lm_head, device)
     }
 
     fn assemble(

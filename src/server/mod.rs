@@ -24,7 +24,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use candle_core::Device;
 
-use crate::engine::worker::{load_generator, EngineConfig, EngineHandle, EngineInfo};
+use crate::engine::worker::{
+    load_dummy_generator, load_generator, EngineConfig, EngineHandle, EngineInfo,
+};
 use crate::error::{EngineError, IndexError, ModelError};
 use crate::index::store::Store;
 use crate::index::Corpus;
@@ -49,6 +51,9 @@ pub struct ServiceConfig {
     pub engine: EngineConfig,
     /// Serve `/v1/completions` (plain generation, no retrieval, no citations) for load tests.
     pub completions: bool,
+    /// With `Some(tokenizer GGUF)`, `generator` is a `config.json` and the weights are dummy
+    /// (seeded random, for benchmarks at real shapes).
+    pub dummy_tokenizer: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +78,10 @@ impl Services {
     /// Loads the embedder, the generator and the corpus, and starts the device worker.
     pub fn load(cfg: &ServiceConfig) -> Result<Self, LoadError> {
         let embedder = Embedder::load(&cfg.embedder, &cfg.device)?;
-        let (model, text) = load_generator(&cfg.generator, &cfg.device, cfg.weights)?;
+        let (model, text) = match &cfg.dummy_tokenizer {
+            None => load_generator(&cfg.generator, &cfg.device, cfg.weights)?,
+            Some(t) => load_dummy_generator(&cfg.generator, t, &cfg.device, cfg.weights)?,
+        };
         let corpus = Corpus::open(&cfg.data_dir)?;
         let info = EngineInfo {
             embedder: model_name(&cfg.embedder),
