@@ -47,6 +47,7 @@ async fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>) ->
     while let Some(e) = rx.recv().await {
         match e {
             GenerateEvent::Text(t) => text.push_str(&t),
+            GenerateEvent::Logprob(_) => {}
             GenerateEvent::Done(stats) => return (text, stats.generated_tokens),
             GenerateEvent::Error(e) => panic!("{e}"),
         }

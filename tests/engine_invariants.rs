@@ -18,7 +18,7 @@ use candle_core::Device;
 use cited::engine::scheduler::SchedulerConfig;
 use cited::engine::worker::{
     EngineConfig, EngineHandle, EngineInfo, GenerateEvent, GenerateRequest, GenerationStats,
-    TextSide,
+    TextSide, TokenLogprob,
 };
 use cited::error::EngineError;
 use cited::models::bert::Embedder;
@@ -75,13 +75,22 @@ fn prompt(rng: &mut Rng, len: usize) -> Vec<u32> {
 }
 
 async fn collect(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>,
 ) -> (String, GenerationStats) {
+    let (text, _, stats) = collect_all(rx).await;
+    (text, stats)
+}
+
+async fn collect_all(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>,
+) -> (String, Vec<TokenLogprob>, GenerationStats) {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     while let Some(e) = rx.recv().await {
         match e {
             GenerateEvent::Text(t) => text.push_str(&t),
-            GenerateEvent::Done(stats) => return (text, stats),
+            GenerateEvent::Logprob(lp) => logprobs.push(lp),
+            GenerateEvent::Done(stats) => return (text, logprobs, stats),
             GenerateEvent::Error(e) => panic!("{e}"),
         }
     }
@@ -265,4 +274,54 @@ async fn preemption_and_prefix_reuse_change_no_output() {
     assert_eq!(miss.cached_prompt_tokens, 0, "another salt shares nothing");
     assert_eq!(same_salt, alone[2]);
     assert_eq!(other_salt, alone[2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_describe_the_models_choice_alone_and_in_a_batch() {
+    let mut rng = Rng::new(31);
+    let prompts: Vec<Vec<u32>> = (0..3).map(|i| prompt(&mut rng, 10 + 9 * i)).collect();
+    let ask = |p: &Vec<u32>, temperature: f32| {
+        let mut r = request(p.clone(), 12, 0);
+        r.logprobs = Some(5);
+        r.sampling.temperature = temperature;
+        r.sampling.seed = 4;
+        r
+    };
+    let e = engine(64, 4, 64);
+    for temperature in [0.0, 1.0] {
+        let mut alone = Vec::new();
+        for p in &prompts {
+            alone.push(collect_all(e.generate(ask(p, temperature)).unwrap()).await);
+        }
+        let rxs: Vec<_> = prompts
+            .iter()
+            .map(|p| e.generate(ask(p, temperature)).unwrap())
+            .collect();
+        for (rx, (text, lps, stats)) in rxs.into_iter().zip(&alone) {
+            let (t2, lp2, _) = collect_all(rx).await;
+            assert_eq!(
+                (&t2, &lp2),
+                (text, lps),
+                "batched == alone, log-probabilities too"
+            );
+            assert_eq!(lps.len(), stats.generated_tokens);
+            for lp in lps {
+                assert_eq!(lp.top.len(), 5);
+                assert!(lp.logprob <= 0.0);
+                assert!(lp.top.windows(2).all(|w| w[0].2 >= w[1].2));
+                let mass: f32 = lp.top.iter().map(|t| t.2.exp()).sum();
+                assert!(mass <= 1.0 + 1e-5);
+                if temperature == 0.0 {
+                    // Greedy picks the most likely token.
+                    assert_eq!(lp.token, lp.top[0].0);
+                    assert!((lp.logprob - lp.top[0].2).abs() < 1e-6);
+                } else if let Some(t) = lp.top.iter().find(|t| t.0 == lp.token) {
+                    assert!((lp.logprob - t.2).abs() < 1e-6);
+                }
+            }
+        }
+    }
+    let mut too_many = request(prompts[0].clone(), 4, 0);
+    too_many.logprobs = Some(21);
+    assert!(matches!(e.generate(too_many), Err(EngineError::Invalid(_))));
 }

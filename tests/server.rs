@@ -872,8 +872,24 @@ async fn raw_completions_serve_load_tests_only_when_switched_on() {
     assert!(!text.is_empty());
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 4);
 
+    // Log-probabilities: one entry per generated token, with two alternatives each.
+    let (st, lp) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 3, "ignore_eos": true, "logprobs": 2}),
+        )
+        .await;
+    assert_eq!(st, 200, "{lp}");
+    let l = &lp["choices"][0]["logprobs"];
+    assert_eq!(l["tokens"].as_array().unwrap().len(), 3);
+    assert_eq!(l["token_logprobs"].as_array().unwrap().len(), 3);
+    assert!(l["token_logprobs"][0].as_f64().unwrap() <= 0.0);
+    assert_eq!(l["top_logprobs"][0].as_object().unwrap().len(), 2);
+    assert_eq!(first["choices"][0]["logprobs"], Value::Null);
+
     // Bad input: the field named, 422.
     for (bad, field) in [
+        (json!({"prompt": "x", "logprobs": 21}), "logprobs"),
         (json!({"prompt": ""}), "prompt"),
         (json!({"prompt": ["a", "b"]}), "prompt"),
         (json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),

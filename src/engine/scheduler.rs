@@ -20,13 +20,15 @@ use tokio::sync::mpsc;
 
 use super::generate::StopReason;
 use super::stop::StopMatcher;
-use super::worker::{EngineStats, GenerateEvent, GenerateRequest, GenerationStats, TextSide};
+use super::worker::{
+    EngineStats, GenerateEvent, GenerateRequest, GenerationStats, TextSide, TokenLogprob,
+};
 use crate::error::EngineError;
 use crate::models::kv_cache::KvCache;
 use crate::models::llama::Llama;
 use crate::models::tokenizer::StreamDecoder;
 use crate::models::{Batch, LogitsAt};
-use crate::ops::sampling::Sampler;
+use crate::ops::sampling::{top_logprobs, Sampler};
 
 /// Scheduler limits.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +65,8 @@ struct Running {
     computed: usize,
     salt: u64,
     max_tokens: usize,
+    /// Alternatives to report with each token's log-probability (`None`: no log-probabilities).
+    logprobs: Option<usize>,
     sampler: Sampler,
     decoder: StreamDecoder,
     stops: StopMatcher,
@@ -170,6 +174,7 @@ impl Scheduler {
                 computed: 0,
                 salt: p.request.cache_salt,
                 max_tokens: p.request.max_tokens,
+                logprobs: p.request.logprobs,
                 sampler,
                 decoder: StreamDecoder::new(),
                 stops: StopMatcher::new(std::mem::take(&mut p.request.stop)),
@@ -334,6 +339,11 @@ impl Scheduler {
             if r.computed < r.tokens.len() {
                 continue; // more history to read; these logits are not needed
             }
+            // The model's own distribution, before the sampler edits the logits.
+            let before = r.logprobs.map(|n| {
+                let (log_norm, top) = top_logprobs(&logits, n);
+                (log_norm, top, logits.clone())
+            });
             let token = match r.sampler.sample(&mut logits) {
                 Ok(t) => t,
                 Err(e) => {
@@ -349,7 +359,17 @@ impl Scheduler {
                 r.stats.prefill = now - r.admitted_at;
                 r.first_token_at = Some(now);
             }
-            if let Some(stop) = r.accept(token, text, stats) {
+            let logprob = before.map(|(log_norm, top, raw)| {
+                let name =
+                    |t: u32| String::from_utf8_lossy(text.tokenizer.token_bytes(t)).into_owned();
+                TokenLogprob {
+                    token,
+                    text: name(token),
+                    logprob: raw[token as usize] - log_norm,
+                    top: top.into_iter().map(|(t, lp)| (t, name(t), lp)).collect(),
+                }
+            });
+            if let Some(stop) = r.accept(token, logprob, text, stats) {
                 done.push((i, stop));
             }
         }
@@ -399,9 +419,20 @@ impl Scheduler {
 
 impl Running {
     /// Takes a sampled token: streams its text, and says whether the sequence ends here.
-    fn accept(&mut self, token: u32, text: &TextSide, stats: &EngineStats) -> Option<StopReason> {
+    fn accept(
+        &mut self,
+        token: u32,
+        logprob: Option<TokenLogprob>,
+        text: &TextSide,
+        stats: &EngineStats,
+    ) -> Option<StopReason> {
         if self.stop_ids.contains(&token) {
             return Some(self.flush(StopReason::EndOfTurn));
+        }
+        if let Some(lp) = logprob {
+            if self.events.send(GenerateEvent::Logprob(lp)).is_err() {
+                return Some(StopReason::Cancelled);
+            }
         }
         self.stats.generated_tokens += 1;
         stats.generated_tokens.fetch_add(1, Ordering::Relaxed);

@@ -118,6 +118,9 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
     /// Generate `max_tokens` tokens, ignoring the model's end-of-turn ids (load tests).
     pub ignore_eos: bool,
+    /// Report each generated token's log-probability and this many most likely alternatives
+    /// (at most [`crate::ops::sampling::MAX_TOP_LOGPROBS`]).
+    pub logprobs: Option<usize>,
     /// Prefix-cache partition: cached prompt blocks are shared only between requests with the
     /// same salt (one per tenant or patient), so no one reuses, or times, another's prompt.
     pub cache_salt: u64,
@@ -135,6 +138,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
             cache_salt: 0,
         }
     }
@@ -156,11 +160,26 @@ pub struct GenerationStats {
     pub decode: Duration,
 }
 
+/// A generated token's log-probability under the model (before penalties, temperature and
+/// filters) and the most likely alternatives at that step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    /// The token's text (bytes that are not whole UTF-8 characters shown as U+FFFD).
+    pub text: String,
+    pub logprob: f32,
+    /// `(token, text, logprob)`, most likely first.
+    pub top: Vec<(u32, String, f32)>,
+}
+
 /// Streamed from the worker to the request.
 #[derive(Clone, Debug)]
 pub enum GenerateEvent {
     /// Newly completed text (whole UTF-8 characters).
     Text(String),
+    /// Sent for each generated token when the request asked for log-probabilities, before the
+    /// token's text (which may come later, held back for a stop string or a split character).
+    Logprob(TokenLogprob),
     Done(GenerationStats),
     Error(String),
 }
@@ -333,6 +352,15 @@ impl EngineHandle {
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
         if request.prompt.is_empty() {
             return Err(EngineError::Invalid("empty prompt".into()));
+        }
+        if request
+            .logprobs
+            .is_some_and(|n| n > crate::ops::sampling::MAX_TOP_LOGPROBS)
+        {
+            return Err(EngineError::Invalid(format!(
+                "logprobs: at most {} alternatives",
+                crate::ops::sampling::MAX_TOP_LOGPROBS
+            )));
         }
         if request.prompt.len() + request.max_tokens > self.text.context_length {
             return Err(EngineError::Invalid(format!(

@@ -145,6 +145,40 @@ pub fn argmax(logits: &[f32]) -> Option<u32> {
     best.map(|(i, _)| i as u32)
 }
 
+/// Most alternatives a request may ask log-probabilities for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The model's log-probabilities at one step (its own distribution, before penalties,
+/// temperature or any filter): `log_norm` is `log Σ exp(logit)`, so token `t`'s log-probability
+/// is `logits[t] - log_norm`; `top` holds the `n` most likely tokens, most likely first (ties by
+/// lower id).
+pub fn top_logprobs(logits: &[f32], n: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|x| x.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .filter(|x| x.is_finite())
+        .map(|&x| ((x - max) as f64).exp())
+        .sum();
+    let log_norm = max + sum.ln() as f32;
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    for (i, &x) in logits.iter().enumerate() {
+        if !x.is_finite() || (top.len() == n && x <= top[n - 1].1) {
+            continue;
+        }
+        let at = top.partition_point(|&(_, y)| y >= x);
+        top.insert(at, (i as u32, x));
+        top.truncate(n);
+    }
+    (
+        log_norm,
+        top.into_iter().map(|(i, x)| (i, x - log_norm)).collect(),
+    )
+}
+
 impl Sampler {
     /// `suppress`: token ids never to be chosen.
     pub fn new(params: SamplingParams, suppress: Vec<u32>) -> Self {
@@ -265,6 +299,28 @@ impl Sampler {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn top_logprobs_are_the_log_softmax_in_order() {
+        let logits = [1.0f32, 3.0, f32::NEG_INFINITY, 3.0, -2.0, 0.5];
+        let (log_norm, top) = top_logprobs(&logits, 3);
+        let z: f64 = logits
+            .iter()
+            .filter(|x| x.is_finite())
+            .map(|&x| (x as f64).exp())
+            .sum();
+        assert!((log_norm as f64 - z.ln()).abs() < 1e-5);
+        let ids: Vec<u32> = top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 0], "most likely first, ties by lower id");
+        assert!((top[2].1 - (1.0 - log_norm)).abs() < 1e-6);
+        let total: f32 = top_logprobs(&logits, 10).1.iter().map(|t| t.1.exp()).sum();
+        assert!(
+            (total - 1.0).abs() < 1e-5,
+            "every finite token, probabilities sum to 1"
+        );
+        assert!(top_logprobs(&logits, 0).1.is_empty());
+    }
+
     use super::*;
 
     #[test]

@@ -387,6 +387,8 @@ impl Pipeline {
         let mut cited = std::collections::BTreeSet::new();
         while let Some(event) = rx.recv().await {
             match event {
+                // Answers do not ask for log-probabilities.
+                GenerateEvent::Logprob(_) => {}
                 GenerateEvent::Text(text) => {
                     if summary.timings.first_token_ms.is_none() {
                         summary.timings.first_token_ms = Some(ms(started.elapsed()));

@@ -1,7 +1,8 @@
 //! `POST /v1/completions` (OpenAI's text-completion shape): plain generation from a prompt,
 //! without retrieval and without citations. Off unless the server runs with `--completions`:
 //! it exists so load testers can drive the engine with the same raw prompts they send other
-//! servers, and it is no way to ask clinical questions (those go to `/v1/answer` or
+//! servers (with `logprobs`, the model's log-probability of each token and its alternatives), and
+//! it is no way to ask clinical questions (those go to `/v1/answer` or
 //! `/v1/chat/completions`, which answer from the corpus with citations).
 
 use std::convert::Infallible;
@@ -24,7 +25,8 @@ use super::openai::{completion_id, stop_strings, unix_now, StreamOptions};
 use super::routes::check_model;
 use super::AppState;
 use crate::engine::generate::StopReason;
-use crate::engine::worker::{GenerateEvent, GenerateRequest, GenerationStats};
+use crate::engine::worker::{GenerateEvent, GenerateRequest, GenerationStats, TokenLogprob};
+use crate::ops::sampling::MAX_TOP_LOGPROBS;
 
 /// Longest prompt accepted, in characters (the token limit is the model's context).
 const MAX_PROMPT_CHARS: usize = 200_000;
@@ -51,6 +53,25 @@ pub struct CompletionRequest {
     /// Prefix-cache partition (a tenant or patient id); requests with different salts never
     /// share cached prompt blocks.
     cache_salt: Option<String>,
+    /// Log-probability of each generated token and of this many alternatives (0 to 20).
+    logprobs: Option<usize>,
+}
+
+/// OpenAI's legacy `logprobs` object for a run of tokens.
+fn logprobs_json(entries: &[TokenLogprob]) -> Value {
+    json!({
+        "tokens": entries.iter().map(|e| e.text.as_str()).collect::<Vec<_>>(),
+        "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
+        "top_logprobs": entries
+            .iter()
+            .map(|e| {
+                e.top
+                    .iter()
+                    .map(|(_, t, lp)| (t.clone(), json!(lp)))
+                    .collect::<serde_json::Map<String, Value>>()
+            })
+            .collect::<Vec<_>>(),
+    })
 }
 
 /// Default `max_tokens` when a request gives none (OpenAI's is 16).
@@ -153,7 +174,17 @@ pub async fn completions(
     })?;
     request.stop = stop_strings(req.stop.as_ref())?;
     request.ignore_eos = req.ignore_eos;
+    if let Some(n) = req.logprobs {
+        if n > MAX_TOP_LOGPROBS {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("at most {MAX_TOP_LOGPROBS} alternatives"),
+            ));
+        }
+        request.logprobs = Some(n);
+    }
     request.cache_salt = salt_of("cache_salt", req.cache_salt.as_deref())?;
+    let with_logprobs = request.logprobs.is_some();
     let rx = engine.generate(request)?;
     let id = completion_id().replacen("chatcmpl", "cmpl", 1);
     let created = unix_now();
@@ -161,7 +192,7 @@ pub async fn completions(
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         Ok(stream(rx, id, created, model, include_usage).into_response())
     } else {
-        collect(rx, id, created, model)
+        collect(rx, id, created, model, with_logprobs)
             .await
             .map(|v| Json(v).into_response())
     }
@@ -187,6 +218,11 @@ fn stream(
     let events = UnboundedReceiverStream::new(rx).flat_map(move |event| {
         let out: Vec<Value> = match event {
             GenerateEvent::Text(t) => vec![chunk(&t, None)],
+            GenerateEvent::Logprob(lp) => {
+                let mut c = chunk("", None);
+                c["choices"][0]["logprobs"] = logprobs_json(&[lp]);
+                vec![c]
+            }
             GenerateEvent::Done(s) => {
                 let mut v = vec![chunk("", Some(finish_reason(s.stop)))];
                 if include_usage {
@@ -219,20 +255,28 @@ async fn collect(
     id: String,
     created: u64,
     model: String,
+    with_logprobs: bool,
 ) -> Result<Value, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     while let Some(event) = rx.recv().await {
         match event {
             GenerateEvent::Text(t) => text.push_str(&t),
+            GenerateEvent::Logprob(lp) => logprobs.push(lp),
             GenerateEvent::Done(s) => {
+                let logprobs = if with_logprobs {
+                    logprobs_json(&logprobs)
+                } else {
+                    Value::Null
+                };
                 return Ok(json!({
                     "id": id, "object": "text_completion", "created": created, "model": model,
                     "choices": [{
-                        "index": 0, "text": text, "logprobs": null,
+                        "index": 0, "text": text, "logprobs": logprobs,
                         "finish_reason": finish_reason(s.stop),
                     }],
                     "usage": usage(&s),
-                }))
+                }));
             }
             GenerateEvent::Error(message) => return Err(ApiError::internal(message)),
         }
