@@ -1,7 +1,9 @@
-//! One-stream generation speed of SmolLM2-135M-Instruct (Q4_1 GGUF): prefill of a 128-token
-//! prompt and decode after a 98-token prompt, ours (auto, quantized and dequantized weights) against
-//! plain candle-transformers `quantized_llama` in the same run. llama.cpp is measured beside it
-//! by scripts/bench-cpu.sh.
+//! Generation speed of SmolLM2-135M-Instruct (Q4_1 GGUF). One stream: prefill of a 128-token
+//! prompt and decode after a 98-token prompt, ours (auto, quantized and dequantized weights)
+//! against plain candle-transformers `quantized_llama` in the same run. Batched decode: B
+//! sequences with 128-token prompts decoding 128 tokens together, one forward per step (the
+//! shape of llama.cpp's `llama-batched-bench -npp 128 -ntg 128 -npl B`), aggregate tokens/s.
+//! llama.cpp is measured beside it by scripts/bench-cpu.sh.
 //!
 //!     cargo bench --bench generate
 
@@ -147,5 +149,60 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// Decode steps of `b` sequences together after 128-token prompts, context 128..256.
+fn batched_decode(model: &Llama, ids: &[u32], b: usize, iters: u64) -> Duration {
+    let mut cache = KvCache::with_tokens(model.config(), b * 2 * PREFILL + 64);
+    let mut next: Vec<u32> = Vec::new();
+    let mut step = PREFILL; // forces a prefill first
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        if step == PREFILL {
+            // Fresh prompts (untimed): each sequence its own rotation of the text.
+            cache.clear();
+            let prompts: Vec<Vec<u32>> = (0..b)
+                .map(|s| (0..PREFILL).map(|i| ids[(i + 7 * s) % ids.len()]).collect())
+                .collect();
+            let mut batch = Batch::new();
+            for (s, p) in prompts.iter().enumerate() {
+                batch.push(s as u64, p, 0);
+            }
+            let logits = model
+                .forward(&batch, &mut cache, LogitsAt::LastOfEach)
+                .unwrap();
+            next = argmax_rows(&logits).unwrap();
+            step = 0;
+        }
+        let mut batch = Batch::new();
+        for (s, &t) in next.iter().enumerate() {
+            batch.push(s as u64, &[t], PREFILL + step);
+        }
+        let started = Instant::now();
+        let logits = model
+            .forward(&batch, &mut cache, LogitsAt::LastOfEach)
+            .unwrap();
+        next = argmax_rows(&logits).unwrap();
+        total += started.elapsed();
+        step += 1;
+    }
+    total
+}
+
+fn bench_batched(c: &mut Criterion) {
+    let path = common::smollm2();
+    let mut file = GgufFile::open(&path).unwrap();
+    let tok = BpeTokenizer::from_gguf(file.content()).unwrap();
+    let ids = tok.encode(&common::TEXT.repeat(4), false).unwrap();
+    let auto = Llama::from_gguf(&mut file, &Device::Cpu, QuantMode::Auto).unwrap();
+    let mut g = c.benchmark_group("smollm2_batched_decode_128_128");
+    g.sample_size(10);
+    for b in [1usize, 4, 16, 64] {
+        g.throughput(Throughput::Elements(b as u64));
+        g.bench_function(BenchmarkId::new("cited_auto", b), |bn| {
+            bn.iter_custom(|iters| batched_decode(&auto, &ids, b, iters))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_batched);
 criterion_main!(benches);

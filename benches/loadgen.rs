@@ -271,7 +271,12 @@ fn main() {
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() % 1_000_000);
-    let client = reqwest::Client::new();
+    // A fresh connection per request: a pooled connection that the server has just closed
+    // (llama-server does) would fail a request that never reached it.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let records = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
     runtime.block_on(async {

@@ -27,7 +27,7 @@ fn config(data: &Path) -> ServiceConfig {
         embedder: common::minilm_dir(),
         generator: common::smollm2_gguf(),
         device: Device::Cpu,
-        weights: QuantMode::Auto,
+        weights: QuantMode::Quantized,
         data_dir: data.to_path_buf(),
         rag: RagConfig::default(),
         engine: Default::default(),

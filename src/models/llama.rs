@@ -265,15 +265,18 @@ impl LlamaConfig {
 /// How GGUF matrices are computed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum QuantMode {
-    /// Both forms kept: products of fewer than [`DENSE_MIN_ROWS`] rows (decode steps, one stream
-    /// or a batch of streams) on the quantized blocks, larger ones (prompt chunks) in f32. Costs
-    /// the f32 copy in memory.
-    #[default]
-    Auto,
     /// Products on the quantized blocks (activations quantized to 8 bits on the fly): 4-8x less
     /// memory traffic per token. Q4_1 and Q8_0 matrices run on our AVX-512 VNNI kernels
-    /// ([`crate::ops::qmatmul`]) where the CPU has them, other types on candle's.
+    /// ([`crate::ops::qmatmul`]) where the CPU has them, other types on candle's. The default:
+    /// each output row is computed the same way whatever else is in the batch, so a request's
+    /// text does not depend on the load, its prompt chunking or a cached prefix.
+    #[default]
     Quantized,
+    /// Both forms kept: products of fewer than [`DENSE_MIN_ROWS`] rows (decode steps, one stream
+    /// or a batch of streams) on the quantized blocks, larger ones (prompt chunks) in f32:
+    /// faster prompts, at the cost of the f32 copy in memory and of batch invariance (a prompt
+    /// read in chunks of other sizes gives slightly different numbers).
+    Auto,
     /// Matrices dequantized to f32 once at load; products in f32.
     Dequantized,
 }

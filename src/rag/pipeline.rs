@@ -85,6 +85,8 @@ pub struct AnswerRequest {
     pub suppress: Vec<u32>,
     /// Strings that end the answer (not sent).
     pub stop: Vec<String>,
+    /// Prefix-cache partition (0: the shared one); see [`GenerateRequest::cache_salt`].
+    pub cache_salt: u64,
 }
 
 /// A passage given to the model, as the client sees it: the search hit with the number the model
@@ -377,6 +379,7 @@ impl Pipeline {
         };
         generate.suppress = req.suppress.clone();
         generate.stop = req.stop.clone();
+        generate.cache_salt = req.cache_salt;
         generate.processor = Some(Box::new(CitationGuide::new(
             used,
             self.citation_vocab.clone(),

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
+use super::completions::salt_of;
 use super::error::{ApiError, ApiJson};
 use super::routes::{check_text, parse_filters};
 use super::AppState;
@@ -45,6 +46,7 @@ pub struct AnswerBody {
     seed: Option<u64>,
     stream: Option<bool>,
     messages: Option<Vec<MessageBody>>,
+    cache_salt: Option<String>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -154,6 +156,7 @@ pub async fn answer(
             ..SamplingFields::default()
         })?,
         suppress: Vec::new(),
+        cache_salt: salt_of("cache_salt", body.cache_salt.as_deref())?,
         stop: Vec::new(),
     };
     if pipeline.engine().is_busy() {

@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::answer::{
     check_max_tokens, gather, history, observe, sampling, MessageBody, SamplingFields,
 };
+use super::completions::salt_of;
 use super::error::{ApiError, ApiJson};
 use super::routes::{check_model, check_text};
 use super::AppState;
@@ -43,6 +44,7 @@ pub struct ChatRequest {
     seed: Option<u64>,
     n: Option<usize>,
     stop: Option<Value>,
+    cache_salt: Option<String>,
 }
 
 /// Most stop strings a request may give, and their longest length.
@@ -205,6 +207,7 @@ pub async fn chat_completions(
             seed: req.seed,
         })?,
         stop: stop_strings(req.stop.as_ref())?,
+        cache_salt: salt_of("cache_salt", req.cache_salt.as_deref())?,
         ..AnswerRequest::default()
     };
     if pipeline.engine().is_busy() {
