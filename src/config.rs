@@ -65,7 +65,12 @@ pub struct ModelArgs {
     /// How quantized GGUF matrices are computed: quantized (always on the blocks: least memory,
     /// and a request's text independent of the batch it runs in), auto (prompt chunks of 64
     /// tokens or more in f32: faster prompts, not batch-invariant) or dequantized (always f32).
-    #[arg(long, env = "CITED_WEIGHTS", default_value = "quantized", global = true)]
+    #[arg(
+        long,
+        env = "CITED_WEIGHTS",
+        default_value = "quantized",
+        global = true
+    )]
     pub weights: QuantMode,
     /// gguf: --generator is a GGUF file. dummy: --generator is a Hugging Face config.json (or
     /// its folder) and the weights are seeded random numbers of that shape, quantized like a
