@@ -166,7 +166,7 @@ pub fn top_logprobs(logits: &[f32], n: usize) -> (f32, Vec<(u32, f32)>) {
     let log_norm = max + sum.ln() as f32;
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
     for (i, &x) in logits.iter().enumerate() {
-        if !x.is_finite() || (top.len() == n && x <= top[n - 1].1) {
+        if n == 0 || !x.is_finite() || (top.len() == n && x <= top[n - 1].1) {
             continue;
         }
         let at = top.partition_point(|&(_, y)| y >= x);
