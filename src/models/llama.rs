@@ -126,8 +126,10 @@ impl LlamaConfig {
     /// The inverse frequency of each dimension pair, after `rope_scaling`.
     fn inv_freqs(&self) -> Vec<f32> {
         let hd = self.head_dim();
+        // The power in f64, the inverse in f32, as the GGUF oracle (candle's quantized_llama)
+        // computes it: a last-bit difference here moves logits through every layer.
         let base: Vec<f64> = (0..hd / 2)
-            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64))
+            .map(|i| (1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64) as f32) as f64)
             .collect();
         let Some(sc) = &self.rope_scaling else {
             return base.iter().map(|&f| f as f32).collect();
