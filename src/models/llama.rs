@@ -269,29 +269,22 @@ impl LlamaConfig {
 pub enum QuantMode {
     /// Products on the quantized blocks (activations quantized to 8 bits on the fly): 4-8x less
     /// memory traffic per token. Q4_1 and Q8_0 matrices run on our AVX-512 VNNI kernels
-    /// ([`crate::ops::qmatmul`]) where the CPU has them, other types on candle's. The default:
-    /// each output row is computed the same way whatever else is in the batch, so a request's
-    /// text does not depend on the load, its prompt chunking or a cached prefix.
+    /// ([`crate::ops::qmatmul`]) where the CPU has them, other types on candle's. Our kernels
+    /// compute each output row the same way whatever else is in the batch, so a request's text
+    /// does not depend on the load, its prompt chunking or a cached prefix.
     #[default]
     Quantized,
-    /// Both forms kept: products of fewer than [`DENSE_MIN_ROWS`] rows (decode steps, one stream
-    /// or a batch of streams) on the quantized blocks, larger ones (prompt chunks) in f32:
-    /// faster prompts, at the cost of the f32 copy in memory and of batch invariance (a prompt
-    /// read in chunks of other sizes gives slightly different numbers).
+    /// With our kernels, the same as `Quantized` (they beat candle's f32 GEMM at every row
+    /// count). Without them (another CPU, another type), both forms are kept: one-row products
+    /// on candle's quantized blocks, larger ones in f32.
     Auto,
     /// Matrices dequantized to f32 once at load; products in f32.
     Dequantized,
 }
 
-/// Rows from which [`QuantMode::Auto`] takes the f32 form. On the 2-core CPU of BENCHMARKS.md
-/// (`cargo bench --bench qmatmul`) our quantized kernel costs about 30 µs a row for the stacked
-/// gate/up matrix at any row count, candle's f32 product 285 µs for one row, 48 µs a row at 16
-/// and 23 µs a row at 128: the two meet between 32 and 128 rows.
-pub const DENSE_MIN_ROWS: usize = 64;
-
-/// Without our kernel (another CPU, another type), candle's quantized product only wins for a
-/// single row.
-const CANDLE_DENSE_MIN_ROWS: usize = 2;
+/// Rows from which [`QuantMode::Auto`] takes the f32 form when our kernels cannot take a
+/// matrix: candle's quantized product only wins for a single row.
+pub const DENSE_MIN_ROWS: usize = 2;
 
 impl std::str::FromStr for QuantMode {
     type Err = String;
@@ -351,12 +344,9 @@ impl Proj {
     fn product(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.dim(0)?;
         let quantized = match (&self.quantized, &self.dense) {
+            (Some(q @ QuantForm::Ours(_)), _) => q,
             (Some(q), Some(d)) => {
-                let limit = match q {
-                    QuantForm::Ours(_) => DENSE_MIN_ROWS,
-                    QuantForm::Candle(_) => CANDLE_DENSE_MIN_ROWS,
-                };
-                if rows >= limit {
+                if rows >= DENSE_MIN_ROWS {
                     return Ok(d.forward(x)?);
                 }
                 q
@@ -428,8 +418,12 @@ fn stack(
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => 2 * dtype.block_size(),
         _ => dtype.block_size(),
     };
-    let keep_quantized = mode != QuantMode::Dequantized && !float && cols % step == 0;
-    let keep_dense = mode != QuantMode::Quantized || !keep_quantized;
+    let ours = device.is_cpu() && QMatrix::supports(dtype, cols) && qmatmul::fast_path_available();
+    let keep_quantized =
+        mode != QuantMode::Dequantized && !float && (ours || cols.is_multiple_of(step));
+    // Our kernels win at every row count, so `Auto` needs no f32 copy beside them.
+    let keep_dense =
+        mode == QuantMode::Dequantized || !keep_quantized || (mode == QuantMode::Auto && !ours);
     let dense = if keep_dense {
         Some(QMatMul::Tensor(match dense {
             Some(t) => t.clone(),
@@ -444,7 +438,6 @@ fn stack(
     } else {
         None
     };
-    let ours = device.is_cpu() && QMatrix::supports(dtype, cols) && qmatmul::fast_path_available();
     let quantized = if !keep_quantized {
         None
     } else if ours {
