@@ -296,8 +296,8 @@ impl Scheduler {
             self.preempt_newest(stats);
             plan = self.plan(stats);
         }
-        self.publish(stats);
         if plan.is_empty() {
+            self.publish(stats);
             return false;
         }
         let mut batch = Batch::new();

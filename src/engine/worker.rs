@@ -309,11 +309,6 @@ impl EngineHandle {
         })
     }
 
-    /// Token positions the whole KV cache holds (the most one generation can reach).
-    pub fn cache_tokens(&self) -> usize {
-        self.cache_tokens
-    }
-
     pub fn stats(&self) -> &EngineStats {
         &self.stats
     }

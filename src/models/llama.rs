@@ -438,14 +438,19 @@ fn stack(
     } else {
         None
     };
+    // The parts' blocks end to end: the stacked matrix, `rows` x `cols`.
+    let stacked = |parts: &[QTensor]| -> Result<(usize, Vec<u8>)> {
+        let rows = parts.iter().map(|p| p.shape().dims()[0]).sum();
+        let mut bytes = Vec::new();
+        for p in parts {
+            bytes.extend_from_slice(&p.data()?);
+        }
+        Ok((rows, bytes))
+    };
     let quantized = if !keep_quantized {
         None
     } else if ours {
-        let rows: usize = parts.iter().map(|p| p.shape().dims()[0]).sum();
-        let mut bytes = Vec::new();
-        for p in &parts {
-            bytes.extend_from_slice(&p.data()?);
-        }
+        let (rows, bytes) = stacked(&parts)?;
         Some(QuantForm::Ours(QMatrix::from_ggml(
             dtype, rows, cols, &bytes,
         )?))
@@ -454,11 +459,7 @@ fn stack(
             parts.into_iter().next().unwrap(),
         ))))
     } else {
-        let rows: usize = parts.iter().map(|p| p.shape().dims()[0]).sum();
-        let mut bytes = Vec::new();
-        for p in &parts {
-            bytes.extend_from_slice(&p.data()?);
-        }
+        let (rows, bytes) = stacked(&parts)?;
         let storage = QStorage::from_data(Cow::Owned(bytes), device, dtype)?;
         Some(QuantForm::Candle(QMatMul::QTensor(Arc::new(QTensor::new(
             storage,

@@ -115,27 +115,21 @@ pub fn paged_attention(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    let n = check(g, q, q_stride, k, v, seqs, out)?;
-    let tasks: Vec<(usize, usize, usize)> = seqs
+    check(g, q, q_stride, k, v, seqs, out)?;
+    // (row, position, KV head, the row's blocks)
+    let tasks: Vec<(usize, usize, usize, &[u32])> = seqs
         .iter()
         .flat_map(|s| {
             s.tokens.clone().flat_map(move |t| {
                 let pos = s.start + (t - s.tokens.start);
-                (0..g.kv_heads).map(move |h| (t, pos, h))
+                (0..g.kv_heads).map(move |h| (t, pos, h, s.blocks))
             })
         })
         .collect();
-    let block_of: Vec<usize> = seqs
-        .iter()
-        .enumerate()
-        .flat_map(|(i, s)| s.tokens.clone().map(move |_| i))
-        .collect();
-    debug_assert_eq!(block_of.len(), n);
     let fast = avx512_available();
     let out_ptr = SendPtr(out.as_mut_ptr());
     let width = g.heads * g.head_dim;
-    tasks.par_iter().for_each(|&(t, pos, h)| {
-        let blocks = seqs[block_of[t]].blocks;
+    tasks.par_iter().for_each(|&(t, pos, h, blocks)| {
         let qrow = &q[t * q_stride..][..width];
         let group = g.group();
         // SAFETY: task (t, h) alone writes the heads of group h in row t.

@@ -67,7 +67,6 @@ pub struct QMatrix {
 /// `x` quantized to 8 bits per block of 32.
 pub struct QActivations {
     rows: usize,
-    cols: usize,
     /// `(rows, cols)` signed integers.
     q: Vec<i8>,
     /// Per row and block: the scale `dx`.
@@ -187,15 +186,6 @@ impl QMatrix {
 
     pub fn cols(&self) -> usize {
         self.cols
-    }
-
-    pub fn kind(&self) -> QKind {
-        self.kind
-    }
-
-    /// Bytes held (integers, scales and offsets).
-    pub fn size_bytes(&self) -> usize {
-        self.q.len() + 4 * (self.d.len() + self.m.len())
     }
 
     /// The unsigned integer of weight `(r, c)`.
@@ -426,19 +416,10 @@ impl QActivations {
         }
         Self {
             rows,
-            cols,
             q,
             scale,
             sum,
         }
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
     }
 }
 

@@ -16,9 +16,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::completions::salt_of;
 use super::error::{ApiError, ApiJson};
-use super::routes::{check_text, parse_filters};
+use super::routes::{check_text, parse_filters, salt_of};
 use super::AppState;
 use crate::models::chat_template::{ChatMessage, Role};
 use crate::ops::sampling::SamplingParams;

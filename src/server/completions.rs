@@ -6,7 +6,6 @@
 //! `/v1/chat/completions`, which answer from the corpus with citations).
 
 use std::convert::Infallible;
-use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -22,11 +21,10 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use super::answer::{sampling, SamplingFields};
 use super::error::{ApiError, ApiJson};
 use super::openai::{completion_id, stop_strings, unix_now, StreamOptions};
-use super::routes::check_model;
+use super::routes::{check_model, salt_of};
 use super::AppState;
 use crate::engine::generate::StopReason;
 use crate::engine::worker::{GenerateEvent, GenerateRequest, GenerationStats, TokenLogprob};
-use crate::ops::sampling::MAX_TOP_LOGPROBS;
 
 /// Longest prompt accepted, in characters (the token limit is the model's context).
 const MAX_PROMPT_CHARS: usize = 200_000;
@@ -76,21 +74,6 @@ fn logprobs_json(entries: &[TokenLogprob]) -> Value {
 
 /// Default `max_tokens` when a request gives none (OpenAI's is 16).
 const DEFAULT_MAX_TOKENS: usize = 16;
-
-/// A cache salt string as the engine's number (0 is the shared partition of unsalted requests).
-pub(crate) fn salt_of(field: &str, salt: Option<&str>) -> Result<u64, ApiError> {
-    match salt {
-        None => Ok(0),
-        Some(s) if s.is_empty() || s.len() > 256 => {
-            Err(ApiError::invalid(field, "must be 1 to 256 characters"))
-        }
-        Some(s) => {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            s.hash(&mut h);
-            Ok(h.finish() | 1)
-        }
-    }
-}
 
 fn prompt_text(v: &Value) -> Result<String, ApiError> {
     let text = match v {
@@ -174,19 +157,12 @@ pub async fn completions(
     })?;
     request.stop = stop_strings(req.stop.as_ref())?;
     request.ignore_eos = req.ignore_eos;
-    if let Some(n) = req.logprobs {
-        if n > MAX_TOP_LOGPROBS {
-            return Err(ApiError::invalid(
-                "logprobs",
-                format!("at most {MAX_TOP_LOGPROBS} alternatives"),
-            ));
-        }
-        request.logprobs = Some(n);
-    }
+    // The engine refuses more than its limit of alternatives (422 naming `logprobs`).
+    request.logprobs = req.logprobs;
     request.cache_salt = salt_of("cache_salt", req.cache_salt.as_deref())?;
     let with_logprobs = request.logprobs.is_some();
     let rx = engine.generate(request)?;
-    let id = completion_id().replacen("chatcmpl", "cmpl", 1);
+    let id = completion_id("cmpl");
     let created = unix_now();
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);

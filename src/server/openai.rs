@@ -21,9 +21,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::answer::{
     check_max_tokens, gather, history, observe, sampling, MessageBody, SamplingFields,
 };
-use super::completions::salt_of;
 use super::error::{ApiError, ApiJson};
-use super::routes::{check_model, check_text};
+use super::routes::{check_model, check_text, salt_of};
 use super::AppState;
 use crate::rag::pipeline::{AnswerEvent, AnswerRequest};
 
@@ -122,12 +121,13 @@ fn content_text(i: usize, content: Option<&Value>) -> Result<String, ApiError> {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-pub(crate) fn completion_id() -> String {
+/// A unique completion id: `prefix` (`chatcmpl`, `cmpl`), the time and a counter.
+pub(crate) fn completion_id(prefix: &str) -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     format!(
-        "chatcmpl-{nanos:x}{:04x}",
+        "{prefix}-{nanos:x}{:04x}",
         NEXT_ID.fetch_add(1, Ordering::Relaxed)
     )
 }
@@ -215,7 +215,7 @@ pub async fn chat_completions(
     }
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move { pipeline.answer(request, tx).await });
-    let id = completion_id();
+    let id = completion_id("chatcmpl");
     let created = unix_now();
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);

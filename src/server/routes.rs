@@ -176,6 +176,21 @@ pub(crate) fn parse_filters(v: Option<&Value>) -> Result<Filter, ApiError> {
     }
 }
 
+/// A cache salt string as the engine's number (0 is the shared partition of unsalted requests).
+pub(crate) fn salt_of(field: &str, salt: Option<&str>) -> Result<u64, ApiError> {
+    match salt {
+        None => Ok(0),
+        Some(s) if s.is_empty() || s.len() > 256 => {
+            Err(ApiError::invalid(field, "must be 1 to 256 characters"))
+        }
+        Some(s) => {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(s, &mut h);
+            Ok(std::hash::Hasher::finish(&h) | 1)
+        }
+    }
+}
+
 /// Checks a question or query: 1..=4,000 characters after trimming.
 pub(crate) fn check_text(field: &str, text: &str) -> Result<(), ApiError> {
     let n = text.trim().chars().count();
