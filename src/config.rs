@@ -120,6 +120,13 @@ pub struct RagArgs {
     /// where an uncited sentence would end; 0 leaves citing entirely to the model.
     #[arg(long, env = "CITED_CITATION_MARGIN", default_value_t = 8.0)]
     pub citation_margin: f32,
+    /// Support check: least cosine (embedder) between an answer sentence and the closest
+    /// sentence of the passages it cites.
+    #[arg(long, env = "CITED_SUPPORT_MIN_COSINE", default_value_t = crate::rag::grounding::SupportConfig::default().min_cosine)]
+    pub support_min_cosine: f32,
+    /// No run of this many generated tokens may occur twice in an answer (0: off).
+    #[arg(long, env = "CITED_NO_REPEAT_NGRAM", default_value_t = 8)]
+    pub no_repeat_ngram: usize,
 }
 
 impl RagArgs {
@@ -154,6 +161,12 @@ impl RagArgs {
                 "between 0 and 50".into(),
             ));
         }
+        if !(-1.0..=1.0).contains(&self.support_min_cosine) {
+            return Err(ConfigError::BadValue(
+                "support-min-cosine",
+                "between -1 and 1".into(),
+            ));
+        }
         if self.min_bm25.is_nan() || self.min_bm25 < 0.0 {
             return Err(ConfigError::BadValue("min-bm25", "0 or more".into()));
         }
@@ -165,6 +178,11 @@ impl RagArgs {
             min_bm25: self.min_bm25,
             repetition_penalty: self.repetition_penalty,
             citation_margin: self.citation_margin,
+            no_repeat_ngram: self.no_repeat_ngram,
+            support: crate::rag::grounding::SupportConfig {
+                min_cosine: self.support_min_cosine,
+                ..Default::default()
+            },
         })
     }
 }
@@ -342,6 +360,22 @@ pub enum EvalCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Score the support check on labelled sentence-passage pairs: how many faithful and how
+    /// many perturbed sentences it flags.
+    Support {
+        /// Pairs (JSONL: `sentence`, `passage`, `label`, `perturbation`).
+        #[arg(long, default_value = "eval/support-pairs.jsonl")]
+        pairs: PathBuf,
+        /// Least cosine between a sentence and its closest passage sentence.
+        #[arg(long)]
+        min_cosine: Option<f32>,
+        /// Also print the flag rates over a range of cosine bounds.
+        #[arg(long)]
+        sweep: bool,
+        /// Print each pair the check got wrong.
+        #[arg(long)]
+        misses: bool,
     },
 }
 

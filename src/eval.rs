@@ -108,6 +108,129 @@ pub fn evaluate(
         .collect())
 }
 
+/// A labelled sentence-passage pair of the support-check calibration set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SupportPair {
+    pub id: String,
+    pub sentence: String,
+    pub passage: String,
+    /// The sentence states only what the passage says.
+    pub faithful: bool,
+    /// For perturbed pairs: what was changed (`number`, `drug`, `negation`, ...).
+    pub perturbation: Option<String>,
+}
+
+/// Reads the calibration pairs (JSONL: `id`, `sentence`, `passage`, `label` = `faithful` |
+/// `perturbed`, `perturbation`).
+pub fn read_support_pairs(path: &Path) -> Result<Vec<SupportPair>, IndexError> {
+    let raw = std::fs::read_to_string(path).map_err(|source| IndexError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (n, line) in raw.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |w: &str| IndexError::Invalid(format!("{}:{}: {w}", path.display(), n + 1));
+        let v: Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
+        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        let faithful = match text("label").as_deref() {
+            Some("faithful") => true,
+            Some("perturbed") => false,
+            _ => return Err(bad("`label` must be `faithful` or `perturbed`")),
+        };
+        out.push(SupportPair {
+            id: text("id").unwrap_or_else(|| format!("line {}", n + 1)),
+            sentence: text("sentence").ok_or_else(|| bad("no `sentence`"))?,
+            passage: text("passage").ok_or_else(|| bad("no `passage`"))?,
+            faithful,
+            perturbation: text("perturbation"),
+        });
+    }
+    Ok(out)
+}
+
+/// One row of the calibration table: pairs of one kind and how many the check flagged.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct SupportRow {
+    /// `faithful`, or the perturbation.
+    pub kind: String,
+    pub pairs: usize,
+    pub flagged: usize,
+}
+
+impl SupportRow {
+    pub fn rate(&self) -> f64 {
+        self.flagged as f64 / self.pairs.max(1) as f64
+    }
+}
+
+/// Each pair's best cosine between its sentence and a sentence of its passage (our embedder).
+pub fn support_cosines(pairs: &[SupportPair], embedder: &Embedder) -> Result<Vec<f32>, IndexError> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for p in pairs {
+        let facts = crate::rag::grounding::PassageFacts::new(&p.passage);
+        let mut texts = vec![p.sentence.clone()];
+        texts.extend(facts.sentences().iter().cloned());
+        let v = embedder
+            .embed(&texts)?
+            .to_vec2::<f32>()
+            .map_err(crate::error::ModelError::from)?;
+        out.push(crate::rag::grounding::best_cosine(&v[0], &v[1..]));
+    }
+    Ok(out)
+}
+
+/// Checks every pair (with its cosine when given) and counts the flags per kind: `faithful`
+/// first, then each perturbation, then `perturbed` (all perturbations together).
+pub fn evaluate_support(
+    pairs: &[SupportPair],
+    cosines: Option<&[f32]>,
+    cfg: &crate::rag::grounding::SupportConfig,
+) -> (
+    Vec<SupportRow>,
+    Vec<(String, crate::rag::grounding::Verdict)>,
+) {
+    use crate::rag::grounding::{check, PassageFacts};
+    let mut rows: Vec<SupportRow> = vec![SupportRow {
+        kind: "faithful".into(),
+        ..SupportRow::default()
+    }];
+    let mut all = SupportRow {
+        kind: "perturbed".into(),
+        ..SupportRow::default()
+    };
+    let mut verdicts = Vec::with_capacity(pairs.len());
+    for (i, p) in pairs.iter().enumerate() {
+        let facts = PassageFacts::new(&p.passage);
+        let v = check(&p.sentence, &[&facts], cosines.map(|c| c[i]), cfg);
+        let flagged = !v.supported;
+        let kind = if p.faithful {
+            "faithful".to_string()
+        } else {
+            all.pairs += 1;
+            all.flagged += flagged as usize;
+            p.perturbation.clone().unwrap_or_else(|| "other".into())
+        };
+        let row = match rows.iter().position(|r| r.kind == kind) {
+            Some(r) => r,
+            None => {
+                rows.push(SupportRow {
+                    kind,
+                    ..SupportRow::default()
+                });
+                rows.len() - 1
+            }
+        };
+        rows[row].pairs += 1;
+        rows[row].flagged += flagged as usize;
+        verdicts.push((p.id.clone(), v));
+    }
+    rows.push(all);
+    (rows, verdicts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

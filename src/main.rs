@@ -56,9 +56,10 @@ async fn ask(service: &ServiceConfig, question: &str, audience: Audience) -> Res
                 stdout.write_all(text.as_bytes())?;
                 stdout.flush()?;
             }
-            AnswerEvent::Citation { marker, .. } => {
-                cited.insert(marker);
+            AnswerEvent::Citation(c) => {
+                cited.insert(c.marker);
             }
+            AnswerEvent::Support(_) => {}
             AnswerEvent::Done(summary) => {
                 println!("\n");
                 for source in sources.iter().filter(|s| cited.contains(&s.marker)) {
@@ -75,6 +76,27 @@ async fn ask(service: &ServiceConfig, question: &str, audience: Audience) -> Res
                         line.push_str(&format!(" <{}>", s.url));
                     }
                     println!("{line}");
+                }
+                if let Some(g) = &summary.grounding {
+                    println!(
+                        "\ngrounding: {} sentences, {} claims, {} cited, {} supported",
+                        g.sentences, g.factual, g.cited, g.supported
+                    );
+                    for u in &g.unsupported {
+                        println!(
+                            "  unsupported ({:?}{}): {}",
+                            u.verdict
+                                .reason
+                                .as_ref()
+                                .expect("a failed check has a reason"),
+                            u.verdict
+                                .detail
+                                .as_ref()
+                                .map(|d| format!(" {d}"))
+                                .unwrap_or_default(),
+                            u.text
+                        );
+                    }
                 }
                 tracing::info!(
                     finish = %summary.finish_reason,
@@ -324,6 +346,72 @@ fn main() -> Result<()> {
                     "(hybrid: rrf_k {}, dense weight {}, bm25 weight {}, depth {})",
                     base.rrf_k, base.dense_weight, base.bm25_weight, base.depth
                 );
+            }
+        }
+        Command::Eval {
+            what:
+                EvalCommand::Support {
+                    pairs,
+                    min_cosine,
+                    sweep,
+                    misses,
+                },
+        } => {
+            let cfg = Config::from_args(&args.models, true, false)?;
+            let embedder = Embedder::load(&cfg.embedder, &cfg.device.open()?)?;
+            let pairs = cited::eval::read_support_pairs(pairs)?;
+            let cosines = cited::eval::support_cosines(&pairs, &embedder)?;
+            let mut support = cited::rag::grounding::SupportConfig::default();
+            if let Some(c) = min_cosine {
+                support.min_cosine = *c;
+            }
+            let (rows, verdicts) = cited::eval::evaluate_support(&pairs, Some(&cosines), &support);
+            println!("| pairs | n | flagged | flagged share |");
+            println!("| --- | --- | --- | --- |");
+            for r in &rows {
+                println!(
+                    "| {} | {} | {} | {:.1}% |",
+                    r.kind,
+                    r.pairs,
+                    r.flagged,
+                    100.0 * r.rate()
+                );
+            }
+            println!("(min cosine {})", support.min_cosine);
+            if *sweep {
+                println!("\n| min cosine | faithful flagged | perturbed flagged |");
+                println!("| --- | --- | --- |");
+                for step in 0..=10 {
+                    let c = 0.3 + 0.05 * step as f32;
+                    let cfg = cited::rag::grounding::SupportConfig {
+                        min_cosine: c,
+                        ..support
+                    };
+                    let (rows, _) = cited::eval::evaluate_support(&pairs, Some(&cosines), &cfg);
+                    let faithful = &rows[0];
+                    let perturbed = &rows[rows.len() - 1];
+                    println!(
+                        "| {c:.2} | {:.1}% | {:.1}% |",
+                        100.0 * faithful.rate(),
+                        100.0 * perturbed.rate()
+                    );
+                }
+            }
+            if *misses {
+                for (p, (id, v)) in pairs.iter().zip(&verdicts) {
+                    if p.faithful == v.supported {
+                        continue;
+                    }
+                    println!(
+                        "\n{id} [{}] {:?} {:?} sim {:?}\n  S: {}\n  P: {}",
+                        p.perturbation.as_deref().unwrap_or("faithful"),
+                        v.reason,
+                        v.detail,
+                        v.similarity,
+                        p.sentence,
+                        p.passage
+                    );
+                }
             }
         }
         Command::Tokenize { text, special } => {

@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -36,23 +35,8 @@ fn config(data: &Path) -> ServiceConfig {
     }
 }
 
-/// `corpus/` ingested once per test run; tests copy nothing and only read it.
 fn corpus_store() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let e = Embedder::load(&common::minilm_dir(), &Device::Cpu).unwrap();
-        let mut store = SqliteStore::open(&dir.join("store.sqlite")).unwrap();
-        let r = ingest_paths(
-            &mut store,
-            &e,
-            &[&common::repo().join("corpus")],
-            &IngestOptions::default(),
-        )
-        .unwrap();
-        assert!(r.added >= 20, "the starter corpus ingests");
-        dir
-    })
+    common::corpus_store()
 }
 
 /// A server on an ephemeral port with its services loaded.
@@ -195,6 +179,7 @@ async fn the_seed_question_streams_cited_passages() {
     assert!(first.contains("sarcoma"), "first passage: {first}");
     let ids: Vec<&str> = sources.iter().map(|s| s["id"].as_str().unwrap()).collect();
     let mut citations = 0;
+    let mut supports = 0;
     let mut text = String::new();
     for (name, data) in &events {
         let v: Value = serde_json::from_str(data).unwrap();
@@ -206,6 +191,13 @@ async fn the_seed_question_streams_cited_passages() {
                 let id = v["passage_id"].as_str().unwrap();
                 assert!(ids.contains(&id), "cited {id}, not among the sources");
                 assert_eq!(sources[marker - 1]["id"], id);
+            }
+            "support" => {
+                supports += 1;
+                assert!(
+                    v["supported"].is_boolean() && v["factual"].is_boolean(),
+                    "{v}"
+                );
             }
             "sources" | "done" => {}
             other => panic!("unexpected event {other}: {data}"),
@@ -224,6 +216,26 @@ async fn the_seed_question_streams_cited_passages() {
     assert!(text.ends_with(cited::rag::pipeline::DISCLAIMER));
     assert!(!done["abstained"].as_bool().unwrap());
     assert!(done["corpus_version"].as_u64().unwrap() > 0);
+    // Every sentence was checked once; the report adds up.
+    let g = &done["grounding"];
+    assert_eq!(g["mode"], "flag");
+    assert_eq!(g["sentences"].as_u64().unwrap(), supports);
+    assert!(supports >= 2, "{text}");
+    let (factual, cited, supported) = (
+        g["factual"].as_u64().unwrap(),
+        g["cited"].as_u64().unwrap(),
+        g["supported"].as_u64().unwrap(),
+    );
+    assert!(cited <= factual && supported <= cited, "{g}");
+    let unsupported = g["unsupported"].as_array().unwrap();
+    assert_eq!(
+        unsupported.iter().filter(|u| u["factual"] == true).count() as u64,
+        factual - supported,
+        "{g}"
+    );
+    for u in unsupported {
+        assert!(u["reason"].is_string(), "{u}");
+    }
     println!(
         "seed question: first token {} ms, total {:.0} ms, {generated} tokens, {citations} citations",
         done["timings"]["first_token_ms"],
@@ -727,12 +739,26 @@ async fn an_empty_store_is_ready_and_every_answer_abstains() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_off_topic_question_abstains_instead_of_generating() {
+async fn an_off_topic_question_is_refused_instead_of_generating() {
     let server = Server::start(corpus_store()).await;
     let (st, b) = server
         .post(
             "/v1/answer",
             json!({"question": "What is the capital of France?", "stream": false}),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["finish_reason"], "refused", "{b}");
+    assert_eq!(b["usage"]["completion_tokens"], 0);
+    assert!(b["answer"]
+        .as_str()
+        .unwrap()
+        .starts_with(cited::rag::safety::OFF_TOPIC));
+    // About cancer, but nothing in the corpus speaks of it: no evidence, not off topic.
+    let (st, b) = server
+        .post(
+            "/v1/answer",
+            json!({"question": "Is lurbinectedin approved for small cell lung cancer?", "stream": false}),
         )
         .await;
     assert_eq!(st, 200, "{b}");
@@ -755,10 +781,10 @@ async fn answer_in_process(
     while let Some(event) = rx.recv().await {
         match event {
             AnswerEvent::Delta(t) => text.push_str(&t),
-            AnswerEvent::Citation { .. } => citations += 1,
+            AnswerEvent::Citation(_) => citations += 1,
             AnswerEvent::Done(s) => summary = Some(*s),
             AnswerEvent::Error { message, .. } => panic!("{message}"),
-            AnswerEvent::Sources(_) => {}
+            AnswerEvent::Sources(_) | AnswerEvent::Support(_) => {}
         }
     }
     (text, citations, summary.unwrap())

@@ -164,7 +164,7 @@ impl Scheduler {
                 p.request.sampling.clone(),
                 std::mem::take(&mut p.request.suppress),
             );
-            if let Some(proc) = p.request.processor.take() {
+            for proc in std::mem::take(&mut p.request.processors) {
                 sampler = sampler.with_processor(proc);
             }
             self.next_id += 1;

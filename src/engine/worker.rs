@@ -110,8 +110,8 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Token ids the model may not emit.
     pub suppress: Vec<u32>,
-    /// Edits the logits at each step (citation constraints).
-    pub processor: Option<Box<dyn LogitsProcessor>>,
+    /// Edit the logits at each step, in order (citation constraints, repeat blocking).
+    pub processors: Vec<Box<dyn LogitsProcessor>>,
     /// Generation ends before any of these strings; they are not sent.
     pub stop: Vec<String>,
     /// Generation ends at any of these token ids (besides the model's own end of turn).
@@ -134,7 +134,7 @@ impl GenerateRequest {
             max_tokens,
             sampling: SamplingParams::default(),
             suppress: Vec::new(),
-            processor: None,
+            processors: Vec::new(),
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,

@@ -118,6 +118,59 @@ pub trait LogitsProcessor: Send {
     fn accept(&mut self, token: u32);
 }
 
+/// Forbids any token that would complete a run of `n` generated tokens seen before in the same
+/// sequence (0 turns it off): whole repeated sentences, the loop small models fall into, become
+/// impossible while short repeats (citation markers, list numbers) stay allowed.
+pub struct NoRepeatNgram {
+    n: usize,
+    tokens: Vec<u32>,
+    /// For each run of `n - 1` tokens, the tokens that followed it.
+    seen: std::collections::HashMap<Vec<u32>, Vec<u32>>,
+}
+
+impl NoRepeatNgram {
+    pub fn new(n: usize) -> Self {
+        Self {
+            n,
+            tokens: Vec::new(),
+            seen: std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl LogitsProcessor for NoRepeatNgram {
+    fn process(&mut self, logits: &mut [f32]) {
+        if self.n < 2 || self.tokens.len() < self.n - 1 {
+            return;
+        }
+        let prefix = &self.tokens[self.tokens.len() + 1 - self.n..];
+        let Some(banned) = self.seen.get(prefix) else {
+            return;
+        };
+        // Never leave the step without a token to choose (another processor may have narrowed
+        // the choice to exactly these).
+        let open = logits
+            .iter()
+            .enumerate()
+            .any(|(t, x)| x.is_finite() && !banned.contains(&(t as u32)));
+        if open {
+            for &t in banned {
+                if let Some(x) = logits.get_mut(t as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, token: u32) {
+        if self.n >= 2 && self.tokens.len() >= self.n - 1 {
+            let prefix = self.tokens[self.tokens.len() + 1 - self.n..].to_vec();
+            self.seen.entry(prefix).or_default().push(token);
+        }
+        self.tokens.push(token);
+    }
+}
+
 /// One sequence's sampler: its settings and its own random stream, so a seeded request draws the
 /// same tokens whatever else runs beside it.
 pub struct Sampler {
@@ -299,6 +352,33 @@ impl Sampler {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn no_repeat_ngram_blocks_only_a_repeated_run() {
+        let mut p = NoRepeatNgram::new(3);
+        for t in [1, 2, 3, 1, 2] {
+            p.accept(t);
+        }
+        // After `1 2`, `3` would repeat `1 2 3`.
+        let mut logits = vec![0.0f32; 5];
+        p.process(&mut logits);
+        assert_eq!(logits[3], f32::NEG_INFINITY);
+        assert!(logits.iter().enumerate().all(|(t, x)| t == 3 || *x == 0.0));
+        // When the repeat is the only choice left, it stays.
+        let mut only = vec![f32::NEG_INFINITY; 5];
+        only[3] = 1.0;
+        p.process(&mut only);
+        assert_eq!(only[3], 1.0);
+        // Off at 0.
+        let mut off = NoRepeatNgram::new(0);
+        for t in [1, 1, 1, 1] {
+            off.accept(t);
+        }
+        let mut logits = vec![0.0f32; 2];
+        off.process(&mut logits);
+        assert!(logits.iter().all(|x| *x == 0.0));
+    }
 
     #[test]
     fn top_logprobs_are_the_log_softmax_in_order() {
@@ -320,8 +400,6 @@ mod tests {
         );
         assert!(top_logprobs(&logits, 0).1.is_empty());
     }
-
-    use super::*;
 
     #[test]
     fn greedy_is_argmax_and_skips_suppressed_tokens() {

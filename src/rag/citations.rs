@@ -131,6 +131,11 @@ pub struct CitationVocab {
     digits: [Option<u32>; 10],
     /// Tokens that end a sentence or a line.
     ends_sentence: Vec<bool>,
+    /// Tokens that are a word of cure or certainty (` cure`, ` curable`, ...).
+    cure: Vec<u32>,
+    /// Tokens that are the word `source(s)`: answers cite with markers, they do not talk about
+    /// "source 2" (small models otherwise describe the sources instead of answering).
+    source_words: Vec<u32>,
 }
 
 impl CitationVocab {
@@ -140,8 +145,17 @@ impl CitationVocab {
         let mut close = None;
         let mut digits = [None; 10];
         let mut ends_sentence = vec![false; vocab];
+        let mut cure = Vec::new();
+        let mut source_words = Vec::new();
         for id in 0..vocab as u32 {
             let text = token_text(id);
+            let word = text.trim().to_lowercase();
+            if super::grounding::CURE_WORDS.contains(&word.as_str()) {
+                cure.push(id);
+            }
+            if word == "source" || word == "sources" {
+                source_words.push(id);
+            }
             match text.as_str() {
                 "[" | " [" => open.push(id),
                 "]" => close = Some(id),
@@ -160,7 +174,20 @@ impl CitationVocab {
             close,
             digits,
             ends_sentence,
+            cure,
+            source_words,
         }
+    }
+
+    /// Tokens that are the word `source` or `sources`.
+    pub fn source_words(&self) -> impl Iterator<Item = u32> + '_ {
+        self.source_words.iter().copied()
+    }
+
+    /// Tokens that are a whole word of cure or certainty, suppressed when no passage given
+    /// speaks of one.
+    pub fn cure_words(&self) -> impl Iterator<Item = u32> + '_ {
+        self.cure.iter().copied()
     }
 }
 

@@ -3,8 +3,10 @@
 //! hygiene ([`prompt`]); the streaming marker tracker ([`citations`]).
 
 pub mod citations;
+pub mod grounding;
 pub mod pipeline;
 pub mod prompt;
+pub mod safety;
 
-pub use pipeline::{AnswerEvent, AnswerRequest, Pipeline, RagConfig};
+pub use pipeline::{AnswerEvent, AnswerRequest, GroundingMode, Pipeline, RagConfig};
 pub use prompt::Audience;

@@ -13,7 +13,12 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::citations::{CitationGuide, CitationTracker, CitationVocab, Piece};
+use super::grounding::{
+    self, GroundingReport, PassageFacts, Reason, Sentence, SentenceReport, SentenceSplitter,
+    SupportConfig, Verdict,
+};
 use super::prompt::{strip_instructions, system_prompt, user_message, Audience, PromptPassage};
+use super::safety;
 use crate::engine::generate::StopReason;
 use crate::engine::worker::{EngineHandle, GenerateEvent, GenerateRequest};
 use crate::error::{EngineError, IndexError};
@@ -21,7 +26,7 @@ use crate::index::filter::Filter;
 use crate::index::store::Store;
 use crate::index::{Corpus, Mode, SearchHit, SearchOptions};
 use crate::models::chat_template::ChatMessage;
-use crate::ops::sampling::SamplingParams;
+use crate::ops::sampling::{NoRepeatNgram, SamplingParams};
 
 /// Appended to every answer by code.
 pub const DISCLAIMER: &str = "This is general information, not medical advice. Talk with your \
@@ -54,6 +59,10 @@ pub struct RagConfig {
     /// where an uncited sentence would end (0 turns the steering off; markers the model opens
     /// are still limited to the passages given).
     pub citation_margin: f32,
+    /// Bounds of the support check.
+    pub support: SupportConfig,
+    /// No run of this many generated tokens may occur twice in an answer (0: off).
+    pub no_repeat_ngram: usize,
 }
 
 impl Default for RagConfig {
@@ -66,6 +75,8 @@ impl Default for RagConfig {
             min_bm25: 12.0,
             repetition_penalty: 1.1,
             citation_margin: 8.0,
+            support: SupportConfig::default(),
+            no_repeat_ngram: 8,
         }
     }
 }
@@ -87,6 +98,31 @@ pub struct AnswerRequest {
     pub stop: Vec<String>,
     /// Prefix-cache partition (0: the shared one); see [`GenerateRequest::cache_salt`].
     pub cache_salt: u64,
+    /// What the support check does with each sentence.
+    pub grounding: GroundingMode,
+}
+
+/// What happens to sentences the support check does not pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroundingMode {
+    /// No check (load tests of raw generation through the answer path).
+    Off,
+    /// Every sentence streams as written; each gets a `support` event, the report lists failures.
+    #[default]
+    Flag,
+    /// A sentence is sent only once it passed; failures are held back and reported.
+    Withhold,
+}
+
+impl GroundingMode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Flag => "flag",
+            Self::Withhold => "withhold",
+        }
+    }
 }
 
 /// A passage given to the model, as the client sees it: the search hit with the number the model
@@ -113,6 +149,8 @@ pub struct Timings {
     pub decode_ms: f64,
     /// From the request to the first generated text.
     pub first_token_ms: Option<f64>,
+    /// From the last generated token to the finished grounding report.
+    pub grounding_ms: Option<f64>,
     pub total_ms: f64,
 }
 
@@ -141,6 +179,24 @@ pub struct AnswerSummary {
     pub corpus_version: u64,
     /// Sentences removed from passages or the question because they addressed the rules.
     pub instructions_removed: usize,
+    /// The support check of the answer's sentences (absent when nothing was generated or the
+    /// check was off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grounding: Option<GroundingReport>,
+    /// The passages contradict what the question takes for granted; the answer says so first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub premise: Option<PremiseNote>,
+}
+
+/// A question premise the passages do not support.
+#[derive(Clone, Debug, Serialize)]
+pub struct PremiseNote {
+    /// The part of the question taken for granted.
+    pub premise: String,
+    /// What failed, as in the support check.
+    pub reason: Reason,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// Events of one answer, in order: `Sources`, `Delta`s and `Citation`s, then `Done` or `Error`.
@@ -148,9 +204,25 @@ pub struct AnswerSummary {
 pub enum AnswerEvent {
     Sources(Vec<Source>),
     Delta(String),
-    Citation { marker: usize, passage_id: String },
+    Citation(Box<CitationEvent>),
+    /// The support check of one finished sentence.
+    Support(Box<SentenceReport>),
     Done(Box<AnswerSummary>),
-    Error { kind: &'static str, message: String },
+    Error {
+        kind: &'static str,
+        message: String,
+    },
+}
+
+/// A citation, with what a reader needs to judge its source: title, section, date.
+#[derive(Clone, Debug, Serialize)]
+pub struct CitationEvent {
+    pub marker: usize,
+    pub passage_id: String,
+    pub title: String,
+    pub section: String,
+    pub date: String,
+    pub url: String,
 }
 
 /// Failures before anything was streamed.
@@ -267,6 +339,12 @@ impl Pipeline {
                 self.cfg.max_tokens
             )));
         }
+        // Emergencies, personal doses and diagnoses get a fixed reply before any search.
+        if let Some(t) = safety::triage(&question) {
+            return self
+                .fixed_reply(t.reply(), t.finish_reason(), summary, events, started)
+                .await;
+        }
         // Follow-ups retrieve with the previous question as context.
         let retrieval_query = match req
             .history
@@ -294,7 +372,13 @@ impl Pipeline {
         let evidence = hits.iter().any(|h| {
             h.dense_score >= self.cfg.min_cosine || h.bm25_score.unwrap_or(0.0) >= self.cfg.min_bm25
         });
-        if !evidence {
+        // Names in the question (drugs, genes, trials) that no retrieved passage mentions: the
+        // corpus does not speak of them, so it cannot answer.
+        let uncovered = grounding::uncovered_names(
+            &question,
+            &hits.iter().map(|h| h.text.as_str()).collect::<Vec<_>>(),
+        );
+        if !evidence || !uncovered.is_empty() {
             let empty = {
                 let corpus = self.corpus.lock().unwrap_or_else(|p| p.into_inner());
                 corpus
@@ -303,25 +387,34 @@ impl Pipeline {
                     .map(|(docs, _)| docs == 0)
                     .unwrap_or(false)
             };
-            let text = if empty { EMPTY_CORPUS } else { NO_EVIDENCE };
-            summary.abstained = true;
-            summary.finish_reason = "abstained".into();
-            let _ = events.send(AnswerEvent::Sources(Vec::new())).await;
-            let _ = events
-                .send(AnswerEvent::Delta(format!("{text}\n\n{DISCLAIMER}")))
+            let (text, reason) = if empty {
+                (EMPTY_CORPUS, "abstained")
+            } else if !evidence && !safety::about_cancer_care(&question) {
+                (safety::OFF_TOPIC, "refused")
+            } else {
+                (NO_EVIDENCE, "abstained")
+            };
+            summary.abstained = reason == "abstained";
+            return self
+                .fixed_reply(text, reason, summary, events, started)
                 .await;
-            summary.timings.total_ms = ms(started.elapsed());
-            let _ = events.send(AnswerEvent::Done(Box::new(summary))).await;
-            return Ok(());
         }
 
         // Passages in rank order while the prompt fits the budget.
         let text_side = self.engine.text();
-        let system = system_prompt(req.audience);
+        let mut system = system_prompt(req.audience);
         let mut history = req.history.clone();
         let cleaned: Vec<(String, usize)> =
             hits.iter().map(|h| strip_instructions(&h.text)).collect();
         summary.instructions_removed += cleaned.iter().map(|c| c.1).sum::<usize>();
+        // What the question takes for granted, checked against the passages.
+        let facts: Vec<PassageFacts> = cleaned.iter().map(|(t, _)| PassageFacts::new(t)).collect();
+        summary.premise = premise_check(&question, &facts, &self.cfg.support);
+        if summary.premise.is_some() {
+            system.push_str(
+                " The question assumes something the sources contradict: say first what the sources say instead.",
+            );
+        }
         let budget = self
             .cfg
             .context_tokens
@@ -356,6 +449,7 @@ impl Pipeline {
             )));
         }
         let given = &hits[..used];
+        let facts = &facts[..used];
         let sources: Vec<Source> = given
             .iter()
             .zip(&cleaned)
@@ -371,6 +465,12 @@ impl Pipeline {
         if events.send(AnswerEvent::Sources(sources)).await.is_err() {
             return Ok(());
         }
+        if let Some(note) = &summary.premise {
+            let text = premise_sentence(note);
+            if events.send(AnswerEvent::Delta(text)).await.is_err() {
+                return Ok(());
+            }
+        }
 
         let mut generate = GenerateRequest::new(prompt, max_tokens);
         generate.sampling = SamplingParams {
@@ -378,14 +478,24 @@ impl Pipeline {
             ..req.sampling.clone()
         };
         generate.suppress = req.suppress.clone();
+        generate.suppress.extend(self.citation_vocab.source_words());
+        // No cure unless a source speaks of one.
+        if !facts.iter().any(PassageFacts::speaks_of_cure) {
+            generate.suppress.extend(self.citation_vocab.cure_words());
+        }
         generate.stop = req.stop.clone();
         generate.cache_salt = req.cache_salt;
-        generate.processor = Some(Box::new(CitationGuide::new(
+        // Small models fall into loops that repeat whole sentences: no n-gram twice.
+        generate
+            .processors
+            .push(Box::new(NoRepeatNgram::new(self.cfg.no_repeat_ngram)));
+        generate.processors.push(Box::new(CitationGuide::new(
             used,
             self.citation_vocab.clone(),
             self.cfg.citation_margin,
         )));
         let mut rx = self.engine.generate(generate)?;
+        let mut checker = Checker::new(self, req.grounding, facts);
         let mut tracker = CitationTracker::new(used);
         let mut cited = std::collections::BTreeSet::new();
         while let Some(event) = rx.recv().await {
@@ -397,8 +507,8 @@ impl Pipeline {
                         summary.timings.first_token_ms = Some(ms(started.elapsed()));
                     }
                     for piece in tracker.push(&text) {
-                        if !self
-                            .emit(piece, given, &mut cited, &mut summary, events)
+                        if !checker
+                            .piece(piece, given, &mut cited, &mut summary, events)
                             .await
                         {
                             return Ok(()); // client gone; dropping `rx` stops the generation
@@ -406,13 +516,24 @@ impl Pipeline {
                     }
                 }
                 GenerateEvent::Done(stats) => {
+                    let last_token = Instant::now();
                     for piece in tracker.finish() {
-                        if !self
-                            .emit(piece, given, &mut cited, &mut summary, events)
+                        if !checker
+                            .piece(piece, given, &mut cited, &mut summary, events)
                             .await
                         {
                             return Ok(());
                         }
+                    }
+                    if !checker
+                        .finish(given, &mut cited, &mut summary, events)
+                        .await
+                    {
+                        return Ok(());
+                    }
+                    if req.grounding != GroundingMode::Off {
+                        summary.timings.grounding_ms = Some(ms(last_token.elapsed()));
+                        summary.grounding = Some(std::mem::take(&mut checker.report));
                     }
                     summary.usage = Usage {
                         prompt_tokens: stats.prompt_tokens,
@@ -452,28 +573,239 @@ impl Pipeline {
         Err(EngineError::Stopped.into())
     }
 
-    /// Sends one tracked piece; false when the client is gone.
-    async fn emit(
+    /// Sends a fixed reply (no sources, nothing generated) and the summary.
+    async fn fixed_reply(
         &self,
+        text: &str,
+        finish_reason: &str,
+        mut summary: AnswerSummary,
+        events: &mpsc::Sender<AnswerEvent>,
+        started: Instant,
+    ) -> Result<(), AnswerError> {
+        summary.finish_reason = finish_reason.into();
+        let _ = events.send(AnswerEvent::Sources(Vec::new())).await;
+        let _ = events
+            .send(AnswerEvent::Delta(format!("{text}\n\n{DISCLAIMER}")))
+            .await;
+        summary.timings.total_ms = ms(started.elapsed());
+        let _ = events.send(AnswerEvent::Done(Box::new(summary))).await;
+        Ok(())
+    }
+}
+
+/// The streaming side of the support check for one answer: cuts the pieces into sentences,
+/// checks each as it ends, and sends, holds back or flags it.
+struct Checker<'a> {
+    pipeline: &'a Pipeline,
+    mode: GroundingMode,
+    facts: &'a [PassageFacts],
+    splitter: SentenceSplitter,
+    /// Embeddings of each passage's sentences, asked for when the answer starts.
+    passage_vectors: Option<tokio::task::JoinHandle<Result<Vec<Vec<f32>>, EngineError>>>,
+    /// Per passage: its range in the embedded sentences.
+    ranges: Vec<std::ops::Range<usize>>,
+    vectors: Option<Vec<Vec<f32>>>,
+    report: GroundingReport,
+}
+
+impl<'a> Checker<'a> {
+    fn new(pipeline: &'a Pipeline, mode: GroundingMode, facts: &'a [PassageFacts]) -> Self {
+        let mut texts = Vec::new();
+        let mut ranges = Vec::new();
+        for f in facts {
+            let start = texts.len();
+            texts.extend(f.sentences().iter().cloned());
+            ranges.push(start..texts.len());
+        }
+        let passage_vectors = (mode != GroundingMode::Off && !texts.is_empty()).then(|| {
+            let engine = pipeline.engine.clone();
+            tokio::spawn(async move { engine.embed(texts).await.map(|e| e.vectors) })
+        });
+        Self {
+            pipeline,
+            mode,
+            facts,
+            splitter: SentenceSplitter::new(),
+            passage_vectors,
+            ranges,
+            vectors: None,
+            report: GroundingReport::new(mode.name()),
+        }
+    }
+
+    /// Takes one tracked piece; false when the client is gone.
+    async fn piece(
+        &mut self,
         piece: Piece,
         given: &[SearchHit],
         cited: &mut std::collections::BTreeSet<usize>,
         summary: &mut AnswerSummary,
         events: &mpsc::Sender<AnswerEvent>,
     ) -> bool {
-        let event = match piece {
-            Piece::Text(text) => AnswerEvent::Delta(text),
-            Piece::Citation(marker) => {
-                cited.insert(marker);
-                summary.citations.total += 1;
-                AnswerEvent::Citation {
-                    marker,
-                    passage_id: given[marker - 1].id.clone(),
+        if self.mode == GroundingMode::Off {
+            return send_piece(piece, given, cited, summary, events).await;
+        }
+        if self.mode == GroundingMode::Flag
+            && !send_piece(piece.clone(), given, cited, summary, events).await
+        {
+            return false;
+        }
+        for sentence in self.splitter.push(&piece) {
+            if !self.sentence(sentence, given, cited, summary, events).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Checks the sentence left at the end.
+    async fn finish(
+        &mut self,
+        given: &[SearchHit],
+        cited: &mut std::collections::BTreeSet<usize>,
+        summary: &mut AnswerSummary,
+        events: &mpsc::Sender<AnswerEvent>,
+    ) -> bool {
+        if self.mode == GroundingMode::Off {
+            return true;
+        }
+        match self.splitter.finish() {
+            Some(s) => self.sentence(s, given, cited, summary, events).await,
+            None => true,
+        }
+    }
+
+    async fn sentence(
+        &mut self,
+        sentence: Sentence,
+        given: &[SearchHit],
+        cited: &mut std::collections::BTreeSet<usize>,
+        summary: &mut AnswerSummary,
+        events: &mpsc::Sender<AnswerEvent>,
+    ) -> bool {
+        let verdict = self.verdict(&sentence).await;
+        let withheld = self.mode == GroundingMode::Withhold && !verdict.supported;
+        if self.mode == GroundingMode::Withhold && !withheld {
+            let mut pieces = vec![Piece::Text(sentence.text.clone())];
+            pieces.extend(sentence.citations.iter().map(|&c| Piece::Citation(c)));
+            for p in pieces {
+                if !send_piece(p, given, cited, summary, events).await {
+                    return false;
                 }
             }
+        }
+        let line = SentenceReport {
+            index: sentence.index,
+            text: sentence.claim(),
+            citations: sentence.citations.clone(),
+            verdict: verdict.clone(),
+            withheld,
         };
-        events.send(event).await.is_ok()
+        self.report.add(&sentence, verdict, withheld);
+        events
+            .send(AnswerEvent::Support(Box::new(line)))
+            .await
+            .is_ok()
     }
+
+    /// Lexical checks first; the embedding bound only for sentences that passed them.
+    async fn verdict(&mut self, sentence: &Sentence) -> Verdict {
+        let cited: Vec<&PassageFacts> = sentence
+            .citations
+            .iter()
+            .filter_map(|&m| self.facts.get(m - 1))
+            .collect();
+        let cfg = self.pipeline.cfg.support;
+        let lexical = grounding::check(&sentence.text, &cited, Some(1.0), &cfg);
+        if !lexical.supported || !lexical.factual {
+            return lexical;
+        }
+        if self.passage_vectors().await.is_none() {
+            return grounding::check(&sentence.text, &cited, None, &cfg);
+        }
+        let claim = sentence.claim();
+        let v = match self.pipeline.engine.embed(vec![claim]).await {
+            Ok(mut e) => e.vectors.remove(0),
+            Err(_) => return grounding::check(&sentence.text, &cited, None, &cfg),
+        };
+        let vectors = self.vectors.as_deref().unwrap_or_default();
+        let others: Vec<Vec<f32>> = sentence
+            .citations
+            .iter()
+            .filter_map(|&m| self.ranges.get(m - 1))
+            .flat_map(|r| vectors[r.clone()].iter().cloned())
+            .collect();
+        let cosine = grounding::best_cosine(&v, &others);
+        grounding::check(&sentence.text, &cited, Some(cosine), &cfg)
+    }
+
+    async fn passage_vectors(&mut self) -> Option<&Vec<Vec<f32>>> {
+        if self.vectors.is_none() {
+            let handle = self.passage_vectors.take()?;
+            self.vectors = handle.await.ok()?.ok();
+        }
+        self.vectors.as_ref()
+    }
+}
+
+/// Sends one tracked piece; false when the client is gone.
+async fn send_piece(
+    piece: Piece,
+    given: &[SearchHit],
+    cited: &mut std::collections::BTreeSet<usize>,
+    summary: &mut AnswerSummary,
+    events: &mpsc::Sender<AnswerEvent>,
+) -> bool {
+    let event = match piece {
+        Piece::Text(text) => AnswerEvent::Delta(text),
+        Piece::Citation(marker) => {
+            cited.insert(marker);
+            summary.citations.total += 1;
+            let h = &given[marker - 1];
+            AnswerEvent::Citation(Box::new(CitationEvent {
+                marker,
+                passage_id: h.id.clone(),
+                title: h.title.clone(),
+                section: h.section.clone(),
+                date: h.date.clone(),
+                url: h.url.clone(),
+            }))
+        }
+    };
+    events.send(event).await.is_ok()
+}
+
+/// Questions that take something for granted (`why does ...`, `since ...`, `given that ...`):
+/// the assumed part is checked like a cited sentence against every passage; a number, name,
+/// polarity or cure the passages do not bear out is a premise to correct first.
+fn premise_check(
+    question: &str,
+    facts: &[PassageFacts],
+    cfg: &SupportConfig,
+) -> Option<PremiseNote> {
+    let premise = grounding::premise_of(question)?;
+    let all: Vec<&PassageFacts> = facts.iter().collect();
+    let v = grounding::check(&premise, &all, Some(1.0), cfg);
+    match v.reason {
+        Some(reason @ (Reason::Number | Reason::Negation | Reason::Cure)) => Some(PremiseNote {
+            premise,
+            reason,
+            detail: v.detail,
+        }),
+        _ => None,
+    }
+}
+
+/// The sentence that opens an answer to a question with a contradicted premise.
+fn premise_sentence(note: &PremiseNote) -> String {
+    let why = match (&note.reason, note.detail.as_deref()) {
+        (Reason::Number, Some(n)) => format!("the figure {n} does not appear in them"),
+        (Reason::Cure, _) => "they do not speak of a cure".to_string(),
+        _ => "they state otherwise".to_string(),
+    };
+    format!(
+        "The sources do not support what the question assumes ({why}). Here is what they say:\n\n"
+    )
 }
 
 fn ms(d: Duration) -> f64 {

@@ -22,7 +22,7 @@ use super::AppState;
 use crate::models::chat_template::{ChatMessage, Role};
 use crate::ops::sampling::SamplingParams;
 use crate::rag::pipeline::{AnswerEvent, AnswerRequest, AnswerSummary};
-use crate::rag::{Audience, RagConfig};
+use crate::rag::{Audience, GroundingMode, RagConfig};
 
 /// Most passages an answer may ask for.
 pub const MAX_TOP_K: usize = 20;
@@ -46,6 +46,7 @@ pub struct AnswerBody {
     stream: Option<bool>,
     messages: Option<Vec<MessageBody>>,
     cache_salt: Option<String>,
+    grounding: Option<GroundingMode>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -157,6 +158,7 @@ pub async fn answer(
         suppress: Vec::new(),
         cache_salt: salt_of("cache_salt", body.cache_salt.as_deref())?,
         stop: Vec::new(),
+        grounding: body.grounding.unwrap_or_default(),
     };
     if pipeline.engine().is_busy() {
         return Err(ApiError::busy());
@@ -211,10 +213,8 @@ fn sse_event(event: &AnswerEvent) -> Event {
     let (name, data) = match event {
         AnswerEvent::Sources(sources) => ("sources", json!({"sources": sources})),
         AnswerEvent::Delta(text) => ("delta", json!({"text": text})),
-        AnswerEvent::Citation { marker, passage_id } => (
-            "citation",
-            json!({"marker": marker, "passage_id": passage_id}),
-        ),
+        AnswerEvent::Citation(c) => ("citation", json!(c)),
+        AnswerEvent::Support(s) => ("support", json!(s)),
         AnswerEvent::Done(summary) => ("done", json!(summary)),
         AnswerEvent::Error { kind, message } => (
             "error",
@@ -245,9 +245,8 @@ pub(crate) async fn gather(
         match event {
             AnswerEvent::Sources(s) => sources = json!(s),
             AnswerEvent::Delta(t) => text.push_str(&t),
-            AnswerEvent::Citation { marker, passage_id } => {
-                citations.push(json!({"marker": marker, "passage_id": passage_id}))
-            }
+            AnswerEvent::Citation(c) => citations.push(json!(c)),
+            AnswerEvent::Support(_) => {}
             AnswerEvent::Done(summary) => {
                 return Ok(Collected {
                     text,

@@ -24,7 +24,7 @@ use super::answer::{
 use super::error::{ApiError, ApiJson};
 use super::routes::{check_model, check_text, salt_of};
 use super::AppState;
-use crate::rag::pipeline::{AnswerEvent, AnswerRequest};
+use crate::rag::pipeline::{AnswerEvent, AnswerRequest, GroundingMode};
 
 #[derive(Deserialize)]
 pub struct ChatRequest {
@@ -44,6 +44,8 @@ pub struct ChatRequest {
     n: Option<usize>,
     stop: Option<Value>,
     cache_salt: Option<String>,
+    /// Our extension: the support check (`off`, `flag`, `withhold`).
+    grounding: Option<GroundingMode>,
 }
 
 /// Most stop strings a request may give, and their longest length.
@@ -208,6 +210,7 @@ pub async fn chat_completions(
         })?,
         stop: stop_strings(req.stop.as_ref())?,
         cache_salt: salt_of("cache_salt", req.cache_salt.as_deref())?,
+        grounding: req.grounding.unwrap_or_default(),
         ..AnswerRequest::default()
     };
     if pipeline.engine().is_busy() {
@@ -251,7 +254,11 @@ fn stream(
         let out: Vec<Value> = match event {
             AnswerEvent::Delta(text) => vec![chunk(json!({"content": text}), None)],
             AnswerEvent::Done(s) => {
-                let mut v = vec![chunk(json!({}), Some(finish_reason(&s.finish_reason)))];
+                let mut last = chunk(json!({}), Some(finish_reason(&s.finish_reason)));
+                if let Some(g) = &s.grounding {
+                    last["grounding"] = json!(g);
+                }
+                let mut v = vec![last];
                 if include_usage {
                     let mut u = chunk(json!({}), None);
                     u["choices"] = json!([]);
@@ -263,7 +270,9 @@ fn stream(
             AnswerEvent::Error { kind, message } => {
                 vec![json!({"error": {"type": kind, "message": message}})]
             }
-            AnswerEvent::Sources(_) | AnswerEvent::Citation { .. } => Vec::new(),
+            AnswerEvent::Sources(_) | AnswerEvent::Citation(_) | AnswerEvent::Support(_) => {
+                Vec::new()
+            }
         };
         fstream::iter(
             out.into_iter()
@@ -297,5 +306,6 @@ async fn collect(
         "usage": c.summary.usage,
         "sources": c.sources,
         "citations": c.citations,
+        "grounding": c.summary.grounding,
     }))
 }

@@ -33,6 +33,25 @@ pub fn smollm2_gguf() -> PathBuf {
     require(repo().join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"))
 }
 
+/// `corpus/` ingested once per test binary into a kept temporary folder; tests only read it.
+pub fn corpus_store() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let e = cited::models::bert::Embedder::load(&minilm_dir(), &Device::Cpu).unwrap();
+        let mut store = cited::index::store::SqliteStore::open(&dir.join("store.sqlite")).unwrap();
+        let r = cited::ingest::ingest_paths(
+            &mut store,
+            &e,
+            &[&repo().join("corpus")],
+            &cited::ingest::IngestOptions::default(),
+        )
+        .unwrap();
+        assert!(r.added >= 20, "the starter corpus ingests");
+        dir
+    })
+}
+
 pub fn fixture(name: &str) -> serde_json::Value {
     let path = repo().join("tests/fixtures").join(name);
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
