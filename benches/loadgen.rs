@@ -67,6 +67,10 @@ struct Args {
     /// llama.cpp's server and cited's /v1/completions take).
     #[arg(long)]
     ignore_eos: bool,
+    /// The support check of cited's answers (`off`, `flag`, `withhold`), sent as `grounding`
+    /// on chat and answer requests; left out when not given.
+    #[arg(long)]
+    grounding: Option<String>,
     #[arg(long)]
     json: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
@@ -131,7 +135,7 @@ fn load_prompts(args: &Args) -> Vec<String> {
 
 /// One streamed request.
 async fn one(client: &reqwest::Client, args: &Args, prompt: &str) -> Record {
-    let (path, body) = match args.endpoint {
+    let (path, mut body) = match args.endpoint {
         Endpoint::Chat => (
             "/v1/chat/completions",
             json!({
@@ -159,6 +163,9 @@ async fn one(client: &reqwest::Client, args: &Args, prompt: &str) -> Record {
             }),
         ),
     };
+    if let (Some(g), Endpoint::Chat | Endpoint::Answer) = (&args.grounding, args.endpoint) {
+        body["grounding"] = json!(g);
+    }
     let started = Instant::now();
     let mut rec = Record::default();
     let response = match client

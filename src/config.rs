@@ -127,6 +127,10 @@ pub struct RagArgs {
     /// No run of this many generated tokens may occur twice in an answer (0: off).
     #[arg(long, env = "CITED_NO_REPEAT_NGRAM", default_value_t = 8)]
     pub no_repeat_ngram: usize,
+    /// Abstain when the question holds a word the corpus never mentions that the generator's
+    /// tokenizer cuts into at least this many tokens (a drug, trial or gene name); 0 turns it off.
+    #[arg(long, env = "CITED_RARE_WORD_TOKENS", default_value_t = 1)]
+    pub rare_word_tokens: usize,
 }
 
 impl RagArgs {
@@ -179,6 +183,8 @@ impl RagArgs {
             repetition_penalty: self.repetition_penalty,
             citation_margin: self.citation_margin,
             no_repeat_ngram: self.no_repeat_ngram,
+            rare_word_tokens: self.rare_word_tokens,
+            off_topic_cosine: crate::rag::RagConfig::default().off_topic_cosine,
             support: crate::rag::grounding::SupportConfig {
                 min_cosine: self.support_min_cosine,
                 ..Default::default()
@@ -360,6 +366,30 @@ pub enum EvalCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Answer every question of a dev set through the whole pipeline (over a scratch store of the
+    /// given corpus) and score citation validity, citing, support, abstention and safe replies.
+    Answers {
+        /// Questions (JSONL: `id`, `type`, `question`, `source`).
+        #[arg(long, default_value = "eval/answers-dev.jsonl")]
+        questions: PathBuf,
+        /// Corpus files or folders ingested into the scratch store.
+        #[arg(long, default_values = ["corpus"])]
+        corpus: Vec<PathBuf>,
+        /// Keep the scratch store here (and reuse it).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Only the first N questions.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Answers generated at once.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Write every answer with its scores here (JSONL).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        rag: RagArgs,
     },
     /// Score the support check on labelled sentence-passage pairs: how many faithful and how
     /// many perturbed sentences it flags.

@@ -360,11 +360,11 @@ fn main() -> Result<()> {
             let cfg = Config::from_args(&args.models, true, false)?;
             let embedder = Embedder::load(&cfg.embedder, &cfg.device.open()?)?;
             let pairs = cited::eval::read_support_pairs(pairs)?;
-            let cosines = cited::eval::support_cosines(&pairs, &embedder)?;
             let mut support = cited::rag::grounding::SupportConfig::default();
             if let Some(c) = min_cosine {
                 support.min_cosine = *c;
             }
+            let cosines = cited::eval::support_cosines(&pairs, &embedder, &support)?;
             let (rows, verdicts) = cited::eval::evaluate_support(&pairs, Some(&cosines), &support);
             println!("| pairs | n | flagged | flagged share |");
             println!("| --- | --- | --- | --- |");
@@ -413,6 +413,69 @@ fn main() -> Result<()> {
                     );
                 }
             }
+        }
+        Command::Eval {
+            what:
+                EvalCommand::Answers {
+                    questions,
+                    corpus: corpus_paths,
+                    store,
+                    limit,
+                    concurrency,
+                    out,
+                    rag,
+                },
+        } => {
+            let mut service = service_config(&args, rag)?;
+            let scratch = tempfile::tempdir()?;
+            let dir = store
+                .clone()
+                .unwrap_or_else(|| scratch.path().to_path_buf());
+            {
+                let embedder = Embedder::load(&service.embedder, &service.device)?;
+                let mut s = cited::index::store::SqliteStore::open(&dir.join("store.sqlite"))?;
+                let paths: Vec<&std::path::Path> =
+                    corpus_paths.iter().map(|p| p.as_path()).collect();
+                let report = ingest_paths(&mut s, &embedder, &paths, &IngestOptions::default())?;
+                eprintln!(
+                    "corpus: {} added, {} unchanged, {} chunks",
+                    report.added, report.unchanged, report.chunks
+                );
+            }
+            service.data_dir = dir.clone();
+            let mut qs = cited::eval::answers::read_questions(questions)?;
+            if let Some(n) = limit {
+                qs.truncate(*n);
+            }
+            let services = Services::load(&service)?;
+            let max_tokens = service.rag.max_tokens;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let started = std::time::Instant::now();
+            let outcomes = runtime.block_on(cited::eval::answers::run(
+                &services.pipeline,
+                &qs,
+                max_tokens,
+                *concurrency,
+            ));
+            eprintln!(
+                "{} questions in {:.1} s",
+                qs.len(),
+                started.elapsed().as_secs_f64()
+            );
+            if let Some(path) = out {
+                let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+                for (q, o) in qs.iter().zip(&outcomes) {
+                    let mut v = serde_json::to_value(o)?;
+                    v["question"] = serde_json::json!(q.question);
+                    v["as_expected"] = serde_json::json!(o.correct(q.expected()));
+                    writeln!(w, "{v}")?;
+                }
+            }
+            let report = cited::eval::answers::report(&qs, &outcomes);
+            print!("{}", cited::eval::answers::markdown(&report));
         }
         Command::Tokenize { text, special } => {
             let cfg = Config::from_args(&args.models, false, true)?;

@@ -68,7 +68,8 @@ fn the_support_check_flags_perturbed_sentences_and_passes_faithful_ones() {
         cited::eval::read_support_pairs(&common::repo().join("eval/support-pairs.jsonl")).unwrap();
     assert!(pairs.len() >= 100);
     let embedder = Embedder::load(&common::minilm_dir(), &Device::Cpu).unwrap();
-    let cosines = cited::eval::support_cosines(&pairs, &embedder).unwrap();
+    let cosines =
+        cited::eval::support_cosines(&pairs, &embedder, &SupportConfig::default()).unwrap();
     let (rows, _) =
         cited::eval::evaluate_support(&pairs, Some(&cosines), &SupportConfig::default());
     let faithful = &rows[0];

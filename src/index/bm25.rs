@@ -171,13 +171,19 @@ pub fn analyzer() -> TextAnalyzer {
 
 /// Terms of `text` as the index sees them.
 pub fn terms(text: &str) -> Vec<String> {
-    let mut a = analyzer();
-    let mut stream = a.token_stream(text);
-    let mut out = Vec::new();
-    while let Some(t) = stream.next() {
-        out.push(t.text.clone());
+    thread_local! {
+        // Built once per thread: the support check analyses many short texts.
+        static ANALYZER: std::cell::RefCell<TextAnalyzer> = std::cell::RefCell::new(analyzer());
     }
-    out
+    ANALYZER.with(|a| {
+        let mut a = a.borrow_mut();
+        let mut stream = a.token_stream(text);
+        let mut out = Vec::new();
+        while let Some(t) = stream.next() {
+            out.push(t.text.clone());
+        }
+        out
+    })
 }
 
 struct Fields {
@@ -297,6 +303,14 @@ impl Bm25Index {
         }
         self.commit(target)?;
         Ok(true)
+    }
+
+    /// In how many chunks `term` (an analyzed term) occurs.
+    pub fn doc_freq(&self, term: &str) -> Result<u64> {
+        Ok(self
+            .reader
+            .searcher()
+            .doc_freq(&Term::from_field_text(self.fields.text, term))?)
     }
 
     /// The `k` best chunks for `query`: (chunk id, BM25 score), best first; among `allowed`

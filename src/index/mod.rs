@@ -176,6 +176,34 @@ impl Corpus {
         Ok(())
     }
 
+    /// Words of `text` (four or more letters) that no chunk contains in any form: what the
+    /// corpus has never mentioned.
+    pub fn unknown_words(&mut self, text: &str) -> Result<Vec<String>> {
+        self.refresh()?;
+        let mut out = Vec::new();
+        for word in text.split(|c: char| !c.is_alphanumeric() && c != '-') {
+            let word = word.trim_matches('-');
+            if word.chars().filter(|c| c.is_alphabetic()).count() < 4 {
+                continue;
+            }
+            let terms = bm25::terms(word);
+            if terms.is_empty() {
+                continue;
+            }
+            let mut seen = false;
+            for t in &terms {
+                if self.bm25.doc_freq(t)? > 0 {
+                    seen = true;
+                    break;
+                }
+            }
+            if !seen && !out.iter().any(|w: &String| w.eq_ignore_ascii_case(word)) {
+                out.push(word.to_string());
+            }
+        }
+        Ok(out)
+    }
+
     /// Searches with `query` (its text for BM25, `embedding` for dense): passages best first,
     /// one hit per passage.
     pub fn search(

@@ -84,6 +84,9 @@ pub struct SupportConfig {
     /// Least share of the sentence's content words found in the cited passages, used when no
     /// embedding is at hand.
     pub min_overlap: f32,
+    /// A sentence sharing at least this share of its content words with its cited passages is
+    /// plainly about them: no embedding is computed for it.
+    pub embed_below_overlap: f32,
 }
 
 impl Default for SupportConfig {
@@ -91,6 +94,7 @@ impl Default for SupportConfig {
         Self {
             min_cosine: 0.55,
             min_overlap: 0.5,
+            embed_below_overlap: 0.4,
         }
     }
 }
@@ -209,6 +213,7 @@ pub struct PassageFacts {
     values: Vec<f64>,
     /// Its sentences (for polarity and similarity), with their stems.
     sentences: Vec<String>,
+    sentence_stems: Vec<HashSet<String>>,
     stems: HashSet<String>,
     /// Its clauses, with the polarity of their words.
     clauses: Vec<Clause>,
@@ -223,7 +228,8 @@ impl PassageFacts {
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect();
-        let stems_of_all: HashSet<String> = sentences.iter().flat_map(|s| stems(s)).collect();
+        let sentence_stems: Vec<HashSet<String>> = sentences.iter().map(|s| stems(s)).collect();
+        let stems_of_all: HashSet<String> = sentence_stems.iter().flatten().cloned().collect();
         let lower = clean.to_lowercase();
         Self {
             clauses: clauses(&clean),
@@ -237,6 +243,7 @@ impl PassageFacts {
             speaks_of_cure: CURE_WORDS.iter().any(|w| contains_word(&lower, w)),
             lower,
             sentences,
+            sentence_stems,
         }
     }
 
@@ -277,16 +284,7 @@ pub fn check(
     if cited.is_empty() {
         return Verdict::fail(Reason::Uncited, None, None);
     }
-    let claim_stems = stems(claim);
-    let overlap = if claim_stems.is_empty() {
-        1.0
-    } else {
-        let found = claim_stems
-            .iter()
-            .filter(|s| cited.iter().any(|p| p.stems.contains(*s)))
-            .count();
-        found as f32 / claim_stems.len() as f32
-    };
+    let overlap = overlap(claim, cited);
     let similarity = cosine.or(Some(overlap));
 
     let lower = claim.to_lowercase();
@@ -363,6 +361,10 @@ pub fn premise_of(question: &str) -> Option<String> {
             return Some(q[start..end].trim().to_string()).filter(|p| !p.is_empty());
         }
     }
+    // `X, so why ...?`: X is taken for granted.
+    if let Some(at) = lower.find(", so ") {
+        return Some(q[..at].trim().to_string()).filter(|p| !p.is_empty());
+    }
     for lead in [
         "why do ",
         "why does ",
@@ -383,6 +385,45 @@ pub fn premise_of(question: &str) -> Option<String> {
     }
     None
 }
+
+/// Share of the content stems of `sentence` (markers removed) found in the cited passages.
+pub fn overlap(sentence: &str, cited: &[&PassageFacts]) -> f32 {
+    let claim = super::prompt::strip_reference_markers(sentence);
+    let claim_stems = stems(&claim);
+    if claim_stems.is_empty() {
+        return 1.0;
+    }
+    let found = claim_stems
+        .iter()
+        .filter(|s| cited.iter().any(|p| p.stems.contains(*s)))
+        .count();
+    found as f32 / claim_stems.len() as f32
+}
+
+/// Whether the similarity bound needs the embedder for this sentence, and if so the cited
+/// sentences to compare it with: the `k` sharing the most content words with it.
+pub fn embedding_candidates<'p>(
+    sentence: &str,
+    cited: &[&'p PassageFacts],
+    cfg: &SupportConfig,
+    k: usize,
+) -> Option<Vec<&'p str>> {
+    if overlap(sentence, cited) >= cfg.embed_below_overlap {
+        return None;
+    }
+    let claim = stems(&super::prompt::strip_reference_markers(sentence));
+    let mut scored: Vec<(usize, usize, &str)> = cited
+        .iter()
+        .flat_map(|p| p.sentences.iter().zip(&p.sentence_stems))
+        .enumerate()
+        .map(|(i, (s, st))| (st.intersection(&claim).count(), i, s.as_str()))
+        .collect();
+    scored.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    Some(scored.into_iter().take(k).map(|(_, _, s)| s).collect())
+}
+
+/// Cited sentences an embedding is compared with.
+pub const EMBEDDING_CANDIDATES: usize = 2;
 
 /// One sentence's line in the report.
 #[derive(Clone, Debug, Serialize)]
@@ -619,16 +660,161 @@ fn stem_of(word: &str) -> Option<String> {
 
 /// Words that carry grammar, not content (beyond the index's own stop words).
 const FUNCTION_WORDS: &[&str] = &[
-    "has", "have", "had", "having", "been", "being", "were", "was", "are", "would", "could",
-    "should", "may", "might", "can", "must", "shall", "does", "did", "done", "doing", "between",
-    "who", "whom", "which", "whose", "what", "when", "where", "than", "its", "our", "your", "his",
-    "her", "hers", "them", "those", "one", "two", "around", "about", "from", "over", "under",
-    "into", "onto", "upon", "via", "per", "each", "every", "any", "some", "all", "both", "more",
-    "most", "much", "many", "other", "such", "very", "just", "only", "own", "still", "after",
-    "before", "during", "within", "without", "while", "then", "thus", "so", "too", "also", "even",
-    "ever", "whether", "because", "since", "until", "how", "why", "get", "gets", "got", "give",
-    "gave", "given", "make", "made", "people", "person", "patients", "patient",
+    "someone",
+    "anyone",
+    "everyone",
+    "somebody",
+    "anybody",
+    "everybody",
+    "something",
+    "anything",
+    "everything",
+    "has",
+    "have",
+    "had",
+    "having",
+    "been",
+    "being",
+    "were",
+    "was",
+    "are",
+    "would",
+    "could",
+    "should",
+    "may",
+    "might",
+    "can",
+    "must",
+    "shall",
+    "does",
+    "did",
+    "done",
+    "doing",
+    "between",
+    "who",
+    "whom",
+    "which",
+    "whose",
+    "what",
+    "when",
+    "where",
+    "than",
+    "its",
+    "our",
+    "your",
+    "his",
+    "her",
+    "hers",
+    "them",
+    "those",
+    "one",
+    "two",
+    "around",
+    "about",
+    "from",
+    "over",
+    "under",
+    "into",
+    "onto",
+    "upon",
+    "via",
+    "per",
+    "each",
+    "every",
+    "any",
+    "some",
+    "all",
+    "both",
+    "more",
+    "most",
+    "much",
+    "many",
+    "other",
+    "such",
+    "very",
+    "just",
+    "only",
+    "own",
+    "still",
+    "after",
+    "before",
+    "during",
+    "within",
+    "without",
+    "while",
+    "then",
+    "thus",
+    "so",
+    "too",
+    "also",
+    "even",
+    "ever",
+    "whether",
+    "because",
+    "since",
+    "until",
+    "how",
+    "why",
+    "get",
+    "gets",
+    "got",
+    "give",
+    "gave",
+    "given",
+    "make",
+    "made",
+    "people",
+    "person",
+    "patients",
+    "patient",
 ];
+
+/// Whether `word` (lower case) carries grammar rather than content.
+pub fn is_function_word(word: &str) -> bool {
+    FUNCTION_WORDS.contains(&word)
+}
+
+/// Words of asking rather than of the subject (`explain in detail`, `please tell me`).
+const ASKING_WORDS: &[&str] = &[
+    "explain",
+    "explained",
+    "describe",
+    "tell",
+    "telling",
+    "detail",
+    "details",
+    "detailed",
+    "please",
+    "thanks",
+    "thank",
+    "hello",
+    "understand",
+    "know",
+    "want",
+    "wondering",
+    "wonder",
+    "question",
+    "questions",
+    "answer",
+    "answers",
+    "information",
+    "info",
+    "simple",
+    "simply",
+    "words",
+    "briefly",
+    "summary",
+    "summarise",
+    "summarize",
+    "overview",
+    "mean",
+    "means",
+];
+
+/// Whether `word` (lower case) belongs to the asking, not to what is asked about.
+pub fn is_asking_word(word: &str) -> bool {
+    is_function_word(word) || ASKING_WORDS.contains(&word)
+}
 
 /// Words a negation reaches through to the word it denies.
 const TRANSPARENT: &[&str] = &[
@@ -1025,6 +1211,15 @@ fn number_word(w: &str) -> Option<u32> {
 /// and trials (capitals or letter-digit mixes: `HER2`, `EORTC`, `GeDDiS`), and capitalised
 /// words inside a sentence.
 fn names(claim: &str) -> Vec<String> {
+    split_sentences(claim)
+        .into_iter()
+        .flat_map(|s| s.split(':'))
+        .flat_map(names_in_sentence)
+        .collect()
+}
+
+/// [`names`] of one sentence: its first word's capital is the sentence's, not a name's.
+fn names_in_sentence(claim: &str) -> Vec<String> {
     let mut out = Vec::new();
     for (i, w) in words(claim).enumerate() {
         let w = w.trim_end_matches("'s").trim_end_matches("’s");
@@ -1287,6 +1482,14 @@ mod tests {
             let v = check(s, &[&facts], None, &cfg);
             assert!(!v.factual && v.supported, "{s}");
         }
+    }
+
+    #[test]
+    fn capitals_that_start_a_sentence_are_not_names() {
+        assert_eq!(
+            names("Case 3. Explain in detail: Surgery first. Then ask about Trabectedin and HER2."),
+            ["Trabectedin", "HER2"]
+        );
     }
 
     #[test]

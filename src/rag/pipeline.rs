@@ -63,6 +63,13 @@ pub struct RagConfig {
     pub support: SupportConfig,
     /// No run of this many generated tokens may occur twice in an answer (0: off).
     pub no_repeat_ngram: usize,
+    /// A question word the corpus never mentions and that the generator's tokenizer cuts into
+    /// at least this many tokens (a drug, trial or gene name, a rare disease) means the corpus
+    /// cannot answer: abstain (0: off).
+    pub rare_word_tokens: usize,
+    /// A question with no word of cancer or its care is answered only when a passage reaches
+    /// this cosine (or the BM25 bound); otherwise it is off topic.
+    pub off_topic_cosine: f32,
 }
 
 impl Default for RagConfig {
@@ -77,6 +84,8 @@ impl Default for RagConfig {
             citation_margin: 8.0,
             support: SupportConfig::default(),
             no_repeat_ngram: 8,
+            rare_word_tokens: 1,
+            off_topic_cosine: 0.5,
         }
     }
 }
@@ -294,6 +303,31 @@ impl Pipeline {
         .map_err(|_| AnswerError::Join)?
     }
 
+    /// Words of `question` the corpus never mentions that are not everyday words (the
+    /// generator's tokenizer splits them: drug, trial and gene names, rare diseases): the corpus
+    /// cannot answer a question about them.
+    async fn unknown_terms(&self, question: &str) -> Result<Vec<String>, AnswerError> {
+        let corpus = self.corpus.clone();
+        let q = question.to_string();
+        let words = tokio::task::spawn_blocking(move || {
+            let mut corpus = corpus.lock().unwrap_or_else(|p| p.into_inner());
+            corpus.unknown_words(&q)
+        })
+        .await
+        .map_err(|_| AnswerError::Join)??;
+        let tokenizer = &self.engine.text().tokenizer;
+        Ok(words
+            .into_iter()
+            .filter(|w| !grounding::is_asking_word(&w.to_lowercase()))
+            .filter(|w| {
+                tokenizer
+                    .encode(&format!(" {}", w.to_lowercase()), false)
+                    .map(|ids| ids.len() >= self.cfg.rare_word_tokens)
+                    .unwrap_or(false)
+            })
+            .collect())
+    }
+
     /// Answers `req`, sending every event to `events`. Returns when the answer is complete or the
     /// receiver is gone (the client left: generation stops at its next step).
     pub async fn answer(&self, req: AnswerRequest, events: mpsc::Sender<AnswerEvent>) {
@@ -369,15 +403,25 @@ impl Pipeline {
         summary.corpus_version = corpus_version;
         summary.timings.retrieval_ms = ms(started.elapsed());
 
-        let evidence = hits.iter().any(|h| {
-            h.dense_score >= self.cfg.min_cosine || h.bm25_score.unwrap_or(0.0) >= self.cfg.min_bm25
-        });
+        let on_topic = safety::about_cancer_care(&question)
+            || hits.iter().any(|h| {
+                h.dense_score >= self.cfg.off_topic_cosine
+                    || h.bm25_score.unwrap_or(0.0) >= self.cfg.min_bm25
+            });
+        let evidence = on_topic
+            && hits.iter().any(|h| {
+                h.dense_score >= self.cfg.min_cosine
+                    || h.bm25_score.unwrap_or(0.0) >= self.cfg.min_bm25
+            });
         // Names in the question (drugs, genes, trials) that no retrieved passage mentions: the
         // corpus does not speak of them, so it cannot answer.
-        let uncovered = grounding::uncovered_names(
+        let mut uncovered = grounding::uncovered_names(
             &question,
             &hits.iter().map(|h| h.text.as_str()).collect::<Vec<_>>(),
         );
+        if evidence && uncovered.is_empty() && self.cfg.rare_word_tokens > 0 {
+            uncovered = self.unknown_terms(&question).await?;
+        }
         if !evidence || !uncovered.is_empty() {
             let empty = {
                 let corpus = self.corpus.lock().unwrap_or_else(|p| p.into_inner());
@@ -389,7 +433,7 @@ impl Pipeline {
             };
             let (text, reason) = if empty {
                 (EMPTY_CORPUS, "abstained")
-            } else if !evidence && !safety::about_cancer_care(&question) {
+            } else if !on_topic {
                 (safety::OFF_TOPIC, "refused")
             } else {
                 (NO_EVIDENCE, "abstained")
@@ -485,15 +529,16 @@ impl Pipeline {
         }
         generate.stop = req.stop.clone();
         generate.cache_salt = req.cache_salt;
-        // Small models fall into loops that repeat whole sentences: no n-gram twice.
-        generate
-            .processors
-            .push(Box::new(NoRepeatNgram::new(self.cfg.no_repeat_ngram)));
         generate.processors.push(Box::new(CitationGuide::new(
             used,
             self.citation_vocab.clone(),
             self.cfg.citation_margin,
         )));
+        // Small models fall into loops that repeat whole sentences: no n-gram twice. After the
+        // guide, so it never bans the one token a marker allows.
+        generate
+            .processors
+            .push(Box::new(NoRepeatNgram::new(self.cfg.no_repeat_ngram)));
         let mut rx = self.engine.generate(generate)?;
         let mut checker = Checker::new(self, req.grounding, facts);
         let mut tracker = CitationTracker::new(used);
@@ -600,35 +645,19 @@ struct Checker<'a> {
     mode: GroundingMode,
     facts: &'a [PassageFacts],
     splitter: SentenceSplitter,
-    /// Embeddings of each passage's sentences, asked for when the answer starts.
-    passage_vectors: Option<tokio::task::JoinHandle<Result<Vec<Vec<f32>>, EngineError>>>,
-    /// Per passage: its range in the embedded sentences.
-    ranges: Vec<std::ops::Range<usize>>,
-    vectors: Option<Vec<Vec<f32>>>,
+    /// Embeddings of passage sentences already computed for this answer.
+    vectors: std::collections::HashMap<String, Vec<f32>>,
     report: GroundingReport,
 }
 
 impl<'a> Checker<'a> {
     fn new(pipeline: &'a Pipeline, mode: GroundingMode, facts: &'a [PassageFacts]) -> Self {
-        let mut texts = Vec::new();
-        let mut ranges = Vec::new();
-        for f in facts {
-            let start = texts.len();
-            texts.extend(f.sentences().iter().cloned());
-            ranges.push(start..texts.len());
-        }
-        let passage_vectors = (mode != GroundingMode::Off && !texts.is_empty()).then(|| {
-            let engine = pipeline.engine.clone();
-            tokio::spawn(async move { engine.embed(texts).await.map(|e| e.vectors) })
-        });
         Self {
             pipeline,
             mode,
             facts,
             splitter: SentenceSplitter::new(),
-            passage_vectors,
-            ranges,
-            vectors: None,
+            vectors: std::collections::HashMap::new(),
             report: GroundingReport::new(mode.name()),
         }
     }
@@ -708,7 +737,9 @@ impl<'a> Checker<'a> {
             .is_ok()
     }
 
-    /// Lexical checks first; the embedding bound only for sentences that passed them.
+    /// Lexical checks first; the embedding bound only for sentences that passed them and share
+    /// few words with their passages, against the cited sentences closest in words (embedded
+    /// once per answer).
     async fn verdict(&mut self, sentence: &Sentence) -> Verdict {
         let cited: Vec<&PassageFacts> = sentence
             .citations
@@ -720,31 +751,35 @@ impl<'a> Checker<'a> {
         if !lexical.supported || !lexical.factual {
             return lexical;
         }
-        if self.passage_vectors().await.is_none() {
-            return grounding::check(&sentence.text, &cited, None, &cfg);
-        }
-        let claim = sentence.claim();
-        let v = match self.pipeline.engine.embed(vec![claim]).await {
-            Ok(mut e) => e.vectors.remove(0),
+        let Some(candidates) = grounding::embedding_candidates(
+            &sentence.text,
+            &cited,
+            &cfg,
+            grounding::EMBEDDING_CANDIDATES,
+        ) else {
+            return lexical;
+        };
+        let mut texts = vec![sentence.claim()];
+        texts.extend(
+            candidates
+                .iter()
+                .filter(|c| !self.vectors.contains_key(**c))
+                .map(|c| c.to_string()),
+        );
+        let mut vectors = match self.pipeline.engine.embed(texts.clone()).await {
+            Ok(e) => e.vectors,
             Err(_) => return grounding::check(&sentence.text, &cited, None, &cfg),
         };
-        let vectors = self.vectors.as_deref().unwrap_or_default();
-        let others: Vec<Vec<f32>> = sentence
-            .citations
-            .iter()
-            .filter_map(|&m| self.ranges.get(m - 1))
-            .flat_map(|r| vectors[r.clone()].iter().cloned())
-            .collect();
-        let cosine = grounding::best_cosine(&v, &others);
-        grounding::check(&sentence.text, &cited, Some(cosine), &cfg)
-    }
-
-    async fn passage_vectors(&mut self) -> Option<&Vec<Vec<f32>>> {
-        if self.vectors.is_none() {
-            let handle = self.passage_vectors.take()?;
-            self.vectors = handle.await.ok()?.ok();
+        let claim = vectors.remove(0);
+        for (text, v) in texts.into_iter().skip(1).zip(vectors) {
+            self.vectors.insert(text, v);
         }
-        self.vectors.as_ref()
+        let others: Vec<Vec<f32>> = candidates
+            .iter()
+            .filter_map(|c| self.vectors.get(*c).cloned())
+            .collect();
+        let cosine = grounding::best_cosine(&claim, &others);
+        grounding::check(&sentence.text, &cited, Some(cosine), &cfg)
     }
 }
 

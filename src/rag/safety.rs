@@ -117,6 +117,18 @@ const EMERGENCY_SIGNS: &[&str] = &[
     "suicid",
     "kill myself",
     "end my life",
+    "ending my life",
+    "don't see the point",
+    "no point in living",
+    "coughing up",
+    "vomiting blood",
+    "bloody",
+    "black stools",
+    "faint",
+    "drowsy",
+    "seeing things",
+    "hallucinat",
+    "numb",
     "self-harm",
     "hurt myself",
     "harm myself",
@@ -146,6 +158,9 @@ const DOSE_WORDS: &[&str] = &[
     "tablets",
     "double",
     "skip",
+    "how often",
+    " every ",
+    "instead of",
     "stop taking",
     "take more",
     "take less",
@@ -199,6 +214,17 @@ const DIAGNOSIS_ASKS: &[&str] = &[
     "am i at risk",
     "is my ",
     "have i got",
+    "come back",
+    "am i going to get",
+    "will i get",
+    " is it ",
+    " is this ",
+];
+
+/// Symptoms, findings and results: what a request to be diagnosed is about.
+const FINDINGS: &[&str] = &[
+    "lump", "mole", "spot", "mass", "swelling", "pain", "bleeding", "blood", "scan", "test",
+    "result", "biopsy", "psa", "symptom", "cough", "rash", "tumour", "tumor", "cancer", "node",
 ];
 
 /// Words of cancer and its care: a question with none of them, and no passage clearing the
@@ -294,7 +320,7 @@ pub fn triage(question: &str) -> Option<Triage> {
     if any(&q, DOSE_WORDS) && any(&q, ASKS_FOR_SELF) {
         return Some(Triage::PersonalDose);
     }
-    if any(&q, DIAGNOSIS_ASKS) {
+    if personal && any(&q, DIAGNOSIS_ASKS) && (about_cancer_care(question) || any(&q, FINDINGS)) {
         return Some(Triage::Diagnosis);
     }
     None
@@ -334,6 +360,8 @@ mod tests {
             None
         );
         assert_eq!(triage("Why does fever matter during chemotherapy?"), None);
+        // Not about a body: no diagnosis to refer.
+        assert_eq!(triage("My car makes a noise, what could it be?"), None);
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! Retrieval evaluation: queries with their one relevant passage, searched in every mode, scored
-//! by nDCG@10, Recall@10 and MRR@10.
+//! by nDCG@10, Recall@10 and MRR@10; the support check on labelled pairs; whole answers
+//! ([`answers`]).
+
+pub mod answers;
 
 use std::path::Path;
 
@@ -166,13 +169,26 @@ impl SupportRow {
     }
 }
 
-/// Each pair's best cosine between its sentence and a sentence of its passage (our embedder).
-pub fn support_cosines(pairs: &[SupportPair], embedder: &Embedder) -> Result<Vec<f32>, IndexError> {
+/// Each pair's cosine as the answer pipeline computes it: 1 when the sentence shares enough
+/// words with its passage to need no embedding, else the best cosine (our embedder) with the
+/// passage sentences that share the most words with it.
+pub fn support_cosines(
+    pairs: &[SupportPair],
+    embedder: &Embedder,
+    cfg: &crate::rag::grounding::SupportConfig,
+) -> Result<Vec<f32>, IndexError> {
+    use crate::rag::grounding::{embedding_candidates, EMBEDDING_CANDIDATES};
     let mut out = Vec::with_capacity(pairs.len());
     for p in pairs {
         let facts = crate::rag::grounding::PassageFacts::new(&p.passage);
+        let Some(candidates) =
+            embedding_candidates(&p.sentence, &[&facts], cfg, EMBEDDING_CANDIDATES)
+        else {
+            out.push(1.0);
+            continue;
+        };
         let mut texts = vec![p.sentence.clone()];
-        texts.extend(facts.sentences().iter().cloned());
+        texts.extend(candidates.iter().map(|s| s.to_string()));
         let v = embedder
             .embed(&texts)?
             .to_vec2::<f32>()
