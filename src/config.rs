@@ -131,6 +131,11 @@ pub struct RagArgs {
     /// tokenizer cuts into at least this many tokens (a drug, trial or gene name); 0 turns it off.
     #[arg(long, env = "CITED_RARE_WORD_TOKENS", default_value_t = 1)]
     pub rare_word_tokens: usize,
+    /// Sections of answers asked for with `"shape": "sections"` (JSON: `{"sections":
+    /// [{"heading": "...", "max_tokens": N}]}`); default: what it means, how care differs,
+    /// options and their evidence, questions to ask your care team, bottom line.
+    #[arg(long, env = "CITED_ANSWER_TEMPLATE")]
+    pub answer_template: Option<PathBuf>,
 }
 
 impl RagArgs {
@@ -185,6 +190,11 @@ impl RagArgs {
             no_repeat_ngram: self.no_repeat_ngram,
             rare_word_tokens: self.rare_word_tokens,
             off_topic_cosine: crate::rag::RagConfig::default().off_topic_cosine,
+            template: match &self.answer_template {
+                Some(path) => crate::rag::template::AnswerTemplate::load(path)
+                    .map_err(|e| ConfigError::BadValue("answer-template", e))?,
+                None => Default::default(),
+            },
             support: crate::rag::grounding::SupportConfig {
                 min_cosine: self.support_min_cosine,
                 ..Default::default()

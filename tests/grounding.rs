@@ -255,3 +255,42 @@ async fn withheld_sentences_never_reach_the_client() {
         .sum();
     assert_eq!(withheld.citations.len(), sent_citations);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sectioned_answer_follows_the_template() {
+    let services = services().await;
+    let a = answer(
+        &services,
+        AnswerRequest {
+            question: "How is metastatic sarcoma different from other stages?".into(),
+            max_tokens: Some(120),
+            shape: cited::rag::template::AnswerShape::Sections,
+            ..AnswerRequest::default()
+        },
+    )
+    .await;
+    let s = a.summary.unwrap();
+    let template = cited::rag::template::AnswerTemplate::default();
+    let mut at = 0;
+    for section in template.fit(120) {
+        let heading = format!("## {}\n", section.heading);
+        let found = a.text[at..]
+            .find(&heading)
+            .unwrap_or_else(|| panic!("`{heading}` missing or out of order in {}", a.text));
+        at += found + heading.len();
+    }
+    assert!(
+        s.usage.completion_tokens <= 120,
+        "{}",
+        s.usage.completion_tokens
+    );
+    assert!(
+        s.usage.completion_tokens >= 20,
+        "the model wrote under the headings"
+    );
+    assert!(a.text.ends_with(cited::rag::pipeline::DISCLAIMER));
+    let g = s.grounding.unwrap();
+    assert_eq!(a.supports.len(), g.sentences);
+    // Headings are code's, not sentences of the model: none is checked as a claim.
+    assert!(a.supports.iter().all(|x| !x.text.starts_with("##")));
+}

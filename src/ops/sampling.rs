@@ -138,6 +138,18 @@ impl NoRepeatNgram {
     }
 }
 
+impl NoRepeatNgram {
+    /// One that also counts `history` (text already written before this generation) as
+    /// generated.
+    pub fn with_history(n: usize, history: &[u32]) -> Self {
+        let mut p = Self::new(n);
+        for &t in history {
+            p.accept(t);
+        }
+        p
+    }
+}
+
 impl LogitsProcessor for NoRepeatNgram {
     fn process(&mut self, logits: &mut [f32]) {
         if self.n < 2 || self.tokens.len() < self.n - 1 {

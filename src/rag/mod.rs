@@ -7,6 +7,7 @@ pub mod grounding;
 pub mod pipeline;
 pub mod prompt;
 pub mod safety;
+pub mod template;
 
 pub use pipeline::{AnswerEvent, AnswerRequest, GroundingMode, Pipeline, RagConfig};
 pub use prompt::Audience;

@@ -19,6 +19,7 @@ use super::grounding::{
 };
 use super::prompt::{strip_instructions, system_prompt, user_message, Audience, PromptPassage};
 use super::safety;
+use super::template::{AnswerShape, AnswerTemplate, Section};
 use crate::engine::generate::StopReason;
 use crate::engine::worker::{EngineHandle, GenerateEvent, GenerateRequest};
 use crate::error::{EngineError, IndexError};
@@ -70,6 +71,8 @@ pub struct RagConfig {
     /// A question with no word of cancer or its care is answered only when a passage reaches
     /// this cosine (or the BM25 bound); otherwise it is off topic.
     pub off_topic_cosine: f32,
+    /// The sections of a sectioned answer.
+    pub template: AnswerTemplate,
 }
 
 impl Default for RagConfig {
@@ -86,6 +89,7 @@ impl Default for RagConfig {
             no_repeat_ngram: 8,
             rare_word_tokens: 1,
             off_topic_cosine: 0.5,
+            template: AnswerTemplate::default(),
         }
     }
 }
@@ -109,6 +113,8 @@ pub struct AnswerRequest {
     pub cache_salt: u64,
     /// What the support check does with each sentence.
     pub grounding: GroundingMode,
+    /// One stretch of text, or the template's sections.
+    pub shape: AnswerShape,
 }
 
 /// What happens to sentences the support check does not pass.
@@ -454,6 +460,19 @@ impl Pipeline {
         // What the question takes for granted, checked against the passages.
         let facts: Vec<PassageFacts> = cleaned.iter().map(|(t, _)| PassageFacts::new(t)).collect();
         summary.premise = premise_check(&question, &facts, &self.cfg.support);
+        if req.shape == AnswerShape::Sections {
+            let headings: Vec<&str> = self
+                .cfg
+                .template
+                .sections
+                .iter()
+                .map(|s| s.heading.as_str())
+                .collect();
+            system.push_str(&format!(
+                " Answer in sections, each under its heading: {}. Write each section about its heading only, without repeating an earlier section.",
+                headings.join("; ")
+            ));
+        }
         if summary.premise.is_some() {
             system.push_str(
                 " The question assumes something the sources contradict: say first what the sources say instead.",
@@ -516,33 +535,141 @@ impl Pipeline {
             }
         }
 
-        let mut generate = GenerateRequest::new(prompt, max_tokens);
-        generate.sampling = SamplingParams {
-            repetition_penalty: self.cfg.repetition_penalty,
-            ..req.sampling.clone()
+        // The answer's parts: the whole answer at once, or one part per template section, each
+        // continuing the text so far (its prompt is a cached prefix of the next).
+        let sections: Vec<Section> = match req.shape {
+            AnswerShape::Free => vec![Section {
+                heading: String::new(),
+                max_tokens,
+            }],
+            AnswerShape::Sections => self.cfg.template.fit(max_tokens),
         };
-        generate.suppress = req.suppress.clone();
-        generate.suppress.extend(self.citation_vocab.source_words());
-        // No cure unless a source speaks of one.
-        if !facts.iter().any(PassageFacts::speaks_of_cure) {
-            generate.suppress.extend(self.citation_vocab.cure_words());
-        }
-        generate.stop = req.stop.clone();
-        generate.cache_salt = req.cache_salt;
-        generate.processors.push(Box::new(CitationGuide::new(
-            used,
-            self.citation_vocab.clone(),
-            self.cfg.citation_margin,
-        )));
-        // Small models fall into loops that repeat whole sentences: no n-gram twice. After the
-        // guide, so it never bans the one token a marker allows.
-        generate
-            .processors
-            .push(Box::new(NoRepeatNgram::new(self.cfg.no_repeat_ngram)));
-        let mut rx = self.engine.generate(generate)?;
         let mut checker = Checker::new(self, req.grounding, facts);
         let mut tracker = CitationTracker::new(used);
         let mut cited = std::collections::BTreeSet::new();
+        let mut written = String::new();
+        let mut usage = Usage::default();
+        let mut last = None;
+        for (i, section) in sections.iter().enumerate() {
+            let mut ids = prompt.clone();
+            let mut history = Vec::new();
+            if !section.heading.is_empty() {
+                let heading = format!(
+                    "{}## {}\n",
+                    if i == 0 { "" } else { "\n\n" },
+                    section.heading
+                );
+                if events
+                    .send(AnswerEvent::Delta(heading.clone()))
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                written.push_str(&heading);
+                history = text_side
+                    .tokenizer
+                    .encode(&written, false)
+                    .map_err(EngineError::from)?;
+                ids.extend(&history);
+            }
+            let mut generate = GenerateRequest::new(ids, section.max_tokens);
+            generate.sampling = SamplingParams {
+                repetition_penalty: self.cfg.repetition_penalty,
+                ..req.sampling.clone()
+            };
+            generate.suppress = req.suppress.clone();
+            generate.suppress.extend(self.citation_vocab.source_words());
+            // No cure unless a source speaks of one.
+            if !facts.iter().any(PassageFacts::speaks_of_cure) {
+                generate.suppress.extend(self.citation_vocab.cure_words());
+            }
+            generate.stop = req.stop.clone();
+            if !section.heading.is_empty() {
+                // A section ends where the model would start a heading of its own.
+                generate.stop.push("\n#".into());
+            }
+            generate.cache_salt = req.cache_salt;
+            generate.processors.push(Box::new(CitationGuide::new(
+                used,
+                self.citation_vocab.clone(),
+                self.cfg.citation_margin,
+            )));
+            // Small models fall into loops that repeat whole sentences: no n-gram twice. After
+            // the guide, so it never bans the one token a marker allows.
+            // Earlier sections count as written: no section repeats another.
+            generate
+                .processors
+                .push(Box::new(NoRepeatNgram::with_history(
+                    self.cfg.no_repeat_ngram,
+                    &history,
+                )));
+            let rx = self.engine.generate(generate)?;
+            let part = self
+                .stream_part(
+                    rx,
+                    (&mut tracker, &mut checker, &mut cited),
+                    given,
+                    &mut summary,
+                    events,
+                    started,
+                    &mut written,
+                )
+                .await;
+            let Some(stats) = part else {
+                return Ok(()); // the client left, or generation failed (already reported)
+            };
+            usage.prompt_tokens += stats.prompt_tokens;
+            usage.completion_tokens += stats.generated_tokens;
+            summary.timings.queue_ms += ms(stats.queued);
+            summary.timings.prefill_ms += ms(stats.prefill);
+            summary.timings.decode_ms += ms(stats.decode);
+            let stopped = matches!(stats.stop, StopReason::Cancelled);
+            last = Some(stats.stop);
+            if stopped {
+                break;
+            }
+        }
+        if req.grounding == GroundingMode::Off {
+            summary.timings.grounding_ms = None;
+        } else {
+            summary.grounding = Some(std::mem::take(&mut checker.report));
+        }
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+        summary.usage = usage;
+        summary.finish_reason = match last {
+            Some(StopReason::EndOfTurn | StopReason::StopString) | None => "stop",
+            Some(StopReason::Length) => "length",
+            Some(StopReason::Cancelled) => "cancelled",
+        }
+        .into();
+        summary.citations.unique = cited.len();
+        summary.citations.dropped = tracker.dropped();
+        let _ = events
+            .send(AnswerEvent::Delta(format!("\n\n{DISCLAIMER}")))
+            .await;
+        summary.timings.total_ms = ms(started.elapsed());
+        let _ = events.send(AnswerEvent::Done(Box::new(summary))).await;
+        Ok(())
+    }
+
+    /// Streams one generation through the tracker and the checker until it ends; its stats, or
+    /// None when the client left or the generation failed (the error is sent).
+    #[allow(clippy::too_many_arguments)]
+    async fn stream_part(
+        &self,
+        mut rx: mpsc::UnboundedReceiver<GenerateEvent>,
+        (tracker, checker, cited): (
+            &mut CitationTracker,
+            &mut Checker<'_>,
+            &mut std::collections::BTreeSet<usize>,
+        ),
+        given: &[SearchHit],
+        summary: &mut AnswerSummary,
+        events: &mpsc::Sender<AnswerEvent>,
+        started: Instant,
+        written: &mut String,
+    ) -> Option<crate::engine::worker::GenerationStats> {
         while let Some(event) = rx.recv().await {
             match event {
                 // Answers do not ask for log-probabilities.
@@ -551,57 +678,27 @@ impl Pipeline {
                     if summary.timings.first_token_ms.is_none() {
                         summary.timings.first_token_ms = Some(ms(started.elapsed()));
                     }
+                    written.push_str(&text);
                     for piece in tracker.push(&text) {
-                        if !checker
-                            .piece(piece, given, &mut cited, &mut summary, events)
-                            .await
-                        {
-                            return Ok(()); // client gone; dropping `rx` stops the generation
+                        if !checker.piece(piece, given, cited, summary, events).await {
+                            return None; // client gone; dropping `rx` stops the generation
                         }
                     }
                 }
                 GenerateEvent::Done(stats) => {
                     let last_token = Instant::now();
                     for piece in tracker.finish() {
-                        if !checker
-                            .piece(piece, given, &mut cited, &mut summary, events)
-                            .await
-                        {
-                            return Ok(());
+                        if !checker.piece(piece, given, cited, summary, events).await {
+                            return None;
                         }
                     }
-                    if !checker
-                        .finish(given, &mut cited, &mut summary, events)
-                        .await
-                    {
-                        return Ok(());
+                    // A part ends its last sentence.
+                    if !checker.finish(given, cited, summary, events).await {
+                        return None;
                     }
-                    if req.grounding != GroundingMode::Off {
-                        summary.timings.grounding_ms = Some(ms(last_token.elapsed()));
-                        summary.grounding = Some(std::mem::take(&mut checker.report));
-                    }
-                    summary.usage = Usage {
-                        prompt_tokens: stats.prompt_tokens,
-                        completion_tokens: stats.generated_tokens,
-                        total_tokens: stats.prompt_tokens + stats.generated_tokens,
-                    };
-                    summary.timings.queue_ms = ms(stats.queued);
-                    summary.timings.prefill_ms = ms(stats.prefill);
-                    summary.timings.decode_ms = ms(stats.decode);
-                    summary.finish_reason = match stats.stop {
-                        StopReason::EndOfTurn | StopReason::StopString => "stop",
-                        StopReason::Length => "length",
-                        StopReason::Cancelled => "cancelled",
-                    }
-                    .into();
-                    summary.citations.unique = cited.len();
-                    summary.citations.dropped = tracker.dropped();
-                    let _ = events
-                        .send(AnswerEvent::Delta(format!("\n\n{DISCLAIMER}")))
-                        .await;
-                    summary.timings.total_ms = ms(started.elapsed());
-                    let _ = events.send(AnswerEvent::Done(Box::new(summary))).await;
-                    return Ok(());
+                    // The last part's value stands: from its last token to its last check.
+                    summary.timings.grounding_ms = Some(ms(last_token.elapsed()));
+                    return Some(stats);
                 }
                 GenerateEvent::Error(message) => {
                     tracing::error!(%message, "generation failed");
@@ -611,11 +708,17 @@ impl Pipeline {
                             message: "generation failed".into(),
                         })
                         .await;
-                    return Ok(());
+                    return None;
                 }
             }
         }
-        Err(EngineError::Stopped.into())
+        let _ = events
+            .send(AnswerEvent::Error {
+                kind: "internal",
+                message: "the engine stopped".into(),
+            })
+            .await;
+        None
     }
 
     /// Sends a fixed reply (no sources, nothing generated) and the summary.

@@ -22,6 +22,7 @@ use super::AppState;
 use crate::models::chat_template::{ChatMessage, Role};
 use crate::ops::sampling::SamplingParams;
 use crate::rag::pipeline::{AnswerEvent, AnswerRequest, AnswerSummary};
+use crate::rag::template::AnswerShape;
 use crate::rag::{Audience, GroundingMode, RagConfig};
 
 /// Most passages an answer may ask for.
@@ -47,6 +48,7 @@ pub struct AnswerBody {
     messages: Option<Vec<MessageBody>>,
     cache_salt: Option<String>,
     grounding: Option<GroundingMode>,
+    shape: Option<AnswerShape>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -159,6 +161,7 @@ pub async fn answer(
         cache_salt: salt_of("cache_salt", body.cache_salt.as_deref())?,
         stop: Vec::new(),
         grounding: body.grounding.unwrap_or_default(),
+        shape: body.shape.unwrap_or_default(),
     };
     if pipeline.engine().is_busy() {
         return Err(ApiError::busy());
