@@ -76,15 +76,14 @@ fn the_support_check_flags_perturbed_sentences_and_passes_faithful_ones() {
     let perturbed = rows.last().unwrap();
     assert_eq!(faithful.kind, "faithful");
     assert!(faithful.pairs >= 50 && perturbed.pairs >= 50);
-    // Measured: 7.6% and 92.3% (BENCHMARKS.md); the bounds leave no room for a regression
-    // beyond a pair or two.
+    // Measured: 5.3% and 95.1% (BENCHMARKS.md); the bounds leave room for a pair or two.
     assert!(
-        faithful.rate() <= 0.10,
+        faithful.rate() <= 0.08,
         "faithful flagged {:.3}",
         faithful.rate()
     );
     assert!(
-        perturbed.rate() >= 0.90,
+        perturbed.rate() >= 0.93,
         "perturbed flagged {:.3}",
         perturbed.rate()
     );

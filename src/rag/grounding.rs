@@ -572,7 +572,8 @@ fn clauses(text: &str) -> Vec<Clause> {
                 .collect();
             for (i, l) in ws.iter().enumerate() {
                 let l = l.as_str();
-                if ["but", "although", "while", "whereas"].contains(&l) {
+                let also = l == "also" && i > 0 && ws[i - 1] == "and";
+                if ["but", "although", "while", "whereas"].contains(&l) || also {
                     if !clause.terms.is_empty() {
                         out.push(std::mem::take(&mut clause));
                     }
@@ -652,11 +653,32 @@ fn stem_of(word: &str) -> Option<String> {
     if word.chars().filter(|c| c.is_alphabetic()).count() < 3 || FUNCTION_WORDS.contains(&word) {
         return None;
     }
-    crate::index::bm25::terms(word)
+    let stem = crate::index::bm25::terms(word)
         .into_iter()
         .next()
-        .filter(|t| t.chars().all(|c| c.is_alphabetic()))
+        .filter(|t| t.chars().all(|c| c.is_alphabetic()))?;
+    // Words of the same meaning compare as one (`not suitable` against `appropriate`).
+    Some(
+        SYNONYMS
+            .iter()
+            .find(|group| group[1..].contains(&stem.as_str()))
+            .map_or(stem, |group| group[0].to_string()),
+    )
 }
+
+/// Stems of the same meaning in statements about care, the first standing for the group.
+const SYNONYMS: &[&[&str]] = &[
+    &["suit", "suitabl", "appropri", "fit"],
+    &[
+        "requir",
+        "obligatori",
+        "mandatori",
+        "compulsori",
+        "necessari",
+    ],
+    &["use", "adopt", "employ"],
+    &["improv", "prolong", "lengthen", "extend"],
+];
 
 /// Words that carry grammar, not content (beyond the index's own stop words).
 const FUNCTION_WORDS: &[&str] = &[

@@ -869,9 +869,13 @@ impl<'a> Checker<'a> {
                 .filter(|c| !self.vectors.contains_key(**c))
                 .map(|c| c.to_string()),
         );
-        let mut vectors = match self.pipeline.engine.embed(texts.clone()).await {
-            Ok(e) => e.vectors,
-            Err(_) => return grounding::check(&sentence.text, &cited, None, &cfg),
+        // The report is promised soon after the last token: a sentence whose embedding waits
+        // longer (behind another answer's prompt chunk) is judged on shared words instead.
+        let embedded =
+            tokio::time::timeout(EMBED_WAIT, self.pipeline.engine.embed(texts.clone())).await;
+        let mut vectors = match embedded {
+            Ok(Ok(e)) => e.vectors,
+            _ => return grounding::check(&sentence.text, &cited, None, &cfg),
         };
         let claim = vectors.remove(0);
         for (text, v) in texts.into_iter().skip(1).zip(vectors) {
@@ -885,6 +889,9 @@ impl<'a> Checker<'a> {
         grounding::check(&sentence.text, &cited, Some(cosine), &cfg)
     }
 }
+
+/// The longest a sentence's check waits for the embedder.
+const EMBED_WAIT: Duration = Duration::from_millis(200);
 
 /// Sends one tracked piece; false when the client is gone.
 async fn send_piece(
