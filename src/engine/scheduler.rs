@@ -403,6 +403,8 @@ impl Scheduler {
     /// Ends a sequence: frees its blocks and sends its closing stats.
     fn finish(&mut self, mut r: Running, stop: StopReason, stats: &EngineStats) {
         self.cache.remove(r.id);
+        // Before the client hears of the end: the metrics it reads next count the freed blocks.
+        self.publish(stats);
         r.stats.stop = stop;
         if let Some(first) = r.first_token_at {
             r.stats.decode = first.elapsed();
