@@ -318,3 +318,49 @@ fn kill_during_ingest_leaves_whole_documents_only() {
     let corpus = Corpus::open(data.path()).unwrap();
     assert_eq!(corpus.store().counts().unwrap().0, 150);
 }
+
+#[test]
+fn pubmed_xml_ingests_by_article_and_a_bad_file_fails_alone() {
+    let src = tempfile::tempdir().unwrap();
+    write(
+        src.path(),
+        "sarcoma.xml",
+        r#"<?xml version="1.0"?>
+<PubmedArticleSet><PubmedArticle><MedlineCitation><PMID>24618336</PMID><Article>
+<Journal><Title>The Lancet. Oncology</Title><JournalIssue><PubDate><Year>2014</Year></PubDate></JournalIssue></Journal>
+<ArticleTitle>Doxorubicin alone versus doxorubicin with ifosfamide in advanced soft tissue sarcoma.</ArticleTitle>
+<Abstract><AbstractText Label="METHODS">Adults with advanced high-grade sarcoma were randomly assigned to doxorubicin alone or with ifosfamide.</AbstractText>
+<AbstractText Label="FINDINGS">Overall survival did not differ significantly; progression-free survival was longer with the combination.</AbstractText></Abstract>
+<PublicationTypeList><PublicationType>Randomized Controlled Trial</PublicationType></PublicationTypeList>
+</Article></MedlineCitation></PubmedArticle></PubmedArticleSet>"#,
+    );
+    write(
+        src.path(),
+        "bomb.xml",
+        "<?xml version=\"1.0\"?><!DOCTYPE x [<!ENTITY a \"aaaa\"><!ENTITY b \"&a;&a;&a;&a;\">]><PubmedArticleSet>&b;</PubmedArticleSet>",
+    );
+    write(
+        src.path(),
+        "broken.xml",
+        "<PubmedArticleSet><PubmedArticle>",
+    );
+    sample_corpus(src.path());
+    let data = tempfile::tempdir().unwrap();
+    let e = embedder();
+    let mut store = SqliteStore::open(&data.path().join("store.sqlite")).unwrap();
+    let r = ingest_paths(&mut store, &e, &[src.path()], &IngestOptions::default()).unwrap();
+    assert_eq!(r.added, 4, "three Markdown files and one article: {r:?}");
+    // Each bad file fails alone, with its reason (files are read in name order).
+    assert_eq!(r.failed.len(), 2, "{:?}", r.failed);
+    assert!(r.failed[0].0.ends_with("bomb.xml") && r.failed[0].1.contains("entities"));
+    assert!(r.failed[1].0.ends_with("broken.xml") && r.failed[1].1.contains("ends inside"));
+    let mut corpus = Corpus::open(data.path()).unwrap();
+    let q = "did overall survival differ with ifosfamide";
+    let v = e.embed(&[q]).unwrap().to_vec2::<f32>().unwrap().remove(0);
+    let hits = corpus.search(q, &v, &SearchOptions::default()).unwrap();
+    let top = &hits[0];
+    assert_eq!(top.id, "24618336");
+    assert_eq!(top.url, "https://pubmed.ncbi.nlm.nih.gov/24618336/");
+    assert_eq!(top.date, "2014");
+    assert!(top.section.ends_with("FINDINGS"), "{}", top.section);
+}

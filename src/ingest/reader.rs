@@ -177,7 +177,7 @@ fn is_ingestible(p: &Path) -> bool {
     }
     matches!(
         p.extension().and_then(|e| e.to_str()),
-        Some("md" | "markdown" | "txt" | "jsonl")
+        Some("md" | "markdown" | "txt" | "jsonl" | "xml")
     )
 }
 
@@ -186,8 +186,9 @@ pub fn read_file(path: &Path) -> Result<Vec<SourceDoc>, IngestError> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("jsonl") => read_jsonl(path),
         Some("md" | "markdown" | "txt") => Ok(vec![read_text_file(path)?]),
+        Some("xml") => super::pubmed::read_pubmed_xml(path),
         _ => Err(IngestError::Invalid(format!(
-            "{}: unsupported file type (md, txt, jsonl)",
+            "{}: unsupported file type (md, txt, jsonl, PubMed xml)",
             path.display()
         ))),
     }
