@@ -320,7 +320,7 @@ fn kill_during_ingest_leaves_whole_documents_only() {
 }
 
 #[test]
-fn pubmed_xml_ingests_by_article_and_a_bad_file_fails_alone() {
+fn pubmed_xml_and_html_ingest_and_a_bad_file_fails_alone() {
     let src = tempfile::tempdir().unwrap();
     write(
         src.path(),
@@ -344,12 +344,23 @@ fn pubmed_xml_ingests_by_article_and_a_bad_file_fails_alone() {
         "broken.xml",
         "<PubmedArticleSet><PubmedArticle>",
     );
+    write(
+        src.path(),
+        "gist-page.html",
+        "<html><head><title>GIST care</title></head><body><nav>Menu Donate Contact</nav><main>\
+         <h1>GIST care</h1><h2>Adjuvant imatinib</h2><p>Three years of imatinib after surgery \
+         lowered recurrence for high-risk gastrointestinal stromal tumours.</p></main>\
+         <footer>Privacy</footer></body></html>",
+    );
     sample_corpus(src.path());
     let data = tempfile::tempdir().unwrap();
     let e = embedder();
     let mut store = SqliteStore::open(&data.path().join("store.sqlite")).unwrap();
     let r = ingest_paths(&mut store, &e, &[src.path()], &IngestOptions::default()).unwrap();
-    assert_eq!(r.added, 4, "three Markdown files and one article: {r:?}");
+    assert_eq!(
+        r.added, 5,
+        "three Markdown files, one article, one page: {r:?}"
+    );
     // Each bad file fails alone, with its reason (files are read in name order).
     assert_eq!(r.failed.len(), 2, "{:?}", r.failed);
     assert!(r.failed[0].0.ends_with("bomb.xml") && r.failed[0].1.contains("entities"));
@@ -363,4 +374,15 @@ fn pubmed_xml_ingests_by_article_and_a_bad_file_fails_alone() {
     assert_eq!(top.url, "https://pubmed.ncbi.nlm.nih.gov/24618336/");
     assert_eq!(top.date, "2014");
     assert!(top.section.ends_with("FINDINGS"), "{}", top.section);
+    // The page's section, without its navigation.
+    let q = "how long imatinib after surgery for high-risk GIST";
+    let v = e.embed(&[q]).unwrap().to_vec2::<f32>().unwrap().remove(0);
+    let hits = corpus.search(q, &v, &SearchOptions::default()).unwrap();
+    assert!(hits[0].id.ends_with("gist-page.html"), "{}", hits[0].id);
+    assert!(
+        hits[0].section.ends_with("Adjuvant imatinib"),
+        "{}",
+        hits[0].section
+    );
+    assert!(!hits[0].text.contains("Donate") && !hits[0].text.contains("Privacy"));
 }

@@ -3,6 +3,7 @@
 //! absent. Unchanged content (same hash) is skipped; changed content replaces its chunks.
 
 pub mod chunker;
+pub mod html;
 pub mod pubmed;
 pub mod reader;
 
