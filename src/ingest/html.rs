@@ -50,15 +50,7 @@ const BLOCKS: &[&str] = &[
 
 /// Reads an HTML file; `id` is the path as given.
 pub fn read_html(path: &Path) -> Result<SourceDoc, IngestError> {
-    let size = std::fs::metadata(path)
-        .map_err(|e| IngestError::io(path, e))?
-        .len();
-    if size > MAX_HTML_BYTES {
-        return Err(IngestError::Invalid(format!(
-            "{}: {size} bytes, more than the {MAX_HTML_BYTES} an HTML file may hold",
-            path.display()
-        )));
-    }
+    super::reader::check_size(path, MAX_HTML_BYTES, "an HTML file")?;
     let raw = std::fs::read(path).map_err(|e| IngestError::io(path, e))?;
     let text = String::from_utf8_lossy(&raw);
     let fallback = path

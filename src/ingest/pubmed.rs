@@ -48,15 +48,7 @@ enum Field {
 
 /// Reads a PubMed XML file.
 pub fn read_pubmed_xml(path: &Path) -> Result<Vec<SourceDoc>, IngestError> {
-    let size = std::fs::metadata(path)
-        .map_err(|e| IngestError::io(path, e))?
-        .len();
-    if size > MAX_XML_BYTES {
-        return Err(IngestError::Invalid(format!(
-            "{}: {size} bytes, more than the {MAX_XML_BYTES} a PubMed XML file may hold",
-            path.display()
-        )));
-    }
+    super::reader::check_size(path, MAX_XML_BYTES, "a PubMed XML file")?;
     let raw = std::fs::read_to_string(path).map_err(|e| IngestError::io(path, e))?;
     parse_pubmed(&raw).map_err(|e| IngestError::Invalid(format!("{}: {e}", path.display())))
 }

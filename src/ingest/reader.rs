@@ -181,6 +181,20 @@ fn is_ingestible(p: &Path) -> bool {
     )
 }
 
+/// Refuses a file larger than `max` bytes before reading it (`what` names the kind of file).
+pub(crate) fn check_size(path: &Path, max: u64, what: &str) -> Result<(), IngestError> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| IngestError::io(path, e))?
+        .len();
+    if size > max {
+        return Err(IngestError::Invalid(format!(
+            "{}: {size} bytes, more than the {max} {what} may hold",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Reads every document of a file, by its extension.
 pub fn read_file(path: &Path) -> Result<Vec<SourceDoc>, IngestError> {
     match path.extension().and_then(|e| e.to_str()) {
