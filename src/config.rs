@@ -190,6 +190,7 @@ impl RagArgs {
             no_repeat_ngram: self.no_repeat_ngram,
             rare_word_tokens: self.rare_word_tokens,
             off_topic_cosine: crate::rag::RagConfig::default().off_topic_cosine,
+            near_duplicate: crate::rag::RagConfig::default().near_duplicate,
             template: match &self.answer_template {
                 Some(path) => crate::rag::template::AnswerTemplate::load(path)
                     .map_err(|e| ConfigError::BadValue("answer-template", e))?,

@@ -9,6 +9,7 @@
 //! while a server runs) builds its BM25 index in memory from the store instead of waiting.
 
 pub mod bm25;
+pub mod dedup;
 pub mod dense;
 pub mod filter;
 pub mod fusion;

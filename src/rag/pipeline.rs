@@ -73,6 +73,9 @@ pub struct RagConfig {
     pub off_topic_cosine: f32,
     /// The sections of a sectioned answer.
     pub template: AnswerTemplate,
+    /// A retrieved passage sharing at least this share of its word 4-grams (of the smaller of the
+    /// two) with a better-ranked one is left out of the context (above 1: never).
+    pub near_duplicate: f32,
 }
 
 impl Default for RagConfig {
@@ -90,6 +93,7 @@ impl Default for RagConfig {
             rare_word_tokens: 1,
             off_topic_cosine: 0.5,
             template: AnswerTemplate::default(),
+            near_duplicate: 0.8,
         }
     }
 }
@@ -194,6 +198,8 @@ pub struct AnswerSummary {
     pub corpus_version: u64,
     /// Sentences removed from passages or the question because they addressed the rules.
     pub instructions_removed: usize,
+    /// Retrieved passages left out as near-copies of better-ranked ones.
+    pub near_duplicates_collapsed: usize,
     /// The support check of the answer's sentences (absent when nothing was generated or the
     /// check was off).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -395,8 +401,10 @@ impl Pipeline {
             Some(prev) => format!("{} {}", prev.content, question),
             None => question.clone(),
         };
+        let top_k = req.top_k.unwrap_or(self.cfg.top_k);
+        // Twice as many, so passages dropped as near-duplicates leave room for others.
         let opts = SearchOptions {
-            top_k: req.top_k.unwrap_or(self.cfg.top_k),
+            top_k: top_k * 2,
             mode: Mode::Hybrid,
             ..SearchOptions::default()
         };
@@ -406,6 +414,8 @@ impl Pipeline {
             self.search(&retrieval_query, opts, req.filter.clone())
                 .await?
         };
+        let (hits, collapsed) = crate::index::dedup::collapse(hits, self.cfg.near_duplicate, top_k);
+        summary.near_duplicates_collapsed = collapsed;
         summary.corpus_version = corpus_version;
         summary.timings.retrieval_ms = ms(started.elapsed());
 
