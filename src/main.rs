@@ -34,6 +34,29 @@ fn service_config(args: &Args, rag: &RagArgs) -> Result<ServiceConfig> {
     })
 }
 
+/// The store an evaluation searches: `store` when given (kept and reused), else a temporary
+/// folder (removed with the returned guard), with `paths` ingested into it.
+fn eval_store(
+    store: Option<&std::path::Path>,
+    embedder: &Embedder,
+    paths: &[&std::path::Path],
+    progress: bool,
+) -> Result<(tempfile::TempDir, std::path::PathBuf)> {
+    let scratch = tempfile::tempdir()?;
+    let dir = store.map_or_else(|| scratch.path().to_path_buf(), |s| s.to_path_buf());
+    let mut s = cited::index::store::SqliteStore::open(&dir.join("store.sqlite"))?;
+    let opts = IngestOptions {
+        progress,
+        ..IngestOptions::default()
+    };
+    let report = ingest_paths(&mut s, embedder, paths, &opts)?;
+    eprintln!(
+        "corpus: {} added, {} unchanged, {} chunks",
+        report.added, report.unchanged, report.chunks
+    );
+    Ok((scratch, dir))
+}
+
 /// Answers one question in this process, printing the text as it streams and the cited
 /// sources at the end.
 async fn ask(service: &ServiceConfig, question: &str, audience: Audience) -> Result<()> {
@@ -288,22 +311,8 @@ fn main() -> Result<()> {
         } => {
             let cfg = Config::from_args(&args.models, true, false)?;
             let embedder = Embedder::load(&cfg.embedder, &cfg.device.open()?)?;
-            let scratch = tempfile::tempdir()?;
-            let dir = store
-                .clone()
-                .unwrap_or_else(|| scratch.path().to_path_buf());
-            {
-                let mut s = cited::index::store::SqliteStore::open(&dir.join("store.sqlite"))?;
-                let opts = IngestOptions {
-                    progress: true,
-                    ..IngestOptions::default()
-                };
-                let report = ingest_paths(&mut s, &embedder, &[corpus_path.as_path()], &opts)?;
-                eprintln!(
-                    "corpus: {} added, {} unchanged, {} chunks",
-                    report.added, report.unchanged, report.chunks
-                );
-            }
+            let (_scratch, dir) =
+                eval_store(store.as_deref(), &embedder, &[corpus_path.as_path()], true)?;
             let mut corpus = Corpus::open(&dir)?;
             let mut qs = cited::eval::read_queries(queries)?;
             if let Some(n) = limit {
@@ -427,22 +436,11 @@ fn main() -> Result<()> {
                 },
         } => {
             let mut service = service_config(&args, rag)?;
-            let scratch = tempfile::tempdir()?;
-            let dir = store
-                .clone()
-                .unwrap_or_else(|| scratch.path().to_path_buf());
-            {
-                let embedder = Embedder::load(&service.embedder, &service.device)?;
-                let mut s = cited::index::store::SqliteStore::open(&dir.join("store.sqlite"))?;
-                let paths: Vec<&std::path::Path> =
-                    corpus_paths.iter().map(|p| p.as_path()).collect();
-                let report = ingest_paths(&mut s, &embedder, &paths, &IngestOptions::default())?;
-                eprintln!(
-                    "corpus: {} added, {} unchanged, {} chunks",
-                    report.added, report.unchanged, report.chunks
-                );
-            }
-            service.data_dir = dir.clone();
+            let paths: Vec<&std::path::Path> = corpus_paths.iter().map(|p| p.as_path()).collect();
+            let embedder = Embedder::load(&service.embedder, &service.device)?;
+            let (_scratch, dir) = eval_store(store.as_deref(), &embedder, &paths, false)?;
+            drop(embedder);
+            service.data_dir = dir;
             let mut qs = cited::eval::answers::read_questions(questions)?;
             if let Some(n) = limit {
                 qs.truncate(*n);

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde::Serialize;
-use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::error::IndexError;
@@ -51,26 +50,15 @@ pub enum Expected {
 
 /// Reads JSONL questions (`id`, `type`, `question`, `source`).
 pub fn read_questions(path: &Path) -> Result<Vec<DevQuestion>, IndexError> {
-    let raw = std::fs::read_to_string(path).map_err(|source| IndexError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    for (n, line) in raw.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |w: &str| IndexError::Invalid(format!("{}:{}: {w}", path.display(), n + 1));
-        let v: Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
-        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-        out.push(DevQuestion {
-            id: text("id").unwrap_or_else(|| format!("line {}", n + 1)),
+    super::read_records(path, |n, v| {
+        let text = |k: &str| super::text_field(v, k);
+        Ok(DevQuestion {
+            id: text("id").unwrap_or_else(|| format!("line {n}")),
             kind: text("type").unwrap_or_else(|| "in_corpus".into()),
-            question: text("question").ok_or_else(|| bad("no `question`"))?,
+            question: text("question").ok_or("no `question`")?,
             source: text("source"),
-        });
-    }
-    Ok(out)
+        })
+    })
 }
 
 /// What one answer did.

@@ -22,6 +22,29 @@ pub struct Query {
 /// Reads JSONL queries: the text from `question` (or `query`), the relevant passage id from
 /// `answer_passage_id`, `relevant_id` or `pmid` (PubMedQA, whose passage id is its PMID).
 pub fn read_queries(path: &Path) -> Result<Vec<Query>, IndexError> {
+    read_records(path, |_, v| {
+        let field = |names: &[&str]| {
+            names.iter().find_map(|k| match v.get(*k) {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Number(x)) => Some(x.to_string()),
+                _ => None,
+            })
+        };
+        Ok(Query {
+            text: field(&["question", "query"]).ok_or("no `question`")?,
+            relevant: field(&["answer_passage_id", "relevant_id", "pmid"])
+                .ok_or("no `answer_passage_id`")?,
+        })
+    })
+}
+
+/// Each non-empty line of a JSONL file made into a record by `make` (given the 1-based line
+/// number and the parsed object); a line that does not parse, or that `make` refuses, is an
+/// error naming the file and the line.
+pub(crate) fn read_records<T>(
+    path: &Path,
+    mut make: impl FnMut(usize, &Value) -> Result<T, &'static str>,
+) -> Result<Vec<T>, IndexError> {
     let raw = std::fs::read_to_string(path).map_err(|source| IndexError::Io {
         path: path.to_path_buf(),
         source,
@@ -33,20 +56,14 @@ pub fn read_queries(path: &Path) -> Result<Vec<Query>, IndexError> {
         }
         let bad = |w: &str| IndexError::Invalid(format!("{}:{}: {w}", path.display(), n + 1));
         let v: Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
-        let field = |names: &[&str]| {
-            names.iter().find_map(|k| match v.get(*k) {
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(Value::Number(x)) => Some(x.to_string()),
-                _ => None,
-            })
-        };
-        out.push(Query {
-            text: field(&["question", "query"]).ok_or_else(|| bad("no `question`"))?,
-            relevant: field(&["answer_passage_id", "relevant_id", "pmid"])
-                .ok_or_else(|| bad("no `answer_passage_id`"))?,
-        });
+        out.push(make(n + 1, &v).map_err(bad)?);
     }
     Ok(out)
+}
+
+/// A string field of a JSON object.
+pub(crate) fn text_field(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(Value::as_str).map(str::to_string)
 }
 
 /// Scores of one mode over a query set.
@@ -126,32 +143,21 @@ pub struct SupportPair {
 /// Reads the calibration pairs (JSONL: `id`, `sentence`, `passage`, `label` = `faithful` |
 /// `perturbed`, `perturbation`).
 pub fn read_support_pairs(path: &Path) -> Result<Vec<SupportPair>, IndexError> {
-    let raw = std::fs::read_to_string(path).map_err(|source| IndexError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    for (n, line) in raw.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |w: &str| IndexError::Invalid(format!("{}:{}: {w}", path.display(), n + 1));
-        let v: Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
-        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+    read_records(path, |n, v| {
+        let text = |k: &str| text_field(v, k);
         let faithful = match text("label").as_deref() {
             Some("faithful") => true,
             Some("perturbed") => false,
-            _ => return Err(bad("`label` must be `faithful` or `perturbed`")),
+            _ => return Err("`label` must be `faithful` or `perturbed`"),
         };
-        out.push(SupportPair {
-            id: text("id").unwrap_or_else(|| format!("line {}", n + 1)),
-            sentence: text("sentence").ok_or_else(|| bad("no `sentence`"))?,
-            passage: text("passage").ok_or_else(|| bad("no `passage`"))?,
+        Ok(SupportPair {
+            id: text("id").unwrap_or_else(|| format!("line {n}")),
+            sentence: text("sentence").ok_or("no `sentence`")?,
+            passage: text("passage").ok_or("no `passage`")?,
             faithful,
             perturbation: text("perturbation"),
-        });
-    }
-    Ok(out)
+        })
+    })
 }
 
 /// One row of the calibration table: pairs of one kind and how many the check flagged.

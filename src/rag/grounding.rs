@@ -223,7 +223,7 @@ pub struct PassageFacts {
 impl PassageFacts {
     pub fn new(text: &str) -> Self {
         let clean = super::prompt::strip_reference_markers(text);
-        let sentences: Vec<String> = split_sentences(&clean)
+        let sentences: Vec<String> = super::prompt::sentences(&clean)
             .into_iter()
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
@@ -231,14 +231,12 @@ impl PassageFacts {
         let sentence_stems: Vec<HashSet<String>> = sentences.iter().map(|s| stems(s)).collect();
         let stems_of_all: HashSet<String> = sentence_stems.iter().flatten().cloned().collect();
         let lower = clean.to_lowercase();
+        let numbers = numbers(&clean, false);
         Self {
             clauses: clauses(&clean),
-            numbers: numbers(&clean, false),
+            values: numbers.iter().filter_map(|n| n.parse().ok()).collect(),
+            numbers,
             counted: counted_within(&clean, 3),
-            values: numbers(&clean, false)
-                .iter()
-                .filter_map(|n| n.parse().ok())
-                .collect(),
             stems: stems_of_all,
             speaks_of_cure: CURE_WORDS.iter().any(|w| contains_word(&lower, w)),
             lower,
@@ -485,15 +483,6 @@ impl GroundingReport {
                 verdict,
                 withheld,
             });
-        }
-    }
-
-    /// Share of claims supported (1 when there are none).
-    pub fn support_rate(&self) -> f64 {
-        if self.factual == 0 {
-            1.0
-        } else {
-            self.supported as f64 / self.factual as f64
         }
     }
 }
@@ -792,7 +781,7 @@ const FUNCTION_WORDS: &[&str] = &[
 ];
 
 /// Whether `word` (lower case) carries grammar rather than content.
-pub fn is_function_word(word: &str) -> bool {
+fn is_function_word(word: &str) -> bool {
     FUNCTION_WORDS.contains(&word)
 }
 
@@ -1233,7 +1222,7 @@ fn number_word(w: &str) -> Option<u32> {
 /// and trials (capitals or letter-digit mixes: `HER2`, `EORTC`, `GeDDiS`), and capitalised
 /// words inside a sentence.
 fn names(claim: &str) -> Vec<String> {
-    split_sentences(claim)
+    super::prompt::sentences(claim)
         .into_iter()
         .flat_map(|s| s.split(':'))
         .flat_map(names_in_sentence)
@@ -1396,27 +1385,6 @@ pub fn best_cosine(v: &[f32], others: &[Vec<f32>]) -> f32 {
         .iter()
         .map(|o| o.iter().zip(v).map(|(a, b)| a * b).sum::<f32>())
         .fold(0.0, f32::max)
-}
-
-/// Sentences of a passage (ends at `.`, `!`, `?` before whitespace, and at line ends).
-pub fn split_sentences(text: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let chars: Vec<(usize, char)> = text.char_indices().collect();
-    for (i, &(at, c)) in chars.iter().enumerate() {
-        let next = chars.get(i + 1).map(|&(_, n)| n);
-        if c == '\n' || (matches!(c, '.' | '!' | '?') && next.is_none_or(char::is_whitespace)) {
-            let end = at + c.len_utf8();
-            if !text[start..end].trim().is_empty() {
-                out.push(&text[start..end]);
-            }
-            start = end;
-        }
-    }
-    if !text[start..].trim().is_empty() {
-        out.push(&text[start..]);
-    }
-    out
 }
 
 #[cfg(test)]

@@ -554,9 +554,7 @@ impl Pipeline {
             }],
             AnswerShape::Sections => self.cfg.template.fit(max_tokens),
         };
-        let mut checker = Checker::new(self, req.grounding, facts);
-        let mut tracker = CitationTracker::new(used);
-        let mut cited = std::collections::BTreeSet::new();
+        let mut checker = Checker::new(self, req.grounding, facts, given, events);
         let mut written = String::new();
         let mut usage = Usage::default();
         let mut last = None;
@@ -615,17 +613,7 @@ impl Pipeline {
                     &history,
                 )));
             let rx = self.engine.generate(generate)?;
-            let part = self
-                .stream_part(
-                    rx,
-                    (&mut tracker, &mut checker, &mut cited),
-                    given,
-                    &mut summary,
-                    events,
-                    started,
-                    &mut written,
-                )
-                .await;
+            let part = stream_part(rx, &mut checker, &mut summary, started, &mut written).await;
             let Some(stats) = part else {
                 return Ok(()); // the client left, or generation failed (already reported)
             };
@@ -640,9 +628,7 @@ impl Pipeline {
                 break;
             }
         }
-        if req.grounding == GroundingMode::Off {
-            summary.timings.grounding_ms = None;
-        } else {
+        if req.grounding != GroundingMode::Off {
             summary.grounding = Some(std::mem::take(&mut checker.report));
         }
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
@@ -653,82 +639,17 @@ impl Pipeline {
             Some(StopReason::Cancelled) => "cancelled",
         }
         .into();
-        summary.citations.unique = cited.len();
-        summary.citations.dropped = tracker.dropped();
+        summary.citations = CitationCounts {
+            total: checker.citations,
+            unique: checker.cited.len(),
+            dropped: checker.tracker.dropped(),
+        };
         let _ = events
             .send(AnswerEvent::Delta(format!("\n\n{DISCLAIMER}")))
             .await;
         summary.timings.total_ms = ms(started.elapsed());
         let _ = events.send(AnswerEvent::Done(Box::new(summary))).await;
         Ok(())
-    }
-
-    /// Streams one generation through the tracker and the checker until it ends; its stats, or
-    /// None when the client left or the generation failed (the error is sent).
-    #[allow(clippy::too_many_arguments)]
-    async fn stream_part(
-        &self,
-        mut rx: mpsc::UnboundedReceiver<GenerateEvent>,
-        (tracker, checker, cited): (
-            &mut CitationTracker,
-            &mut Checker<'_>,
-            &mut std::collections::BTreeSet<usize>,
-        ),
-        given: &[SearchHit],
-        summary: &mut AnswerSummary,
-        events: &mpsc::Sender<AnswerEvent>,
-        started: Instant,
-        written: &mut String,
-    ) -> Option<crate::engine::worker::GenerationStats> {
-        while let Some(event) = rx.recv().await {
-            match event {
-                // Answers do not ask for log-probabilities.
-                GenerateEvent::Logprob(_) => {}
-                GenerateEvent::Text(text) => {
-                    if summary.timings.first_token_ms.is_none() {
-                        summary.timings.first_token_ms = Some(ms(started.elapsed()));
-                    }
-                    written.push_str(&text);
-                    for piece in tracker.push(&text) {
-                        if !checker.piece(piece, given, cited, summary, events).await {
-                            return None; // client gone; dropping `rx` stops the generation
-                        }
-                    }
-                }
-                GenerateEvent::Done(stats) => {
-                    let last_token = Instant::now();
-                    for piece in tracker.finish() {
-                        if !checker.piece(piece, given, cited, summary, events).await {
-                            return None;
-                        }
-                    }
-                    // A part ends its last sentence.
-                    if !checker.finish(given, cited, summary, events).await {
-                        return None;
-                    }
-                    // The last part's value stands: from its last token to its last check.
-                    summary.timings.grounding_ms = Some(ms(last_token.elapsed()));
-                    return Some(stats);
-                }
-                GenerateEvent::Error(message) => {
-                    tracing::error!(%message, "generation failed");
-                    let _ = events
-                        .send(AnswerEvent::Error {
-                            kind: "internal",
-                            message: "generation failed".into(),
-                        })
-                        .await;
-                    return None;
-                }
-            }
-        }
-        let _ = events
-            .send(AnswerEvent::Error {
-                kind: "internal",
-                message: "the engine stopped".into(),
-            })
-            .await;
-        None
     }
 
     /// Sends a fixed reply (no sources, nothing generated) and the summary.
@@ -751,87 +672,155 @@ impl Pipeline {
     }
 }
 
-/// The streaming side of the support check for one answer: cuts the pieces into sentences,
-/// checks each as it ends, and sends, holds back or flags it.
+/// Streams one generation through the checker until it ends; its stats, or None when the client
+/// left or the generation failed (the error is sent).
+async fn stream_part(
+    mut rx: mpsc::UnboundedReceiver<GenerateEvent>,
+    checker: &mut Checker<'_>,
+    summary: &mut AnswerSummary,
+    started: Instant,
+    written: &mut String,
+) -> Option<crate::engine::worker::GenerationStats> {
+    while let Some(event) = rx.recv().await {
+        match event {
+            // Answers do not ask for log-probabilities.
+            GenerateEvent::Logprob(_) => {}
+            GenerateEvent::Text(text) => {
+                if summary.timings.first_token_ms.is_none() {
+                    summary.timings.first_token_ms = Some(ms(started.elapsed()));
+                }
+                written.push_str(&text);
+                if !checker.text(&text).await {
+                    return None; // client gone; dropping `rx` stops the generation
+                }
+            }
+            GenerateEvent::Done(stats) => {
+                let last_token = Instant::now();
+                if !checker.end_part().await {
+                    return None;
+                }
+                // The last part's value stands: from its last token to its last check.
+                if checker.mode != GroundingMode::Off {
+                    summary.timings.grounding_ms = Some(ms(last_token.elapsed()));
+                }
+                return Some(stats);
+            }
+            GenerateEvent::Error(message) => {
+                tracing::error!(%message, "generation failed");
+                let _ = checker
+                    .events
+                    .send(AnswerEvent::Error {
+                        kind: "internal",
+                        message: "generation failed".into(),
+                    })
+                    .await;
+                return None;
+            }
+        }
+    }
+    let _ = checker
+        .events
+        .send(AnswerEvent::Error {
+            kind: "internal",
+            message: "the engine stopped".into(),
+        })
+        .await;
+    None
+}
+
+/// The streaming side of one answer: turns generated text into pieces (the citation tracker),
+/// cuts them into sentences, checks each as it ends, and sends, holds back or flags it; counts
+/// the citations sent.
 struct Checker<'a> {
     pipeline: &'a Pipeline,
     mode: GroundingMode,
     facts: &'a [PassageFacts],
+    /// The passages given, by marker - 1.
+    given: &'a [SearchHit],
+    events: &'a mpsc::Sender<AnswerEvent>,
+    tracker: CitationTracker,
     splitter: SentenceSplitter,
     /// Embeddings of passage sentences already computed for this answer.
     vectors: std::collections::HashMap<String, Vec<f32>>,
     report: GroundingReport,
+    /// Passages cited, and citation events sent.
+    cited: std::collections::BTreeSet<usize>,
+    citations: usize,
 }
 
 impl<'a> Checker<'a> {
-    fn new(pipeline: &'a Pipeline, mode: GroundingMode, facts: &'a [PassageFacts]) -> Self {
+    fn new(
+        pipeline: &'a Pipeline,
+        mode: GroundingMode,
+        facts: &'a [PassageFacts],
+        given: &'a [SearchHit],
+        events: &'a mpsc::Sender<AnswerEvent>,
+    ) -> Self {
         Self {
             pipeline,
             mode,
             facts,
+            given,
+            events,
+            tracker: CitationTracker::new(given.len()),
             splitter: SentenceSplitter::new(),
             vectors: std::collections::HashMap::new(),
             report: GroundingReport::new(mode.name()),
+            cited: std::collections::BTreeSet::new(),
+            citations: 0,
         }
     }
 
-    /// Takes one tracked piece; false when the client is gone.
-    async fn piece(
-        &mut self,
-        piece: Piece,
-        given: &[SearchHit],
-        cited: &mut std::collections::BTreeSet<usize>,
-        summary: &mut AnswerSummary,
-        events: &mpsc::Sender<AnswerEvent>,
-    ) -> bool {
-        if self.mode == GroundingMode::Off {
-            return send_piece(piece, given, cited, summary, events).await;
-        }
-        if self.mode == GroundingMode::Flag
-            && !send_piece(piece.clone(), given, cited, summary, events).await
-        {
-            return false;
-        }
-        for sentence in self.splitter.push(&piece) {
-            if !self.sentence(sentence, given, cited, summary, events).await {
+    /// Takes newly generated text; false when the client is gone.
+    async fn text(&mut self, text: &str) -> bool {
+        for piece in self.tracker.push(text) {
+            if !self.piece(piece).await {
                 return false;
             }
         }
         true
     }
 
-    /// Checks the sentence left at the end.
-    async fn finish(
-        &mut self,
-        given: &[SearchHit],
-        cited: &mut std::collections::BTreeSet<usize>,
-        summary: &mut AnswerSummary,
-        events: &mpsc::Sender<AnswerEvent>,
-    ) -> bool {
+    /// Ends a generation: a marker left open, then the last sentence.
+    async fn end_part(&mut self) -> bool {
+        for piece in self.tracker.finish() {
+            if !self.piece(piece).await {
+                return false;
+            }
+        }
         if self.mode == GroundingMode::Off {
             return true;
         }
         match self.splitter.finish() {
-            Some(s) => self.sentence(s, given, cited, summary, events).await,
+            Some(s) => self.sentence(s).await,
             None => true,
         }
     }
 
-    async fn sentence(
-        &mut self,
-        sentence: Sentence,
-        given: &[SearchHit],
-        cited: &mut std::collections::BTreeSet<usize>,
-        summary: &mut AnswerSummary,
-        events: &mpsc::Sender<AnswerEvent>,
-    ) -> bool {
+    /// Takes one tracked piece; false when the client is gone.
+    async fn piece(&mut self, piece: Piece) -> bool {
+        if self.mode == GroundingMode::Off {
+            return self.send(piece).await;
+        }
+        if self.mode == GroundingMode::Flag && !self.send(piece.clone()).await {
+            return false;
+        }
+        for sentence in self.splitter.push(&piece) {
+            if !self.sentence(sentence).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn sentence(&mut self, sentence: Sentence) -> bool {
         let verdict = self.verdict(&sentence).await;
         let withheld = self.mode == GroundingMode::Withhold && !verdict.supported;
         if self.mode == GroundingMode::Withhold && !withheld {
             let mut pieces = vec![Piece::Text(sentence.text.clone())];
             pieces.extend(sentence.citations.iter().map(|&c| Piece::Citation(c)));
             for p in pieces {
-                if !send_piece(p, given, cited, summary, events).await {
+                if !self.send(p).await {
                     return false;
                 }
             }
@@ -844,10 +833,31 @@ impl<'a> Checker<'a> {
             withheld,
         };
         self.report.add(&sentence, verdict, withheld);
-        events
+        self.events
             .send(AnswerEvent::Support(Box::new(line)))
             .await
             .is_ok()
+    }
+
+    /// Sends one piece to the client; false when it is gone.
+    async fn send(&mut self, piece: Piece) -> bool {
+        let event = match piece {
+            Piece::Text(text) => AnswerEvent::Delta(text),
+            Piece::Citation(marker) => {
+                self.cited.insert(marker);
+                self.citations += 1;
+                let h = &self.given[marker - 1];
+                AnswerEvent::Citation(Box::new(CitationEvent {
+                    marker,
+                    passage_id: h.id.clone(),
+                    title: h.title.clone(),
+                    section: h.section.clone(),
+                    date: h.date.clone(),
+                    url: h.url.clone(),
+                }))
+            }
+        };
+        self.events.send(event).await.is_ok()
     }
 
     /// Lexical checks first; the embedding bound only for sentences that passed them and share
@@ -902,33 +912,6 @@ impl<'a> Checker<'a> {
 
 /// The longest a sentence's check waits for the embedder.
 const EMBED_WAIT: Duration = Duration::from_millis(200);
-
-/// Sends one tracked piece; false when the client is gone.
-async fn send_piece(
-    piece: Piece,
-    given: &[SearchHit],
-    cited: &mut std::collections::BTreeSet<usize>,
-    summary: &mut AnswerSummary,
-    events: &mpsc::Sender<AnswerEvent>,
-) -> bool {
-    let event = match piece {
-        Piece::Text(text) => AnswerEvent::Delta(text),
-        Piece::Citation(marker) => {
-            cited.insert(marker);
-            summary.citations.total += 1;
-            let h = &given[marker - 1];
-            AnswerEvent::Citation(Box::new(CitationEvent {
-                marker,
-                passage_id: h.id.clone(),
-                title: h.title.clone(),
-                section: h.section.clone(),
-                date: h.date.clone(),
-                url: h.url.clone(),
-            }))
-        }
-    };
-    events.send(event).await.is_ok()
-}
 
 /// Questions that take something for granted (`why does ...`, `since ...`, `given that ...`):
 /// the assumed part is checked like a cited sentence against every passage; a number, name,

@@ -93,7 +93,7 @@ pub fn strip_instructions(text: &str) -> (String, usize) {
 }
 
 /// Sentences with their trailing punctuation and whitespace (newlines end a sentence too).
-fn sentences(text: &str) -> Vec<&str> {
+pub(crate) fn sentences(text: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut start = 0;
     let chars: Vec<(usize, char)> = text.char_indices().collect();
