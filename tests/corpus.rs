@@ -12,6 +12,7 @@ use candle_core::Device;
 use cited::index::filter::Filter;
 use cited::index::store::{SqliteStore, Store};
 use cited::index::{Corpus, Mode, SearchOptions};
+use cited::ingest::pdf;
 use cited::ingest::reader::SourceDoc;
 use cited::ingest::{ingest_docs, ingest_paths, IngestOptions};
 use cited::models::bert::Embedder;
@@ -385,4 +386,138 @@ fn pubmed_xml_and_html_ingest_and_a_bad_file_fails_alone() {
         hits[0].section
     );
     assert!(!hits[0].text.contains("Donate") && !hits[0].text.contains("Privacy"));
+}
+#[test]
+fn pages_headings_tables_and_no_running_header() {
+    let pdf = common::pdf::write_pdf(&common::pdf::guideline_pages(), false);
+    let doc = pdf::parse_pdf(&pdf, "g.pdf", "g").unwrap();
+    assert!(
+        !doc.text.contains("Regional Sarcoma Network"),
+        "{}",
+        doc.text
+    );
+    assert!(!doc.text.contains("Page 2"), "{}", doc.text);
+    assert!(
+        doc.text.contains("# Metastatic soft tissue sarcoma\n"),
+        "{}",
+        doc.text
+    );
+    assert!(
+        doc.text.contains("## Oligometastatic disease\n"),
+        "{}",
+        doc.text
+    );
+    assert!(
+        doc.text
+            .contains("Regimen | Response rate\nDoxorubicin | 18 percent"),
+        "{}",
+        doc.text
+    );
+    assert!(doc.markdown);
+    assert_eq!(doc.title, "Sarcoma care guideline");
+    assert_eq!(doc.date, "2025-03-14");
+    assert_eq!(doc.metadata["source_type"], "pdf");
+    assert_eq!(doc.metadata["pages"], 3);
+    let at = |needle: &str| doc.text.find(needle).unwrap();
+    assert_eq!(pdf::page_of(&doc.metadata, at("Doxorubicin is")), Some(1));
+    assert_eq!(pdf::page_of(&doc.metadata, at("Few lung")), Some(2));
+    assert_eq!(pdf::page_of(&doc.metadata, at("18 percent")), Some(2));
+    assert_eq!(pdf::page_of(&doc.metadata, at("Chest imaging")), Some(3));
+}
+
+#[test]
+fn a_line_on_one_page_only_is_kept() {
+    // Two pages: the header repeats, the first page's top line does not.
+    let pages = vec![
+        vec![
+            (9.0, 72.0, 40.0, "Running title"),
+            (11.0, 72.0, 60.0, "Only here at the top."),
+            (11.0, 72.0, 300.0, "Body one."),
+        ],
+        vec![
+            (9.0, 72.0, 40.0, "Running title"),
+            (11.0, 72.0, 60.0, "Something else at the top."),
+        ],
+    ];
+    let doc = pdf::parse_pdf(&common::pdf::write_pdf(&pages, false), "a.pdf", "a").unwrap();
+    assert!(!doc.text.contains("Running title"), "{}", doc.text);
+    assert!(doc.text.contains("Only here at the top."), "{}", doc.text);
+    assert!(
+        doc.text.contains("Something else at the top."),
+        "{}",
+        doc.text
+    );
+}
+
+#[test]
+fn encrypted_malformed_and_empty_files_get_clear_errors() {
+    let encrypted = common::pdf::write_pdf(&common::pdf::guideline_pages(), true);
+    let err = pdf::parse_pdf(&encrypted, "e.pdf", "e").unwrap_err();
+    assert!(err.contains("encrypted"), "{err}");
+    let err = pdf::parse_pdf(b"hello", "x.pdf", "x").unwrap_err();
+    assert!(err.contains("not a PDF"), "{err}");
+    let mut truncated = common::pdf::write_pdf(&common::pdf::guideline_pages(), false);
+    truncated.truncate(200);
+    let err = pdf::parse_pdf(&truncated, "t.pdf", "t").unwrap_err();
+    assert!(err.contains("malformed"), "{err}");
+    let blank = common::pdf::write_pdf(&[vec![]], false);
+    let err = pdf::parse_pdf(&blank, "b.pdf", "b").unwrap_err();
+    assert!(err.contains("no text"), "{err}");
+}
+
+#[test]
+fn a_pdf_guideline_is_cited_by_page_without_its_running_header() {
+    let src = tempfile::tempdir().unwrap();
+    let pages = common::pdf::guideline_pages();
+    std::fs::write(
+        src.path().join("guideline.pdf"),
+        common::pdf::write_pdf(&pages, false),
+    )
+    .unwrap();
+    std::fs::write(
+        src.path().join("locked.pdf"),
+        common::pdf::write_pdf(&pages, true),
+    )
+    .unwrap();
+    sample_corpus(src.path());
+    let data = tempfile::tempdir().unwrap();
+    let e = embedder();
+    let mut store = SqliteStore::open(&data.path().join("store.sqlite")).unwrap();
+    let r = ingest_paths(&mut store, &e, &[src.path()], &IngestOptions::default()).unwrap();
+    assert_eq!(r.added, 4, "{r:?}");
+    assert_eq!(r.failed.len(), 1, "{:?}", r.failed);
+    assert!(r.failed[0].0.ends_with("locked.pdf") && r.failed[0].1.contains("encrypted"));
+    // The running header is in no chunk, shown or indexed.
+    store
+        .for_each_chunk(&mut |c| {
+            assert!(
+                !c.indexed_text.contains("Regional Sarcoma Network"),
+                "{c:?}"
+            );
+            assert!(!c.text.contains("Page 1 of 3"), "{c:?}");
+            Ok(())
+        })
+        .unwrap();
+    let mut corpus = Corpus::open(data.path()).unwrap();
+    for (q, page, section) in [
+        (
+            "can a few lung metastases be removed",
+            2,
+            "Metastatic soft tissue sarcoma > Oligometastatic disease",
+        ),
+        (
+            "how often is chest imaging done in follow-up",
+            3,
+            "Metastatic soft tissue sarcoma > Follow-up",
+        ),
+    ] {
+        let v = e.embed(&[q]).unwrap().to_vec2::<f32>().unwrap().remove(0);
+        let hits = corpus.search(q, &v, &SearchOptions::default()).unwrap();
+        let top = &hits[0];
+        assert!(top.id.ends_with("guideline.pdf"), "{q}: {}", top.id);
+        assert_eq!(top.page, Some(page), "{q}");
+        assert_eq!(top.page_end, None, "{q}");
+        assert_eq!(top.section, section, "{q}");
+        assert_eq!(top.title, "Sarcoma care guideline");
+    }
 }

@@ -72,6 +72,8 @@ mod tests {
             text: text.into(),
             start: 0,
             end: 0,
+            page: None,
+            page_end: None,
         }
     }
 

@@ -101,6 +101,12 @@ pub struct SearchHit {
     /// Byte range of the chunk in the document text.
     pub start: usize,
     pub end: usize,
+    /// The page the chunk starts on (paged documents: PDFs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
+    /// The page it ends on, when it runs onto a later page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page_end: Option<u32>,
 }
 
 /// The store with its derived indexes.
@@ -300,6 +306,9 @@ impl Corpus {
                 continue;
             };
             let bm25_score = bm25.iter().find(|(c, _)| *c == chunk_id).map(|&(_, s)| s);
+            let page = crate::ingest::pdf::page_of(&doc.metadata, chunk.start);
+            let page_end = crate::ingest::pdf::page_of(&doc.metadata, chunk.end.saturating_sub(1))
+                .filter(|&last| Some(last) != page);
             hits.push(SearchHit {
                 chunk_id: format!("{}#{}", doc.id, chunk.ord),
                 id: doc.id,
@@ -314,6 +323,8 @@ impl Corpus {
                 text: chunk.text,
                 start: chunk.start,
                 end: chunk.end,
+                page,
+                page_end,
             });
         }
         Ok(hits)

@@ -4,6 +4,7 @@
 
 pub mod chunker;
 pub mod html;
+pub mod pdf;
 pub mod pubmed;
 pub mod reader;
 

@@ -177,7 +177,7 @@ fn is_ingestible(p: &Path) -> bool {
     }
     matches!(
         p.extension().and_then(|e| e.to_str()),
-        Some("md" | "markdown" | "txt" | "jsonl" | "xml" | "html" | "htm")
+        Some("md" | "markdown" | "txt" | "jsonl" | "xml" | "html" | "htm" | "pdf")
     )
 }
 
@@ -202,8 +202,9 @@ pub fn read_file(path: &Path) -> Result<Vec<SourceDoc>, IngestError> {
         Some("md" | "markdown" | "txt") => Ok(vec![read_text_file(path)?]),
         Some("xml") => super::pubmed::read_pubmed_xml(path),
         Some("html" | "htm") => Ok(vec![super::html::read_html(path)?]),
+        Some("pdf") => Ok(vec![super::pdf::read_pdf(path)?]),
         _ => Err(IngestError::Invalid(format!(
-            "{}: unsupported file type (md, txt, jsonl, PubMed xml, html)",
+            "{}: unsupported file type (md, txt, jsonl, PubMed xml, html, pdf)",
             path.display()
         ))),
     }

@@ -244,6 +244,9 @@ pub struct CitationEvent {
     pub section: String,
     pub date: String,
     pub url: String,
+    /// The page the passage starts on, for paged sources (PDFs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page: Option<u32>,
 }
 
 /// Failures before anything was streamed.
@@ -854,6 +857,7 @@ impl<'a> Checker<'a> {
                     section: h.section.clone(),
                     date: h.date.clone(),
                     url: h.url.clone(),
+                    page: h.page,
                 }))
             }
         };
