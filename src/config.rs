@@ -278,6 +278,10 @@ pub enum Command {
         /// clinical questions.
         #[arg(long, env = "CITED_COMPLETIONS")]
         completions: bool,
+        /// Bearer token that POST and DELETE /v1/documents require (corpus administration);
+        /// without one, the corpus can be changed only by `cited ingest` on this machine.
+        #[arg(long, env = "CITED_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
     },
     /// Answer one question from the corpus, streamed to the terminal with its citations.
     Ask {

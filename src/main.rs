@@ -31,6 +31,7 @@ fn service_config(args: &Args, rag: &RagArgs) -> Result<ServiceConfig> {
         engine: Default::default(),
         completions: false,
         dummy_tokenizer: (cfg.load_format == LoadFormat::Dummy).then_some(cfg.tokenizer),
+        admin_token: None,
     })
 }
 
@@ -152,10 +153,12 @@ fn main() -> Result<()> {
             rag,
             engine,
             completions,
+            admin_token,
         } => {
             let mut service = service_config(&args, rag)?;
             service.engine = engine.to_config()?;
             service.completions = *completions;
+            service.admin_token = admin_token.clone();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

@@ -29,6 +29,7 @@ async fn services() -> Services {
         engine: Default::default(),
         completions: false,
         dummy_tokenizer: None,
+        admin_token: None,
     };
     tokio::task::spawn_blocking(move || Services::load(&cfg).unwrap())
         .await

@@ -8,6 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use candle_core::Device;
 use cited::index::store::SqliteStore;
 use cited::ingest::{ingest_paths, IngestOptions};
@@ -32,6 +33,7 @@ fn config(data: &Path) -> ServiceConfig {
         engine: Default::default(),
         completions: true,
         dummy_tokenizer: None,
+        admin_token: None,
     }
 }
 
@@ -946,4 +948,252 @@ async fn raw_completions_serve_load_tests_only_when_switched_on() {
     let off = Server::start_with(cfg).await;
     let (st, b) = off.post("/v1/completions", json!({"prompt": "x"})).await;
     assert_error(st, &b, 404, "not_enabled", "--completions");
+}
+
+/// A request to the documents API with an optional administrator token.
+async fn admin(
+    s: &Server,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let mut r = s.http.request(method, format!("{}{path}", s.base));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_are_administered_over_http_and_superseded_versions_are_not_cited() {
+    use reqwest::Method;
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.admin_token = Some("s3cret".into());
+    let s = Server::start_with(cfg).await;
+    let tok = Some("s3cret");
+    let v1 = json!({"documents": [{
+        "id": "sarcoma-guideline-2023", "format": "markdown", "date": "2023-01-10",
+        "metadata": {"cancer_type": "sarcoma"},
+        "text": "# Sarcoma follow-up\nAfter treatment, chest imaging every six months for five years."}]});
+    // Writes need the token.
+    let (st, b) = admin(&s, Method::POST, "/v1/documents", Some(v1.clone()), None).await;
+    assert_eq!(st, 401, "{b}");
+    let (st, b) = admin(
+        &s,
+        Method::POST,
+        "/v1/documents",
+        Some(v1.clone()),
+        Some("x"),
+    )
+    .await;
+    assert_eq!(st, 403, "{b}");
+    let (st, b) = admin(&s, Method::POST, "/v1/documents", Some(v1.clone()), tok).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(
+        (b["added"].as_u64(), b["chunks"].as_u64()),
+        (Some(1), Some(1))
+    );
+    // The same content again changes nothing.
+    let (_, b) = admin(&s, Method::POST, "/v1/documents", Some(v1), tok).await;
+    assert_eq!(b["unchanged"], 1, "{b}");
+
+    // The update supersedes it; a PDF, a bad entry and an unknown predecessor ride along.
+    let pdf = common::pdf::write_pdf(&common::pdf::guideline_pages(), false);
+    let pdf64 = base64::engine::general_purpose::STANDARD.encode(&pdf);
+    let v2 = json!({"documents": [
+        {"id": "sarcoma-guideline-2025", "supersedes": "sarcoma-guideline-2023", "date": "2025-02-01",
+         "metadata": {"cancer_type": "sarcoma"},
+         "text": "# Sarcoma follow-up\nAfter treatment, chest imaging every three months for two years."},
+        {"id": "network-guideline.pdf", "format": "pdf", "content_base64": pdf64},
+        {"id": "broken.pdf", "format": "pdf", "content_base64": "not base64!"},
+        {"id": "orphan", "supersedes": "never-ingested", "text": "Some text."}
+    ]});
+    let (st, b) = admin(&s, Method::POST, "/v1/documents", Some(v2), tok).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["added"], 2, "{b}");
+    let failed: Vec<&str> = b["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["broken.pdf", "orphan"], "{b}");
+    assert!(b["failed"][1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("never-ingested"));
+
+    // Search: only the current version, unless asked.
+    let q = json!({"query": "how often chest imaging after sarcoma treatment", "top_k": 5});
+    let (st, b) = s.post("/v1/search", q.clone()).await;
+    assert_eq!(st, 200, "{b}");
+    let ids: Vec<&str> = b["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"sarcoma-guideline-2025"), "{ids:?}");
+    assert!(!ids.contains(&"sarcoma-guideline-2023"), "{ids:?}");
+    let mut with_old = q.clone();
+    with_old["filters"] = json!({"include_superseded": true});
+    let (_, b) = s.post("/v1/search", with_old).await;
+    assert!(b["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h["id"] == "sarcoma-guideline-2023"));
+    // A metadata filter alone still leaves the old version out.
+    let mut tagged = q.clone();
+    tagged["filters"] = json!({"cancer_type": "sarcoma"});
+    let (_, b) = s.post("/v1/search", tagged).await;
+    let ids: Vec<&str> = b["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["sarcoma-guideline-2025"], "{b}");
+    // The PDF's hit carries its page.
+    let (_, b) = s
+        .post(
+            "/v1/search",
+            json!({"query": "can a few lung metastases be removed", "top_k": 1,
+                   "filters": {"source_type": "pdf"}}),
+        )
+        .await;
+    assert_eq!(b["hits"][0]["id"], "network-guideline.pdf", "{b}");
+    assert_eq!(b["hits"][0]["page"], 2, "{b}");
+
+    // Listing and one document.
+    let (st, b) = admin(&s, Method::GET, "/v1/documents?limit=10", None, None).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["total"], 3, "{b}");
+    let old = b["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "sarcoma-guideline-2023")
+        .unwrap();
+    assert_eq!(old["superseded_by"], "sarcoma-guideline-2025");
+    let (st, b) = admin(
+        &s,
+        Method::GET,
+        "/v1/documents/network-guideline.pdf",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["metadata"]["pages"], 3, "{b}");
+    assert!(b["passages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["page"] == 3));
+    let (st, _) = admin(&s, Method::GET, "/v1/documents/nope", None, None).await;
+    assert_eq!(st, 404);
+    let (st, b) = admin(&s, Method::GET, "/v1/documents?limit=0", None, None).await;
+    assert_eq!(st, 422, "{b}");
+
+    // Bad uploads: nothing readable is 422 with the reasons; malformed shapes name the field.
+    let (st, b) = admin(
+        &s,
+        Method::POST,
+        "/v1/documents",
+        Some(json!({"documents": [{"id": "x", "format": "pdf", "text": "plain"}]})),
+        tok,
+    )
+    .await;
+    assert_eq!(st, 422, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a PDF"),
+        "{b}"
+    );
+    let (st, _) = admin(
+        &s,
+        Method::POST,
+        "/v1/documents",
+        Some(json!({"documents": []})),
+        tok,
+    )
+    .await;
+    assert_eq!(st, 422);
+    let (st, _) = admin(
+        &s,
+        Method::POST,
+        "/v1/documents",
+        Some(json!({"documents": [{"id": "x", "format": "docx", "text": "t"}]})),
+        tok,
+    )
+    .await;
+    assert_eq!(st, 422);
+    // Uploads may exceed the 1 MiB of other requests.
+    let big = json!({"documents": [{"id": "big.pdf", "format": "pdf",
+        "content_base64": base64::engine::general_purpose::STANDARD.encode(vec![b'x'; 2 << 20])}]});
+    let (st, b) = admin(&s, Method::POST, "/v1/documents", Some(big), tok).await;
+    assert_eq!(st, 422, "{b}");
+    let (st, _) = s
+        .post("/v1/search", json!({"query": "x".repeat(2 << 20)}))
+        .await;
+    assert_eq!(st, 413);
+
+    // Deleting the update makes the older version current again.
+    let (st, b) = admin(
+        &s,
+        Method::DELETE,
+        "/v1/documents/sarcoma-guideline-2025",
+        None,
+        tok,
+    )
+    .await;
+    assert_eq!(st, 200, "{b}");
+    let (_, b) = s.post("/v1/search", q).await;
+    assert_eq!(b["hits"][0]["id"], "sarcoma-guideline-2023", "{b}");
+    let (st, _) = admin(
+        &s,
+        Method::DELETE,
+        "/v1/documents/sarcoma-guideline-2025",
+        None,
+        tok,
+    )
+    .await;
+    assert_eq!(st, 404);
+    let (st, _) = admin(
+        &s,
+        Method::DELETE,
+        "/v1/documents/network-guideline.pdf",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(st, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn document_writes_are_off_without_an_admin_token() {
+    let data = tempfile::tempdir().unwrap();
+    let s = Server::start(data.path()).await;
+    let body = json!({"documents": [{"id": "a", "text": "Text."}]});
+    let (st, b) = admin(
+        &s,
+        reqwest::Method::POST,
+        "/v1/documents",
+        Some(body),
+        Some("any"),
+    )
+    .await;
+    assert_eq!(st, 403, "{b}");
+    assert_eq!(b["error"]["type"], "admin_disabled");
+    let (st, _) = admin(&s, reqwest::Method::GET, "/v1/documents", None, None).await;
+    assert_eq!(st, 200);
 }

@@ -1,5 +1,6 @@
 //! Metadata filters on a search: which documents may be returned. Reserved keys match the
-//! citation metadata (`id`, `source`, `date_from`, `date_to`); every other key matches the
+//! citation metadata (`id`, `source`, `date_from`, `date_to`) or say whether superseded versions
+//! may be returned (`include_superseded`, false unless given); every other key matches the
 //! document's metadata field of that name (front matter or JSONL fields kept at ingest). A value is
 //! a string, number or boolean, or a list of them (any of); a metadata field holding a list matches
 //! when any element does. Dates compare as text, so ISO dates (`2024-05-01`, `2024`) order.
@@ -25,6 +26,9 @@ pub enum Condition {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Filter {
     pub conditions: Vec<Condition>,
+    /// Return documents a newer version supersedes (never by default: outdated guidance is not
+    /// cited).
+    pub include_superseded: bool,
 }
 
 /// A rejected filter: the offending key (for an error naming the field) and why.
@@ -99,8 +103,17 @@ impl Filter {
             _ => return Err(err("filters", "expected an object of key: value")),
         };
         let mut conditions = Vec::new();
+        let mut include_superseded = false;
         for (key, value) in map {
             conditions.push(match key.as_str() {
+                "include_superseded" => {
+                    include_superseded = match value {
+                        Value::Bool(b) => *b,
+                        Value::String(s) if s == "true" || s == "false" => s == "true",
+                        _ => return Err(err(key, "expected true or false")),
+                    };
+                    continue;
+                }
                 "id" => Condition::Id(strings(key, value)?),
                 "source" => Condition::Source(strings(key, value)?),
                 "date_from" => Condition::DateFrom(date(key, value)?),
@@ -116,7 +129,10 @@ impl Filter {
                 }
             });
         }
-        Ok(Self { conditions })
+        Ok(Self {
+            conditions,
+            include_superseded,
+        })
     }
 
     /// From command-line `KEY=VALUE` pairs; a key given twice matches any of its values.
@@ -186,6 +202,9 @@ impl Filter {
                 }
             }
         }
+        if !self.include_superseded {
+            parts.push("d.superseded_by IS NULL".into());
+        }
         if parts.is_empty() {
             ("1".into(), params)
         } else {
@@ -222,6 +241,20 @@ mod tests {
         assert_eq!(e.key, "tag");
         assert!(Filter::from_json(&json!(["source"])).is_err());
         assert!(Filter::from_json(&json!({"a\"b": "x"})).is_err());
+        let e = Filter::from_json(&json!({"include_superseded": 1})).unwrap_err();
+        assert_eq!(e.key, "include_superseded");
+    }
+
+    #[test]
+    fn superseded_versions_only_when_asked() {
+        let f = Filter::from_json(&json!({"source": "x"})).unwrap();
+        assert!(!f.include_superseded);
+        assert!(f.to_sql().0.contains("superseded_by IS NULL"));
+        let f = Filter::from_json(&json!({"include_superseded": true})).unwrap();
+        assert!(f.include_superseded && f.is_empty());
+        assert!(!f.to_sql().0.contains("superseded_by"));
+        let f = Filter::from_pairs(&["include_superseded=true".into()]).unwrap();
+        assert!(f.include_superseded);
     }
 
     #[test]

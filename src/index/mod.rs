@@ -114,6 +114,9 @@ pub struct Corpus {
     store: SqliteStore,
     bm25: Bm25Index,
     dense: DenseIndex,
+    /// Documents a newer version supersedes, as of store version `superseded_at`.
+    superseded: std::collections::HashSet<String>,
+    superseded_at: Option<u64>,
     /// Held while this process owns the on-disk indexes.
     _lock: Option<File>,
     data_dir: PathBuf,
@@ -147,6 +150,8 @@ impl Corpus {
             store,
             bm25,
             dense: DenseIndex::new(),
+            superseded: Default::default(),
+            superseded_at: None,
             _lock: owner.then_some(lock),
             data_dir: data_dir.to_path_buf(),
         };
@@ -180,6 +185,11 @@ impl Corpus {
     pub fn refresh(&mut self) -> Result<()> {
         self.bm25.catch_up(&self.store)?;
         self.dense.catch_up(&self.store)?;
+        let version = self.bm25.version();
+        if self.superseded_at != Some(version) {
+            self.superseded = self.store.superseded()?;
+            self.superseded_at = Some(version);
+        }
         Ok(())
     }
 
@@ -231,7 +241,7 @@ impl Corpus {
         filter: &Filter,
     ) -> Result<Vec<SearchHit>> {
         self.refresh()?;
-        let allowed = if filter.is_empty() {
+        let allowed = if filter.conditions.is_empty() {
             None
         } else {
             let chunks = self.store.chunks_matching(filter)?;
@@ -260,11 +270,13 @@ impl Corpus {
                 }
             }
         }
+        // Superseded versions drop out here too when no filter query ran.
+        let current = |p: &String| filter.include_superseded || !self.superseded.contains(p);
         let collapse = |hits: &[(i64, f32)]| -> (Vec<String>, HashMap<String, (i64, f32)>) {
             let mut order = Vec::new();
             let mut best = HashMap::new();
             for &(c, s) in hits {
-                if let Some(p) = passage_of.get(&c) {
+                if let Some(p) = passage_of.get(&c).filter(|p| current(p)) {
                     if !best.contains_key(p) {
                         best.insert(p.clone(), (c, s));
                         order.push(p.clone());

@@ -54,6 +54,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX documents_by_source ON documents(source);
     CREATE INDEX documents_by_date ON documents(date);
     "#,
+    // 3: versions: a document a newer one supersedes is kept but not retrieved by default.
+    r#"
+    ALTER TABLE documents ADD COLUMN superseded_by TEXT;
+    CREATE INDEX documents_by_superseded_by ON documents(superseded_by);
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -70,6 +75,40 @@ pub struct DocRecord {
     pub metadata: Map<String, Value>,
     /// Hash of everything that produced the chunks: unchanged content is not ingested again.
     pub content_hash: String,
+}
+
+/// Metadata key by which a document names the older versions it replaces (a string or a list).
+pub const SUPERSEDES: &str = "supersedes";
+
+impl DocRecord {
+    /// The ids this document supersedes.
+    pub fn supersedes(&self) -> Vec<String> {
+        supersedes_of(&self.metadata)
+    }
+}
+
+/// The ids named by a metadata map's `supersedes`.
+pub fn supersedes_of(metadata: &Map<String, Value>) -> Vec<String> {
+    match metadata.get(SUPERSEDES) {
+        Some(Value::String(s)) if !s.trim().is_empty() => vec![s.trim().to_string()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A document as listed: its record, chunk count and the newer version superseding it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocSummary {
+    pub record: DocRecord,
+    pub chunks: usize,
+    pub superseded_by: Option<String>,
+    /// Seconds since the Unix epoch of its last write.
+    pub updated_at: String,
 }
 
 /// A chunk to store.
@@ -110,9 +149,14 @@ pub trait Store: Send {
     fn upsert(&mut self, doc: &DocRecord, chunks: &[NewChunk]) -> Result<u64>;
     /// Stores many documents in one transaction (bulk loads): all of them or none.
     fn upsert_many(&mut self, docs: &[(DocRecord, Vec<NewChunk>)]) -> Result<u64>;
-    /// Removes a document and its chunks; false when there was none.
+    /// Removes a document and its chunks (what it superseded is current again); false when
+    /// there was none.
     fn delete(&mut self, id: &str) -> Result<bool>;
     fn document(&self, id: &str) -> Result<Option<DocRecord>>;
+    /// Documents in id order (`id`: that one only), `limit` of them from `offset`.
+    fn documents(&self, id: Option<&str>, offset: usize, limit: usize) -> Result<Vec<DocSummary>>;
+    /// Ids of the documents a newer version supersedes.
+    fn superseded(&self) -> Result<HashSet<String>>;
     fn chunks_of(&self, id: &str) -> Result<Vec<StoredChunk>>;
     fn chunk(&self, chunk_id: i64) -> Result<Option<StoredChunk>>;
     /// Calls `f` on every chunk, in id order.
@@ -258,8 +302,38 @@ fn write_doc(tx: &Transaction<'_>, doc: &DocRecord, chunks: &[NewChunk]) -> Resu
             ])?;
         }
     }
+    // The versions this one replaces stay (a citation of them can still be shown) but are no
+    // longer retrieved; their change makes index owners reload which documents are current.
+    for old in doc.supersedes() {
+        if old != doc.id
+            && tx.execute(
+                "UPDATE documents SET superseded_by = ?1 WHERE id = ?2",
+                params![doc.id, old],
+            )? > 0
+        {
+            log_change(tx, &old)?;
+        }
+    }
     log_change(tx, &doc.id)
 }
+
+fn doc_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DocRecord> {
+    let meta: String = r.get(5)?;
+    Ok(DocRecord {
+        id: r.get(0)?,
+        title: r.get(1)?,
+        source: r.get(2)?,
+        url: r.get(3)?,
+        date: r.get(4)?,
+        metadata: match serde_json::from_str(&meta) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        },
+        content_hash: r.get(6)?,
+    })
+}
+
+const DOC_COLUMNS: &str = "id, title, source, url, date, metadata, content_hash";
 
 impl Store for SqliteStore {
     fn version(&self) -> Result<u64> {
@@ -318,6 +392,19 @@ impl Store for SqliteStore {
         let tx = self.conn.transaction()?;
         let n = tx.execute("DELETE FROM documents WHERE id = ?1", [id])?;
         if n > 0 {
+            // What it superseded is current again.
+            let restored: Vec<String> = {
+                let mut stmt = tx.prepare("SELECT id FROM documents WHERE superseded_by = ?1")?;
+                let rows = stmt.query_map([id], |r| r.get(0))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            tx.execute(
+                "UPDATE documents SET superseded_by = NULL WHERE superseded_by = ?1",
+                [id],
+            )?;
+            for old in &restored {
+                log_change(&tx, old)?;
+            }
             log_change(&tx, id)?;
         }
         tx.commit()?;
@@ -328,25 +415,36 @@ impl Store for SqliteStore {
         Ok(self
             .conn
             .query_row(
-                "SELECT id, title, source, url, date, metadata, content_hash FROM documents WHERE id = ?1",
+                &format!("SELECT {DOC_COLUMNS} FROM documents WHERE id = ?1"),
                 [id],
-                |r| {
-                    let meta: String = r.get(5)?;
-                    Ok(DocRecord {
-                        id: r.get(0)?,
-                        title: r.get(1)?,
-                        source: r.get(2)?,
-                        url: r.get(3)?,
-                        date: r.get(4)?,
-                        metadata: match serde_json::from_str(&meta) {
-                            Ok(Value::Object(m)) => m,
-                            _ => Map::new(),
-                        },
-                        content_hash: r.get(6)?,
-                    })
-                },
+                doc_row,
             )
             .optional()?)
+    }
+
+    fn documents(&self, id: Option<&str>, offset: usize, limit: usize) -> Result<Vec<DocSummary>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {DOC_COLUMNS}, superseded_by, updated_at,
+               (SELECT COUNT(*) FROM chunks c WHERE c.document_id = d.id)
+             FROM documents d WHERE ?1 IS NULL OR d.id = ?1 ORDER BY id LIMIT ?2 OFFSET ?3"
+        ))?;
+        let rows = stmt.query_map(params![id, limit as i64, offset as i64], |r| {
+            Ok(DocSummary {
+                record: doc_row(r)?,
+                superseded_by: r.get(7)?,
+                updated_at: r.get(8)?,
+                chunks: r.get::<_, i64>(9)? as usize,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn superseded(&self) -> Result<HashSet<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id FROM documents WHERE superseded_by IS NOT NULL")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     fn chunks_of(&self, id: &str) -> Result<Vec<StoredChunk>> {
@@ -470,6 +568,37 @@ mod tests {
         assert_eq!(s.counts().unwrap(), (1, 1));
         assert!(s.chunks_of("a").unwrap().is_empty());
         assert_eq!(s.changes_since(v3).unwrap().0, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn a_superseded_version_stays_until_its_successor_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("store.sqlite")).unwrap();
+        s.upsert(&doc("v1", "h1"), &[chunk(0, "old")]).unwrap();
+        let mut v2 = doc("v2", "h2");
+        v2.metadata
+            .insert(SUPERSEDES.into(), Value::String("v1".into()));
+        let before = s.version().unwrap();
+        s.upsert(&v2, &[chunk(0, "new")]).unwrap();
+        assert_eq!(s.superseded().unwrap(), HashSet::from(["v1".to_string()]));
+        // Index owners hear of both documents.
+        let (ids, _) = s.changes_since(before).unwrap();
+        assert!(ids.contains(&"v1".to_string()) && ids.contains(&"v2".to_string()));
+        // Re-ingesting the old version keeps it superseded; it is listed with its successor.
+        s.upsert(&doc("v1", "h1b"), &[chunk(0, "old again")])
+            .unwrap();
+        let listed = s.documents(Some("v1"), 0, 10).unwrap();
+        assert_eq!(listed[0].superseded_by.as_deref(), Some("v2"));
+        assert_eq!(listed[0].chunks, 1);
+        assert_eq!(s.documents(None, 0, 10).unwrap().len(), 2);
+        assert_eq!(s.documents(None, 1, 10).unwrap()[0].record.id, "v2");
+        // The filter query leaves it out unless asked.
+        let all = Filter::from_json(&serde_json::json!({"source": "s"})).unwrap();
+        assert_eq!(s.chunks_matching(&all).unwrap().len(), 1);
+        assert!(s.delete("v2").unwrap());
+        assert!(s.superseded().unwrap().is_empty());
+        assert_eq!(s.chunks_matching(&all).unwrap().len(), 1);
+        assert_eq!(s.chunks_of("v1").unwrap()[0].text, "old again");
     }
 
     #[test]

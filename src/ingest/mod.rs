@@ -8,15 +8,16 @@ pub mod pdf;
 pub mod pubmed;
 pub mod reader;
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
 use crate::error::{IndexError, IngestError};
-use crate::index::store::{DocRecord, NewChunk, Store};
+use crate::index::store::{supersedes_of, DocRecord, NewChunk, Store};
 use crate::models::bert::Embedder;
-use chunker::{chunk, Chunk, ChunkOptions};
+use chunker::{chunk, Chunk, ChunkOptions, TokenCounter};
 use reader::SourceDoc;
 
 /// Ingestion settings.
@@ -74,119 +75,96 @@ fn content_hash(doc: &SourceDoc, opts: &ChunkOptions, embedder: &str) -> String 
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Checks that the store holds vectors of this embedder (recording it on first use).
-fn check_embedder(store: &mut dyn Store, embedder: &Embedder) -> Result<(), IndexError> {
+/// Checks that the store holds vectors of the embedder named `identity` (recording it on first
+/// use).
+pub fn check_embedder(store: &mut dyn Store, identity: &str) -> Result<(), IndexError> {
     match store.setting(EMBEDDER_KEY)? {
-        Some(stored) if stored != embedder.identity() => Err(IndexError::EmbedderMismatch {
+        Some(stored) if stored != identity => Err(IndexError::EmbedderMismatch {
             stored,
-            configured: embedder.identity().to_string(),
+            configured: identity.to_string(),
         }),
         Some(_) => Ok(()),
-        None => store.set_setting(EMBEDDER_KEY, embedder.identity()),
+        None => store.set_setting(EMBEDDER_KEY, identity),
     }
 }
 
-/// A document waiting for its embeddings.
-struct Pending {
+/// A document checked and chunked, waiting for its embeddings.
+pub struct Pending {
     record: DocRecord,
     chunks: Vec<Chunk>,
     replaces: bool,
 }
 
-fn flush(
-    store: &mut dyn Store,
-    embedder: &Embedder,
-    pending: &mut Vec<Pending>,
-    batch: usize,
-    report: &mut IngestReport,
-    bar: &ProgressBar,
-) -> Result<(), IngestError> {
-    let texts: Vec<&str> = pending
-        .iter()
-        .flat_map(|p| p.chunks.iter().map(|c| c.indexed_text.as_str()))
-        .collect();
-    let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(texts.len());
-    for group in texts.chunks(batch.max(1)) {
-        vectors.extend(
-            embedder
-                .embed(group)?
-                .to_vec2::<f32>()
-                .map_err(crate::error::ModelError::from)?,
-        );
+impl Pending {
+    /// What the embedder reads, one text per chunk.
+    pub fn texts(&self) -> impl Iterator<Item = &str> {
+        self.chunks.iter().map(|c| c.indexed_text.as_str())
     }
-    let mut vectors = vectors.into_iter();
-    for p in pending.drain(..) {
-        let chunks: Vec<NewChunk> = p
-            .chunks
-            .into_iter()
-            .map(|c| NewChunk {
-                ord: c.ord,
-                section: c.section,
-                text: c.text,
-                indexed_text: c.indexed_text,
-                start: c.range.start,
-                end: c.range.end,
-                embedding: vectors.next().expect("one vector per chunk"),
-            })
-            .collect();
-        store.upsert(&p.record, &chunks)?;
-        report.chunks += chunks.len();
-        if p.replaces {
-            report.replaced += 1;
-        } else {
-            report.added += 1;
-        }
-        bar.inc(1);
+
+    pub fn id(&self) -> &str {
+        &self.record.id
     }
-    Ok(())
+
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
 }
 
-/// Ingests documents into `store`.
-pub fn ingest_docs(
-    store: &mut dyn Store,
-    embedder: &Embedder,
-    docs: Vec<SourceDoc>,
-    opts: &IngestOptions,
-) -> Result<IngestReport, IngestError> {
-    check_embedder(store, embedder)?;
-    let bar = if opts.progress {
-        let b = ProgressBar::new(docs.len() as u64);
-        b.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} documents ({per_sec}, eta {eta})")
-                .expect("valid template"),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
-    let mut report = IngestReport::default();
-    let mut pending: Vec<Pending> = Vec::new();
-    let mut pending_chunks = 0;
-    let mut seen = std::collections::HashSet::new();
-    for doc in docs {
-        if !seen.insert(doc.id.clone()) {
-            report.failed.push((
-                doc.id.clone(),
+/// One ingest's bookkeeping: the report so far and the ids already taken.
+#[derive(Default)]
+pub struct Batch {
+    pub report: IngestReport,
+    seen: HashSet<String>,
+}
+
+impl Batch {
+    /// Checks one document against the store and chunks it. `None` when it needs no write
+    /// (unchanged) or cannot be taken (reported in `failed`: no text, an id given twice, a
+    /// version it supersedes that is not there).
+    pub fn prepare(
+        &mut self,
+        store: &dyn Store,
+        counter: &dyn TokenCounter,
+        identity: &str,
+        doc: SourceDoc,
+        opts: &ChunkOptions,
+    ) -> Result<Option<Pending>, IngestError> {
+        let fail = |report: &mut IngestReport, why: String| {
+            report.failed.push((doc.id.clone(), why));
+            Ok(None)
+        };
+        if self.seen.contains(&doc.id) {
+            return fail(
+                &mut self.report,
                 "the same id appears twice in this ingest".into(),
-            ));
-            bar.inc(1);
-            continue;
+            );
         }
         if doc.text.trim().is_empty() {
-            report.failed.push((doc.id.clone(), "no text".into()));
-            bar.inc(1);
-            continue;
+            return fail(&mut self.report, "no text".into());
         }
-        let hash = content_hash(&doc, &opts.chunk, embedder.identity());
+        for old in supersedes_of(&doc.metadata) {
+            if old == doc.id {
+                return fail(
+                    &mut self.report,
+                    "a document cannot supersede itself".into(),
+                );
+            }
+            if !self.seen.contains(&old) && store.document(&old)?.is_none() {
+                return fail(
+                    &mut self.report,
+                    format!("supersedes `{old}`, which is not in the store"),
+                );
+            }
+        }
+        self.seen.insert(doc.id.clone());
+        let hash = content_hash(&doc, opts, identity);
         let existing = store.content_hash(&doc.id)?;
         if existing.as_deref() == Some(hash.as_str()) {
-            report.unchanged += 1;
-            bar.inc(1);
-            continue;
+            self.report.unchanged += 1;
+            return Ok(None);
         }
-        let chunks = chunk(&doc, opts.chunk, embedder);
-        pending_chunks += chunks.len();
-        pending.push(Pending {
+        let chunks = chunk(&doc, *opts, counter);
+        Ok(Some(Pending {
             record: DocRecord {
                 id: doc.id,
                 title: doc.title,
@@ -198,15 +176,114 @@ pub fn ingest_docs(
             },
             chunks,
             replaces: existing.is_some(),
-        });
+        }))
+    }
+
+    /// Stores prepared documents, each in its own transaction, with their vectors: one per
+    /// chunk, in the order of [`Pending::texts`].
+    pub fn commit(
+        &mut self,
+        store: &mut dyn Store,
+        pending: Vec<Pending>,
+        vectors: Vec<Vec<f32>>,
+    ) -> Result<(), IngestError> {
+        let needed: usize = pending.iter().map(Pending::chunk_count).sum();
+        if vectors.len() != needed {
+            return Err(IngestError::Invalid(format!(
+                "{} vectors for {needed} chunks",
+                vectors.len()
+            )));
+        }
+        let mut vectors = vectors.into_iter();
+        for p in pending {
+            let chunks: Vec<NewChunk> = p
+                .chunks
+                .into_iter()
+                .zip(vectors.by_ref())
+                .map(|(c, embedding)| NewChunk {
+                    ord: c.ord,
+                    section: c.section,
+                    text: c.text,
+                    indexed_text: c.indexed_text,
+                    start: c.range.start,
+                    end: c.range.end,
+                    embedding,
+                })
+                .collect();
+            store.upsert(&p.record, &chunks)?;
+            self.report.chunks += chunks.len();
+            if p.replaces {
+                self.report.replaced += 1;
+            } else {
+                self.report.added += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Embeds the pending chunks with `embedder` and stores them.
+fn flush(
+    store: &mut dyn Store,
+    embedder: &Embedder,
+    pending: &mut Vec<Pending>,
+    batch_size: usize,
+    batch: &mut Batch,
+    bar: &ProgressBar,
+) -> Result<(), IngestError> {
+    let texts: Vec<&str> = pending.iter().flat_map(Pending::texts).collect();
+    let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(texts.len());
+    for group in texts.chunks(batch_size.max(1)) {
+        vectors.extend(
+            embedder
+                .embed(group)?
+                .to_vec2::<f32>()
+                .map_err(crate::error::ModelError::from)?,
+        );
+    }
+    let n = pending.len() as u64;
+    batch.commit(store, std::mem::take(pending), vectors)?;
+    bar.inc(n);
+    Ok(())
+}
+
+/// Ingests documents into `store`.
+pub fn ingest_docs(
+    store: &mut dyn Store,
+    embedder: &Embedder,
+    docs: Vec<SourceDoc>,
+    opts: &IngestOptions,
+) -> Result<IngestReport, IngestError> {
+    check_embedder(store, embedder.identity())?;
+    let bar = if opts.progress {
+        let b = ProgressBar::new(docs.len() as u64);
+        b.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} documents ({per_sec}, eta {eta})")
+                .expect("valid template"),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut batch = Batch::default();
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut pending_chunks = 0;
+    for doc in docs {
+        match batch.prepare(store, embedder, embedder.identity(), doc, &opts.chunk)? {
+            Some(p) => {
+                pending_chunks += p.chunk_count();
+                pending.push(p);
+            }
+            None => bar.inc(1),
+        }
         if pending_chunks >= opts.batch * 4 {
-            flush(store, embedder, &mut pending, opts.batch, &mut report, &bar)?;
+            flush(store, embedder, &mut pending, opts.batch, &mut batch, &bar)?;
             pending_chunks = 0;
         }
     }
-    flush(store, embedder, &mut pending, opts.batch, &mut report, &bar)?;
+    flush(store, embedder, &mut pending, opts.batch, &mut batch, &bar)?;
     bar.finish_and_clear();
-    Ok(report)
+    Ok(batch.report)
 }
 
 /// Reads and ingests files or folders; a file that cannot be read is reported and skipped.

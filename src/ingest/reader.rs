@@ -57,8 +57,9 @@ fn take_string(meta: &mut Map<String, Value>, key: &str) -> Option<String> {
     }
 }
 
-/// Builds a document from its fields; `fallback_title` when none is given.
-fn from_fields(
+/// Builds a document from its fields (`title`, `focus`, `date` or `version`, `source`, `url`
+/// taken out of `meta`, the rest kept); `fallback_title` when none is given.
+pub fn from_fields(
     id: String,
     mut meta: Map<String, Value>,
     text: String,

@@ -385,10 +385,7 @@ impl Embedder {
 
     /// Tokens of `text`, special tokens excluded, without truncation.
     pub fn count_tokens(&self, text: &str) -> usize {
-        self.counter
-            .encode(text, false)
-            .map(|e| e.len())
-            .unwrap_or(usize::MAX)
+        count_with(&self.counter, text)
     }
 
     /// Token limit per text, special tokens included; longer texts are truncated.
@@ -442,6 +439,50 @@ impl Embedder {
     pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Result<Tensor> {
         self.embed_tokens(&self.tokenize(texts)?)
     }
+}
+
+/// The embedder's token count, limit and identity, cloned off the model: what ingestion needs
+/// where the weights are not (the server's embedder lives on the device worker).
+#[derive(Clone)]
+pub struct EmbedderText {
+    counter: Tokenizer,
+    max_tokens: usize,
+    identity: String,
+}
+
+impl Embedder {
+    pub fn text_side(&self) -> EmbedderText {
+        EmbedderText {
+            counter: self.counter.clone(),
+            max_tokens: self.max_tokens,
+            identity: self.identity.clone(),
+        }
+    }
+}
+
+impl EmbedderText {
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Token limit per text, special tokens included.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+}
+
+impl crate::ingest::chunker::TokenCounter for EmbedderText {
+    fn count(&self, text: &str) -> usize {
+        count_with(&self.counter, text)
+    }
+}
+
+/// Tokens of `text` by a tokenizer without truncation, special tokens excluded.
+fn count_with(counter: &Tokenizer, text: &str) -> usize {
+    counter
+        .encode(text, false)
+        .map(|e| e.len())
+        .unwrap_or(usize::MAX)
 }
 
 impl crate::ingest::chunker::TokenCounter for Embedder {

@@ -158,9 +158,11 @@ fn rejection_error(r: JsonRejection) -> ApiError {
         StatusCode::BAD_REQUEST => {
             ApiError::new(status, "invalid_json", format!("malformed JSON: {detail}"))
         }
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(status, "payload_too_large", "the body exceeds 1 MiB")
-        }
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            status,
+            "payload_too_large",
+            "the body is too large (1 MiB at most; 64 MiB for POST /v1/documents)",
+        ),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
             status,
             "unsupported_media_type",

@@ -7,6 +7,7 @@
 
 pub mod answer;
 pub mod completions;
+pub mod documents;
 pub mod error;
 pub mod metrics;
 pub mod openai;
@@ -54,6 +55,8 @@ pub struct ServiceConfig {
     /// With `Some(tokenizer GGUF)`, `generator` is a `config.json` and the weights are dummy
     /// (seeded random, for benchmarks at real shapes).
     pub dummy_tokenizer: Option<PathBuf>,
+    /// The bearer token `POST`/`DELETE /v1/documents` need; without one they are refused.
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +75,11 @@ pub struct Services {
     pub corpus: Arc<Mutex<Corpus>>,
     /// Whether `/v1/completions` is on.
     pub completions: bool,
+    /// The embedder's tokenizer and identity, for chunking documents uploaded over HTTP.
+    pub embedder_text: crate::models::bert::EmbedderText,
+    /// Held by an HTTP ingest or delete from start to finish: one writer at a time.
+    pub ingest_lock: tokio::sync::Mutex<()>,
+    pub admin_token: Option<String>,
 }
 
 impl Services {
@@ -87,12 +95,16 @@ impl Services {
             embedder: model_name(&cfg.embedder),
             generator: model_name(&cfg.generator),
         };
+        let embedder_text = embedder.text_side();
         let engine = EngineHandle::start(embedder, model, text, info, cfg.engine)?;
         let corpus = Arc::new(Mutex::new(corpus));
         Ok(Self {
             pipeline: Pipeline::new(engine, corpus.clone(), cfg.rag.clone()),
             corpus,
             completions: cfg.completions,
+            embedder_text,
+            ingest_lock: tokio::sync::Mutex::new(()),
+            admin_token: cfg.admin_token.clone().filter(|t| !t.is_empty()),
         })
     }
 }
@@ -173,6 +185,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(routes::models))
         .route("/v1/embeddings", post(routes::embeddings))
         .route("/v1/search", post(routes::search))
+        .route(
+            "/v1/documents",
+            get(documents::list)
+                .post(documents::upload)
+                .layer(DefaultBodyLimit::max(documents::MAX_UPLOAD_BYTES)),
+        )
+        .route(
+            "/v1/documents/{*id}",
+            get(documents::get_one).delete(documents::delete),
+        )
         .route("/v1/answer", post(answer::answer))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(completions::completions))
