@@ -371,6 +371,12 @@ pub enum EvalCommand {
         /// Reciprocal-rank fusion k.
         #[arg(long)]
         rrf_k: Option<f32>,
+        /// Hybrid fusion: convex (scores, the default) or rrf (ranks).
+        #[arg(long, value_enum)]
+        fusion: Option<crate::index::Fusion>,
+        /// Convex fusion: the dense score's share, 0 to 1.
+        #[arg(long)]
+        dense_share: Option<f32>,
         #[arg(long)]
         dense_weight: Option<f32>,
         #[arg(long)]
@@ -381,6 +387,20 @@ pub enum EvalCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Which half of the queries (fixed by each query's source document): dev, test, all.
+        #[arg(long, value_enum, default_value = "all")]
+        split: crate::eval::retrieval::Split,
+        /// Search the fusion grid on the dev half and report its best setting on the other
+        /// (test unless --split says otherwise).
+        #[arg(long)]
+        tune: bool,
+        /// Also report nDCG@10 per value of this query field (e.g. qtype).
+        #[arg(long)]
+        by: Option<String>,
+        /// Search each query among the documents whose metadata field of this name equals the
+        /// query's own value (e.g. focus: the cancer type).
+        #[arg(long)]
+        filter_by: Option<String>,
     },
     /// Answer every question of a dev set through the whole pipeline (over a scratch store of the
     /// given corpus) and score citation validity, citing, support, abstention and safe replies.

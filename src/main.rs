@@ -8,6 +8,7 @@ use clap::Parser;
 use cited::config::{Args, Command, Config, EvalCommand, LoadFormat, RagArgs};
 use cited::engine::generate::generate_greedy;
 use cited::engine::worker::{load_dummy_generator, load_generator};
+use cited::eval::retrieval::Split;
 use cited::index::{Corpus, Mode, SearchOptions};
 use cited::ingest::{ingest_paths, IngestOptions};
 use cited::models::bert::Embedder;
@@ -56,6 +57,115 @@ fn eval_store(
         report.added, report.unchanged, report.chunks
     );
     Ok((scratch, dir))
+}
+
+struct RetrievalEval<'a> {
+    split: Split,
+    tune: bool,
+    by: Option<&'a str>,
+    filter_by: Option<&'a str>,
+    json: bool,
+}
+
+/// `cited eval retrieval`: dense, BM25 (ours and the plain reference) and hybrid on the chosen
+/// half of the queries; with `tune`, the fusion grid searched on the dev half and its best
+/// setting reported on the held-out half; per value of a query field with `by`.
+fn eval_retrieval(
+    corpus: &mut Corpus,
+    embedder: &Embedder,
+    all: &[cited::eval::Query],
+    base: &SearchOptions,
+    s: &RetrievalEval<'_>,
+) -> Result<()> {
+    use cited::eval::retrieval::{
+        collect_legs, describe, groups_by, score, score_reference, select, tune, ReferenceBm25,
+        REFERENCE_B, REFERENCE_K1,
+    };
+    let split = if s.tune && s.split == Split::All {
+        Split::Test
+    } else {
+        s.split
+    };
+    let qs = select(all, split);
+    let legs = collect_legs(corpus, embedder, &qs, base.depth, s.filter_by)?;
+    let with_mode = |mode| SearchOptions { mode, ..*base };
+    let mut rows: Vec<(String, cited::eval::Metrics)> = vec![
+        ("dense".into(), score(&legs, &qs, &with_mode(Mode::Dense))),
+        ("bm25".into(), score(&legs, &qs, &with_mode(Mode::Bm25))),
+    ];
+    if s.filter_by.is_none() {
+        let reference = ReferenceBm25::build(corpus.store())?;
+        rows.push((
+            format!("bm25 reference (k1 {REFERENCE_K1}, b {REFERENCE_B})"),
+            score_reference(&reference, &qs),
+        ));
+    }
+    rows.push((
+        format!("hybrid ({})", describe(base)),
+        score(&legs, &qs, &with_mode(Mode::Hybrid)),
+    ));
+    if s.tune {
+        let dev = select(all, Split::Dev);
+        let dev_legs = collect_legs(corpus, embedder, &dev, base.depth, s.filter_by)?;
+        let (best, on_dev) = tune(&dev_legs, &dev, base);
+
+        eprintln!(
+            "tuned on dev ({} queries): {}: nDCG@10 {:.3} there",
+            dev.len(),
+            describe(&best),
+            on_dev.ndcg_at_10
+        );
+        rows.push((
+            format!("hybrid tuned on dev ({})", describe(&best)),
+            score(&legs, &qs, &best),
+        ));
+    }
+    let title = format!(
+        "split {split:?}: {} of {} queries{}",
+        qs.len(),
+        all.len(),
+        s.filter_by
+            .map(|f| format!(", each searched among documents of its own `{f}`"))
+            .unwrap_or_default()
+    );
+    if s.json {
+        let obj: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|(name, m)| (name.clone(), serde_json::to_value(m).unwrap()))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"split": title, "rows": obj}))?
+        );
+    } else {
+        println!("{title}\n");
+        println!("| retriever | nDCG@10 | Recall@10 | MRR@10 | queries |");
+        println!("| --- | --- | --- | --- | --- |");
+        for (name, m) in &rows {
+            println!(
+                "| {name} | {:.3} | {:.3} | {:.3} | {} |",
+                m.ndcg_at_10, m.recall_at_10, m.mrr_at_10, m.queries
+            );
+        }
+    }
+    if let Some(field) = s.by {
+        println!("\nnDCG@10 by `{field}` (hybrid: {})\n", describe(base));
+        println!("| {field} | queries | dense | bm25 | hybrid |");
+        println!("| --- | --- | --- | --- | --- |");
+        for (value, idx) in groups_by(&qs, field) {
+            let gq: Vec<_> = idx.iter().map(|&i| qs[i].clone()).collect();
+            let gl: Vec<_> = idx.iter().map(|&i| legs[i].clone()).collect();
+            let n = |mode| score(&gl, &gq, &with_mode(mode)).ndcg_at_10;
+            println!(
+                "| {value} | {} | {:.3} | {:.3} | {:.3} |",
+                gq.len(),
+                n(Mode::Dense),
+                n(Mode::Bm25),
+                n(Mode::Hybrid)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Answers one question in this process, printing the text as it streams and the cited
@@ -141,7 +251,8 @@ async fn ask(service: &ServiceConfig, question: &str, audience: Audience) -> Res
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tantivy=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -306,10 +417,16 @@ fn main() -> Result<()> {
                     queries,
                     limit,
                     rrf_k,
+                    fusion,
+                    dense_share,
                     dense_weight,
                     bm25_weight,
                     store,
                     json,
+                    split,
+                    tune,
+                    by,
+                    filter_by,
                 },
         } => {
             let cfg = Config::from_args(&args.models, true, false)?;
@@ -323,42 +440,21 @@ fn main() -> Result<()> {
             }
             let defaults = SearchOptions::default();
             let base = SearchOptions {
+                fusion: fusion.unwrap_or(defaults.fusion),
+                dense_share: dense_share.unwrap_or(defaults.dense_share),
                 rrf_k: rrf_k.unwrap_or(defaults.rrf_k),
                 dense_weight: dense_weight.unwrap_or(defaults.dense_weight),
                 bm25_weight: bm25_weight.unwrap_or(defaults.bm25_weight),
                 ..defaults
             };
-            let modes = [Mode::Dense, Mode::Bm25, Mode::Hybrid];
-            let results = cited::eval::evaluate(&mut corpus, &embedder, &qs, &base, &modes)?;
-            if *json {
-                let obj: serde_json::Map<String, serde_json::Value> = results
-                    .iter()
-                    .map(|(m, r)| {
-                        (
-                            format!("{m:?}").to_lowercase(),
-                            serde_json::to_value(r).unwrap(),
-                        )
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&obj)?);
-            } else {
-                println!("| mode | nDCG@10 | Recall@10 | MRR@10 | queries |");
-                println!("| --- | --- | --- | --- | --- |");
-                for (m, r) in &results {
-                    println!(
-                        "| {} | {:.3} | {:.3} | {:.3} | {} |",
-                        format!("{m:?}").to_lowercase(),
-                        r.ndcg_at_10,
-                        r.recall_at_10,
-                        r.mrr_at_10,
-                        r.queries
-                    );
-                }
-                println!(
-                    "(hybrid: rrf_k {}, dense weight {}, bm25 weight {}, depth {})",
-                    base.rrf_k, base.dense_weight, base.bm25_weight, base.depth
-                );
-            }
+            let settings = RetrievalEval {
+                split: *split,
+                tune: *tune,
+                by: by.as_deref(),
+                filter_by: filter_by.as_deref(),
+                json: *json,
+            };
+            eval_retrieval(&mut corpus, &embedder, &qs, &base, &settings)?;
         }
         Command::Eval {
             what:

@@ -3,6 +3,7 @@
 //! ([`answers`]).
 
 pub mod answers;
+pub mod retrieval;
 
 use std::path::Path;
 
@@ -17,6 +18,9 @@ use crate::models::bert::Embedder;
 pub struct Query {
     pub text: String,
     pub relevant: String,
+    /// Every field of its record (`doc_id`, `qtype`, `focus`...): for the split, per-field
+    /// reports and per-query filters.
+    pub fields: serde_json::Map<String, Value>,
 }
 
 /// Reads JSONL queries: the text from `question` (or `query`), the relevant passage id from
@@ -34,6 +38,7 @@ pub fn read_queries(path: &Path) -> Result<Vec<Query>, IndexError> {
             text: field(&["question", "query"]).ok_or("no `question`")?,
             relevant: field(&["answer_passage_id", "relevant_id", "pmid"])
                 .ok_or("no `answer_passage_id`")?,
+            fields: v.as_object().cloned().unwrap_or_default(),
         })
     })
 }
@@ -93,7 +98,7 @@ fn finish(mut m: Metrics) -> Metrics {
     m
 }
 
-/// Searches every query in each mode and scores the rankings.
+/// Searches every query and scores the rankings of each mode.
 pub fn evaluate(
     corpus: &mut Corpus,
     embedder: &Embedder,
@@ -101,30 +106,13 @@ pub fn evaluate(
     base: &SearchOptions,
     modes: &[Mode],
 ) -> Result<Vec<(Mode, Metrics)>, IndexError> {
-    let mut totals: Vec<Metrics> = vec![Metrics::default(); modes.len()];
-    for group in queries.chunks(64) {
-        let texts: Vec<&str> = group.iter().map(|q| q.text.as_str()).collect();
-        let vectors = embedder
-            .embed(&texts)?
-            .to_vec2::<f32>()
-            .map_err(crate::error::ModelError::from)?;
-        for (q, v) in group.iter().zip(&vectors) {
-            for (mode, total) in modes.iter().zip(totals.iter_mut()) {
-                let opts = SearchOptions {
-                    mode: *mode,
-                    top_k: 10,
-                    ..*base
-                };
-                let hits = corpus.search(&q.text, v, &opts)?;
-                let rank = hits.iter().position(|h| h.id == q.relevant).map(|i| i + 1);
-                add(total, rank);
-            }
-        }
-    }
+    let legs = retrieval::collect_legs(corpus, embedder, queries, base.depth, None)?;
     Ok(modes
         .iter()
-        .copied()
-        .zip(totals.into_iter().map(finish))
+        .map(|&mode| {
+            let opts = SearchOptions { mode, ..*base };
+            (mode, retrieval::score(&legs, queries, &opts))
+        })
         .collect())
 }
 

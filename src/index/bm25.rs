@@ -1,26 +1,32 @@
-//! BM25 over chunks with tantivy, derived from the store. The analyzer keeps biomedical terms
+//! BM25 over chunks with tantivy, derived from the store. The tokenizer keeps biomedical terms
 //! whole (`PD-L1`, `HER2`, `BRCA1/2`, `t(12;16)`, `2,225`) and also emits their parts, so a query
-//! written either way matches; then lower case, English stop words, English stemming.
+//! written either way matches.
+//!
+//! Two fields: `text`, lower-cased tokens, which BM25 scores; `stems`, the same with English stop
+//! words dropped and words stemmed, which only answers "does the corpus mention this word in any
+//! form" (unknown-word abstention). Scoring is ours, over tantivy's postings and field norms,
+//! because tantivy fixes k1 = 1.2 and b = 0.75: on the MedQuAD dev half, unstemmed tokens with
+//! k1 = 0.9, b = 0.75 ranked best (stemming and stop words each cost nDCG@10; BENCHMARKS.md).
 
 use std::path::Path;
 
-use tantivy::collector::TopDocs;
-use tantivy::query::{BooleanQuery, ConstScoreQuery, Occur, Query, TermQuery, TermSetQuery};
+use tantivy::postings::Postings;
 use tantivy::schema::{
-    Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, Value, FAST, INDEXED, STORED,
-    STRING,
+    Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STORED, STRING,
 };
 use tantivy::tokenizer::{
     Language, LowerCaser, Stemmer, StopWordFilter, TextAnalyzer, Token, TokenStream, Tokenizer,
 };
-use tantivy::{doc, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+use tantivy::{doc, Index, IndexReader, IndexWriter, ReloadPolicy, Term};
+use tantivy::{DocSet, TERMINATED};
 
 use super::store::{Store, StoredChunk};
 use crate::error::IndexError;
 
 type Result<T> = std::result::Result<T, IndexError>;
 
-const ANALYZER: &str = "cited_bio";
+const TEXT_ANALYZER: &str = "cited_text";
+const STEM_ANALYZER: &str = "cited_stems";
 const WRITER_MEMORY: usize = 50_000_000;
 
 /// Splits text into terms: compounds joined by `-`, `/`, `.`, `,` (between digits), and
@@ -160,8 +166,15 @@ impl Tokenizer for BioTokenizer {
     }
 }
 
-/// The analyzer used for chunks and queries alike.
-pub fn analyzer() -> TextAnalyzer {
+/// The analyzer BM25 scores with, for chunks and queries alike: lower-cased tokens.
+pub fn text_analyzer() -> TextAnalyzer {
+    TextAnalyzer::builder(BioTokenizer)
+        .filter(LowerCaser)
+        .build()
+}
+
+/// The stemming analyzer: lower case, English stop words dropped, English stemming.
+pub fn stem_analyzer() -> TextAnalyzer {
     TextAnalyzer::builder(BioTokenizer)
         .filter(LowerCaser)
         .filter(StopWordFilter::new(Language::English).expect("English stop words"))
@@ -169,27 +182,51 @@ pub fn analyzer() -> TextAnalyzer {
         .build()
 }
 
-/// Terms of `text` as the index sees them.
+fn run(analyzer: &mut TextAnalyzer, text: &str) -> Vec<String> {
+    let mut stream = analyzer.token_stream(text);
+    let mut out = Vec::new();
+    while let Some(t) = stream.next() {
+        out.push(t.text.clone());
+    }
+    out
+}
+
+/// Stems of `text`, stop words dropped (word forms compared: the support check, unknown words).
 pub fn terms(text: &str) -> Vec<String> {
     thread_local! {
         // Built once per thread: the support check analyses many short texts.
-        static ANALYZER: std::cell::RefCell<TextAnalyzer> = std::cell::RefCell::new(analyzer());
+        static ANALYZER: std::cell::RefCell<TextAnalyzer> = std::cell::RefCell::new(stem_analyzer());
     }
-    ANALYZER.with(|a| {
-        let mut a = a.borrow_mut();
-        let mut stream = a.token_stream(text);
-        let mut out = Vec::new();
-        while let Some(t) = stream.next() {
-            out.push(t.text.clone());
-        }
-        out
-    })
+    ANALYZER.with(|a| run(&mut a.borrow_mut(), text))
+}
+
+/// Terms of `text` as BM25 scores them.
+pub fn text_terms(text: &str) -> Vec<String> {
+    thread_local! {
+        static ANALYZER: std::cell::RefCell<TextAnalyzer> = std::cell::RefCell::new(text_analyzer());
+    }
+    ANALYZER.with(|a| run(&mut a.borrow_mut(), text))
+}
+
+/// BM25's saturation and length normalisation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bm25Params {
+    pub k1: f32,
+    pub b: f32,
+}
+
+impl Default for Bm25Params {
+    /// Chosen on the MedQuAD dev half (BENCHMARKS.md).
+    fn default() -> Self {
+        Self { k1: 0.9, b: 0.75 }
+    }
 }
 
 struct Fields {
     chunk_id: Field,
     document_id: Field,
     text: Field,
+    stems: Field,
 }
 
 /// A BM25 index of the store's chunks.
@@ -199,6 +236,7 @@ pub struct Bm25Index {
     fields: Fields,
     /// The store version this index reflects.
     version: u64,
+    params: Bm25Params,
 }
 
 fn schema() -> (Schema, Fields) {
@@ -209,8 +247,17 @@ fn schema() -> (Schema, Fields) {
         "text",
         TextOptions::default().set_indexing_options(
             TextFieldIndexing::default()
-                .set_tokenizer(ANALYZER)
-                .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+                .set_tokenizer(TEXT_ANALYZER)
+                .set_index_option(IndexRecordOption::WithFreqs),
+        ),
+    );
+    let stems = b.add_text_field(
+        "stems",
+        TextOptions::default().set_indexing_options(
+            TextFieldIndexing::default()
+                .set_tokenizer(STEM_ANALYZER)
+                .set_index_option(IndexRecordOption::Basic)
+                .set_fieldnorms(false),
         ),
     );
     (
@@ -219,6 +266,7 @@ fn schema() -> (Schema, Fields) {
             chunk_id,
             document_id,
             text,
+            stems,
         },
     )
 }
@@ -239,7 +287,8 @@ impl Bm25Index {
             }
             None => Index::create_in_ram(schema),
         };
-        index.tokenizers().register(ANALYZER, analyzer());
+        index.tokenizers().register(TEXT_ANALYZER, text_analyzer());
+        index.tokenizers().register(STEM_ANALYZER, stem_analyzer());
         let writer = index.writer(WRITER_MEMORY)?;
         let reader = index
             .reader_builder()
@@ -255,6 +304,7 @@ impl Bm25Index {
             writer,
             fields,
             version,
+            params: Bm25Params::default(),
         })
     }
 
@@ -268,6 +318,7 @@ impl Bm25Index {
             self.fields.chunk_id => c.id,
             self.fields.document_id => c.document_id.as_str(),
             self.fields.text => c.indexed_text.as_str(),
+            self.fields.stems => c.indexed_text.as_str(),
         ))?;
         Ok(())
     }
@@ -305,67 +356,94 @@ impl Bm25Index {
         Ok(true)
     }
 
-    /// In how many chunks `term` (an analyzed term) occurs.
+    /// In how many chunks the stem `term` (from [`terms`]) occurs.
     pub fn doc_freq(&self, term: &str) -> Result<u64> {
         Ok(self
             .reader
             .searcher()
-            .doc_freq(&Term::from_field_text(self.fields.text, term))?)
+            .doc_freq(&Term::from_field_text(self.fields.stems, term))?)
     }
 
-    /// The `k` best chunks for `query`: (chunk id, BM25 score), best first; among `allowed`
-    /// chunks when given (the filter adds nothing to the scores).
+    pub fn set_params(&mut self, params: Bm25Params) {
+        self.params = params;
+    }
+
+    /// The `k` best chunks for `query`: (chunk id, BM25 score), best first, equal scores by
+    /// lower chunk id; among `allowed` chunks when given (the filter adds nothing to the
+    /// scores). Okapi BM25 with Lucene's idf, `ln(1 + (N - df + 0.5) / (df + 0.5))`, over the
+    /// tantivy postings, each query term counted once.
     pub fn search(
         &self,
         query: &str,
         k: usize,
         allowed: Option<&std::collections::HashSet<i64>>,
     ) -> Result<Vec<(i64, f32)>> {
-        let mut seen = std::collections::HashSet::new();
-        let clauses: Vec<(Occur, Box<dyn Query>)> = terms(query)
-            .into_iter()
-            .filter(|t| seen.insert(t.clone()))
-            .map(|t| {
-                let q: Box<dyn Query> = Box::new(TermQuery::new(
-                    Term::from_field_text(self.fields.text, &t),
-                    IndexRecordOption::WithFreqs,
-                ));
-                (Occur::Should, q)
-            })
-            .collect();
-        if clauses.is_empty() || k == 0 {
+        let mut terms = text_terms(query);
+        terms.sort();
+        terms.dedup();
+        let searcher = self.reader.searcher();
+        let n = searcher.num_docs() as f32;
+        if terms.is_empty() || k == 0 || n == 0.0 {
             return Ok(Vec::new());
         }
-        let searcher = self.reader.searcher();
-        let text_query = BooleanQuery::new(clauses);
-        let top = match allowed {
-            None => searcher.search(&text_query, &TopDocs::with_limit(k))?,
-            Some(allowed) => {
-                let ids = TermSetQuery::new(
-                    allowed
-                        .iter()
-                        .map(|&c| Term::from_field_i64(self.fields.chunk_id, c)),
-                );
-                let both = BooleanQuery::new(vec![
-                    (Occur::Must, Box::new(text_query) as Box<dyn Query>),
-                    (
-                        Occur::Must,
-                        Box::new(ConstScoreQuery::new(Box::new(ids), 0.0)),
-                    ),
-                ]);
-                searcher.search(&both, &TopDocs::with_limit(k))?
-            }
-        };
-        top.into_iter()
-            .map(|(score, addr)| {
-                let d: TantivyDocument = searcher.doc(addr)?;
-                let id = d
-                    .get_first(self.fields.chunk_id)
-                    .and_then(|v| v.as_i64())
-                    .ok_or_else(|| IndexError::Invalid("BM25 hit without a chunk id".into()))?;
-                Ok((id, score))
+        let mut tokens = 0u64;
+        let mut slots = 0u64;
+        for seg in searcher.segment_readers() {
+            tokens += seg.inverted_index(self.fields.text)?.total_num_tokens();
+            slots += seg.max_doc() as u64;
+        }
+        let avg_len = (tokens as f32 / slots.max(1) as f32).max(1.0);
+        let weighted: Vec<(Term, f32)> = terms
+            .iter()
+            .map(|t| {
+                let term = Term::from_field_text(self.fields.text, t);
+                let df = searcher.doc_freq(&term)? as f32;
+                Ok((term, (1.0 + (n - df + 0.5) / (df + 0.5)).ln()))
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        let Bm25Params { k1, b } = self.params;
+        let mut hits: Vec<(i64, f32)> = Vec::new();
+        for seg in searcher.segment_readers() {
+            let inverted = seg.inverted_index(self.fields.text)?;
+            let norms = seg.get_fieldnorms_reader(self.fields.text)?;
+            let mut scores = vec![0f32; seg.max_doc() as usize];
+            for (term, idf) in &weighted {
+                let Some(mut postings) = inverted
+                    .read_postings(term, IndexRecordOption::WithFreqs)
+                    .map_err(tantivy::TantivyError::from)?
+                else {
+                    continue;
+                };
+                let mut doc = postings.doc();
+                while doc != TERMINATED {
+                    let tf = postings.term_freq() as f32;
+                    let len = norms.fieldnorm(doc) as f32;
+                    scores[doc as usize] +=
+                        idf * tf * (k1 + 1.0) / (tf + k1 * (1.0 - b + b * len / avg_len));
+                    doc = postings.advance();
+                }
+            }
+            let ids = seg.fast_fields().i64("chunk_id")?;
+            let alive = seg.alive_bitset();
+            for (doc, &score) in scores.iter().enumerate() {
+                if score <= 0.0 || alive.is_some_and(|a| !a.is_alive(doc as u32)) {
+                    continue;
+                }
+                let Some(id) = ids.first(doc as u32) else {
+                    continue;
+                };
+                if allowed.is_none_or(|a| a.contains(&id)) {
+                    hits.push((id, score));
+                }
+            }
+        }
+        let by_rank = |a: &(i64, f32), b: &(i64, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if hits.len() > k {
+            hits.select_nth_unstable_by(k - 1, by_rank);
+            hits.truncate(k);
+        }
+        hits.sort_by(by_rank);
+        Ok(hits)
     }
 }
 
@@ -395,11 +473,69 @@ mod tests {
     }
 
     #[test]
-    fn analyzer_lowercases_stems_and_drops_stop_words() {
+    fn analyzers_lowercase_and_the_stem_one_stems_and_drops_stop_words() {
         assert_eq!(
             terms("The treatments for PD-L1 are"),
             ["treatment", "pd-l1", "pd", "l1"]
         );
+        assert_eq!(
+            text_terms("The treatments for PD-L1"),
+            ["the", "treatments", "for", "pd-l1", "pd", "l1"]
+        );
+    }
+
+    fn chunk(id: i64, doc: &str, text: &str) -> StoredChunk {
+        StoredChunk {
+            id,
+            document_id: doc.into(),
+            ord: 0,
+            section: String::new(),
+            text: text.into(),
+            indexed_text: text.into(),
+            start: 0,
+            end: text.len(),
+            embedding: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn scores_are_okapi_bm25_with_the_configured_parameters() {
+        let mut index = Bm25Index::open(None).unwrap();
+        let texts = [
+            "doxorubicin for sarcoma",
+            "sarcoma follow-up imaging of the chest",
+            "breast screening",
+        ];
+        for (i, t) in texts.iter().enumerate() {
+            index
+                .add(&chunk(i as i64 + 1, &format!("d{i}"), t))
+                .unwrap();
+        }
+        index.commit(1).unwrap();
+        index.set_params(Bm25Params { k1: 0.9, b: 0.4 });
+        let hits = index.search("Sarcoma doxorubicin", 10, None).unwrap();
+        assert_eq!(hits.iter().map(|h| h.0).collect::<Vec<_>>(), [1, 2]);
+        // By hand: N = 3, lengths 3, 8 (`follow-up` adds its parts), 2: average 13/3;
+        // doxorubicin df 1, sarcoma df 2.
+        let idf = |df: f32| (1.0f32 + (3.0 - df + 0.5) / (df + 0.5)).ln();
+        let part = |len: f32| 1.9 / (1.0 + 0.9 * (0.6 + 0.4 * len / (13.0 / 3.0)));
+        let expected = (idf(1.0) + idf(2.0)) * part(3.0);
+        assert!(
+            (hits[0].1 - expected).abs() < 1e-5,
+            "{} {expected}",
+            hits[0].1
+        );
+        assert!((hits[1].1 - idf(2.0) * part(8.0)).abs() < 1e-5);
+        // The filter keeps only allowed chunks; no term, no hit.
+        let allowed = std::collections::HashSet::from([2i64]);
+        let hits = index
+            .search("sarcoma doxorubicin", 10, Some(&allowed))
+            .unwrap();
+        assert_eq!(hits.iter().map(|h| h.0).collect::<Vec<_>>(), [2]);
+        assert!(index.search("melanoma", 10, None).unwrap().is_empty());
+        // Stems answer "mentioned in any form"; the scored field keeps word forms.
+        assert_eq!(index.doc_freq("imag").unwrap(), 1);
+        assert_eq!(index.search("images", 10, None).unwrap().len(), 0);
     }
 
     #[test]

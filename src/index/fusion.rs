@@ -1,4 +1,5 @@
-//! Reciprocal-rank fusion of ranked lists of passages.
+//! Fusion of ranked lists of passages: by reciprocal rank, or by a convex combination of their
+//! normalised scores.
 
 use std::collections::HashMap;
 
@@ -24,9 +25,55 @@ pub fn rrf(lists: &[(&[String], f32)], k: f32) -> Vec<(String, f32)> {
         .collect()
 }
 
+/// Fuses scored lists (best first) with weights: each list's scores min-max normalised to
+/// [0, 1] (all equal: 1), a passage absent from a list counting 0 there; a passage's score is the
+/// weighted sum. Best first; ties keep the order in which passages were first seen.
+pub fn convex(lists: &[(&[(String, f32)], f32)]) -> Vec<(String, f32)> {
+    let mut scores: HashMap<&str, (f32, usize)> = HashMap::new();
+    let mut order = 0;
+    for (list, weight) in lists {
+        let (lo, hi) = list
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), (_, s)| {
+                (lo.min(*s), hi.max(*s))
+            });
+        for (id, s) in list.iter() {
+            let norm = if hi > lo { (s - lo) / (hi - lo) } else { 1.0 };
+            let e = scores.entry(id.as_str()).or_insert_with(|| {
+                order += 1;
+                (0.0, order)
+            });
+            e.0 += weight * norm;
+        }
+    }
+    let mut out: Vec<(&str, (f32, usize))> = scores.into_iter().collect();
+    out.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0).then(a.1 .1.cmp(&b.1 .1)));
+    out.into_iter()
+        .map(|(id, (s, _))| (id.to_string(), s))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn convex_normalises_each_list_and_weighs_them() {
+        let dense = vec![
+            ("a".to_string(), 0.9),
+            ("b".to_string(), 0.5),
+            ("c".to_string(), 0.7),
+        ];
+        let bm25 = vec![("b".to_string(), 30.0), ("d".to_string(), 10.0)];
+        let fused = convex(&[(&dense, 0.6), (&bm25, 0.4)]);
+        let score = |id: &str| fused.iter().find(|(p, _)| p == id).unwrap().1;
+        assert!((score("a") - 0.6).abs() < 1e-6);
+        assert!((score("b") - 0.4).abs() < 1e-6);
+        assert!((score("c") - 0.3).abs() < 1e-6);
+        assert!(score("d").abs() < 1e-6);
+        assert_eq!(fused[0].0, "a");
+        assert_eq!(fused.len(), 4);
+    }
 
     fn ids(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()

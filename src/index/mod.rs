@@ -28,6 +28,9 @@ use crate::error::IndexError;
 
 type Result<T> = std::result::Result<T, IndexError>;
 
+/// The owner's BM25 index folder in the data directory (named by its format).
+pub const BM25_DIR: &str = "bm25-v2";
+
 /// Which retrievers a search uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -51,19 +54,35 @@ impl std::str::FromStr for Mode {
     }
 }
 
-/// Search settings. The default fusion (k 60, dense weight 2, BM25 weight 1) was chosen on
-/// MedQuAD and checked on PubMedQA (BENCHMARKS.md): dense is the stronger retriever on questions
-/// about a topic's sections, BM25 adds exact terms.
+/// Search settings. The default fusion (convex, dense share 0.75) was chosen by `cited eval
+/// retrieval --tune` on the MedQuAD dev half and reported on the held-out half and on PubMedQA
+/// (BENCHMARKS.md): dense is the stronger retriever on questions about a topic's sections, BM25
+/// adds exact terms.
 #[derive(Clone, Copy, Debug)]
 pub struct SearchOptions {
     pub top_k: usize,
     pub mode: Mode,
     /// Chunks each retriever contributes before passages are collapsed and fused.
     pub depth: usize,
+    /// How hybrid mode fuses the two rankings.
+    pub fusion: Fusion,
     /// The k of reciprocal-rank fusion.
     pub rrf_k: f32,
     pub dense_weight: f32,
     pub bm25_weight: f32,
+    /// Convex fusion: the dense score's share (BM25's is the rest).
+    pub dense_share: f32,
+}
+
+/// Fusion of the dense and BM25 rankings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Fusion {
+    /// Reciprocal rank: `weight / (k + rank)` summed over the retrievers.
+    #[default]
+    Rrf,
+    /// A convex combination of the scores, each min-max normalised over its retriever's list
+    /// (a passage one retriever did not return counts as that list's minimum).
+    Convex,
 }
 
 impl Default for SearchOptions {
@@ -72,9 +91,11 @@ impl Default for SearchOptions {
             top_k: 10,
             mode: Mode::Hybrid,
             depth: 100,
+            fusion: Fusion::Convex,
             rrf_k: 60.0,
             dense_weight: 2.0,
             bm25_weight: 1.0,
+            dense_share: 0.75,
         }
     }
 }
@@ -107,6 +128,50 @@ pub struct SearchHit {
     /// The page it ends on, when it runs onto a later page.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub page_end: Option<u32>,
+}
+
+/// Each retriever's ranking of passages for one query: (passage, its best chunk, the
+/// retriever's score), best first.
+#[derive(Clone, Debug, Default)]
+pub struct Legs {
+    pub dense: Vec<(String, i64, f32)>,
+    pub bm25: Vec<(String, i64, f32)>,
+    /// BM25's chunks before collapsing, for the raw score of a hit's chunk.
+    pub bm25_chunks: Vec<(i64, f32)>,
+}
+
+impl Legs {
+    /// Passages by the mode's score, best first: one retriever's own, or fused by reciprocal
+    /// rank with `opts`' k and weights.
+    pub fn fuse(&self, opts: &SearchOptions) -> Vec<(String, f32)> {
+        let own =
+            |leg: &[(String, i64, f32)]| leg.iter().map(|(p, _, s)| (p.clone(), *s)).collect();
+        match opts.mode {
+            Mode::Dense => own(&self.dense),
+            Mode::Bm25 => own(&self.bm25),
+            Mode::Hybrid if opts.fusion == Fusion::Convex => {
+                let scored = |leg: &[(String, i64, f32)]| -> Vec<(String, f32)> {
+                    leg.iter().map(|(p, _, s)| (p.clone(), *s)).collect()
+                };
+                fusion::convex(&[
+                    (&scored(&self.dense), opts.dense_share),
+                    (&scored(&self.bm25), 1.0 - opts.dense_share),
+                ])
+            }
+            Mode::Hybrid => {
+                let ids = |leg: &[(String, i64, f32)]| -> Vec<String> {
+                    leg.iter().map(|(p, _, _)| p.clone()).collect()
+                };
+                fusion::rrf(
+                    &[
+                        (&ids(&self.dense), opts.dense_weight),
+                        (&ids(&self.bm25), opts.bm25_weight),
+                    ],
+                    opts.rrf_k,
+                )
+            }
+        }
+    }
 }
 
 /// The store with its derived indexes.
@@ -142,7 +207,9 @@ impl Corpus {
             })?;
         let owner = lock.try_lock().is_ok();
         let bm25 = if owner {
-            Bm25Index::open(Some(&data_dir.join("bm25")))?
+            // The first format (stemmed terms, tantivy's scoring) is rebuilt under a new name.
+            let _ = std::fs::remove_dir_all(data_dir.join("bm25"));
+            Bm25Index::open(Some(&data_dir.join(BM25_DIR)))?
         } else {
             Bm25Index::open(None)?
         };
@@ -232,31 +299,32 @@ impl Corpus {
         self.search_filtered(query, embedding, opts, &Filter::default())
     }
 
-    /// [`Corpus::search`] among the documents that pass `filter`.
-    pub fn search_filtered(
+    /// Each retriever's passages for a query (the dense leg unless `mode` is BM25, the BM25 leg
+    /// unless it is dense), `depth` chunks deep, among the documents that pass `filter`.
+    pub fn legs(
         &mut self,
         query: &str,
         embedding: &[f32],
-        opts: &SearchOptions,
+        depth: usize,
+        mode: Mode,
         filter: &Filter,
-    ) -> Result<Vec<SearchHit>> {
+    ) -> Result<Legs> {
         self.refresh()?;
         let allowed = if filter.conditions.is_empty() {
             None
         } else {
             let chunks = self.store.chunks_matching(filter)?;
             if chunks.is_empty() {
-                return Ok(Vec::new());
+                return Ok(Legs::default());
             }
             Some(chunks)
         };
-        let depth = opts.depth.max(opts.top_k);
-        let dense = if opts.mode == Mode::Bm25 {
+        let dense = if mode == Mode::Bm25 {
             Vec::new()
         } else {
             self.dense.search(embedding, depth, allowed.as_ref())?
         };
-        let bm25 = if opts.mode == Mode::Dense {
+        let bm25 = if mode == Mode::Dense {
             Vec::new()
         } else {
             self.bm25.search(query, depth, allowed.as_ref())?
@@ -272,52 +340,57 @@ impl Corpus {
         }
         // Superseded versions drop out here too when no filter query ran.
         let current = |p: &String| filter.include_superseded || !self.superseded.contains(p);
-        let collapse = |hits: &[(i64, f32)]| -> (Vec<String>, HashMap<String, (i64, f32)>) {
-            let mut order = Vec::new();
-            let mut best = HashMap::new();
+        let collapse = |hits: &[(i64, f32)]| -> Vec<(String, i64, f32)> {
+            let mut seen = std::collections::HashSet::new();
+            let mut out = Vec::new();
             for &(c, s) in hits {
                 if let Some(p) = passage_of.get(&c).filter(|p| current(p)) {
-                    if !best.contains_key(p) {
-                        best.insert(p.clone(), (c, s));
-                        order.push(p.clone());
+                    if seen.insert(p.clone()) {
+                        out.push((p.clone(), c, s));
                     }
                 }
             }
-            (order, best)
+            out
         };
-        let (dense_order, dense_best) = collapse(&dense);
-        let (bm25_order, bm25_best) = collapse(&bm25);
-        let ranked: Vec<(String, f32)> = match opts.mode {
-            Mode::Dense => dense_order
+        Ok(Legs {
+            dense: collapse(&dense),
+            bm25: collapse(&bm25),
+            bm25_chunks: bm25,
+        })
+    }
+
+    /// [`Corpus::search`] among the documents that pass `filter`.
+    pub fn search_filtered(
+        &mut self,
+        query: &str,
+        embedding: &[f32],
+        opts: &SearchOptions,
+        filter: &Filter,
+    ) -> Result<Vec<SearchHit>> {
+        let depth = opts.depth.max(opts.top_k);
+        let legs = self.legs(query, embedding, depth, opts.mode, filter)?;
+        let ranked = legs.fuse(opts);
+        let best_chunk = |passage: &str| {
+            legs.dense
                 .iter()
-                .map(|p| (p.clone(), dense_best[p].1))
-                .collect(),
-            Mode::Bm25 => bm25_order
-                .iter()
-                .map(|p| (p.clone(), bm25_best[p].1))
-                .collect(),
-            Mode::Hybrid => fusion::rrf(
-                &[
-                    (&dense_order, opts.dense_weight),
-                    (&bm25_order, opts.bm25_weight),
-                ],
-                opts.rrf_k,
-            ),
+                .chain(&legs.bm25)
+                .find(|(p, _, _)| p == passage)
+                .map(|&(_, c, _)| c)
         };
         let mut hits = Vec::with_capacity(opts.top_k);
         for (passage, score) in ranked.into_iter().take(opts.top_k) {
             // The chunk shown: the dense retriever's best, else BM25's.
-            let chunk_id = dense_best
-                .get(&passage)
-                .or_else(|| bm25_best.get(&passage))
-                .map(|&(c, _)| c)
-                .expect("a ranked passage came from a retriever");
+            let chunk_id = best_chunk(&passage).expect("a ranked passage came from a retriever");
             let (Some(chunk), Some(doc)) =
                 (self.store.chunk(chunk_id)?, self.store.document(&passage)?)
             else {
                 continue;
             };
-            let bm25_score = bm25.iter().find(|(c, _)| *c == chunk_id).map(|&(_, s)| s);
+            let bm25_score = legs
+                .bm25_chunks
+                .iter()
+                .find(|(c, _)| *c == chunk_id)
+                .map(|&(_, s)| s);
             let page = crate::ingest::pdf::page_of(&doc.metadata, chunk.start);
             let page_end = crate::ingest::pdf::page_of(&doc.metadata, chunk.end.saturating_sub(1))
                 .filter(|&last| Some(last) != page);
