@@ -136,6 +136,13 @@ pub struct RagArgs {
     /// options and their evidence, questions to ask your care team, bottom line.
     #[arg(long, env = "CITED_ANSWER_TEMPLATE")]
     pub answer_template: Option<PathBuf>,
+    /// A cross-encoder reranker (BERT-family classification head: config.json,
+    /// model.safetensors, tokenizer.json): retrieved passages are reordered by it.
+    #[arg(long, env = "CITED_RERANKER")]
+    pub reranker: Option<PathBuf>,
+    /// How many retrieved passages the reranker reorders.
+    #[arg(long, env = "CITED_RERANK_DEPTH", default_value_t = 20)]
+    pub rerank_depth: usize,
 }
 
 impl RagArgs {
@@ -191,6 +198,8 @@ impl RagArgs {
             rare_word_tokens: self.rare_word_tokens,
             off_topic_cosine: crate::rag::RagConfig::default().off_topic_cosine,
             near_duplicate: crate::rag::RagConfig::default().near_duplicate,
+            reranker: self.reranker.clone(),
+            rerank_depth: self.rerank_depth.max(1),
             template: match &self.answer_template {
                 Some(path) => crate::rag::template::AnswerTemplate::load(path)
                     .map_err(|e| ConfigError::BadValue("answer-template", e))?,

@@ -6,6 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use cited::models::bert::{l2_normalize, mean_pool, Bert, BertConfig, Embedder};
+use cited::models::reranker::CrossEncoder;
 use cited::models::Batch;
 use common::{max_abs_diff, Rng};
 
@@ -93,75 +94,10 @@ fn embedder_refuses_sequences_it_cannot_run() {
     assert!(embedder.embed_tokens(&[vec![101; 257]]).is_err());
 }
 
-/// A tiny BERT: config.json + model.safetensors with seeded weights, under HF names.
-fn tiny_bert(dir: &std::path::Path) -> serde_json::Value {
-    let (vocab, h, ff, layers, pos) = (50, 32, 64, 2, 40);
-    let cfg = serde_json::json!({
-        "vocab_size": vocab, "hidden_size": h, "num_hidden_layers": layers,
-        "num_attention_heads": 4, "intermediate_size": ff, "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0, "max_position_embeddings": pos, "type_vocab_size": 2,
-        "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
-        "position_embedding_type": "absolute"
-    });
-    let mut rng = Rng::new(42);
-    let mut w = std::collections::HashMap::new();
-    let mut put = |name: &str, shape: &[usize], scale: f32, offset: f32| {
-        w.insert(
-            name.to_string(),
-            (rng.tensor(shape, scale) + offset as f64).unwrap(),
-        );
-    };
-    put("embeddings.word_embeddings.weight", &[vocab, h], 1.0, 0.0);
-    put("embeddings.position_embeddings.weight", &[pos, h], 0.5, 0.0);
-    put("embeddings.token_type_embeddings.weight", &[2, h], 0.5, 0.0);
-    put("embeddings.LayerNorm.weight", &[h], 0.1, 1.0);
-    put("embeddings.LayerNorm.bias", &[h], 0.1, 0.0);
-    for i in 0..layers {
-        let p = format!("encoder.layer.{i}");
-        for m in ["query", "key", "value"] {
-            put(&format!("{p}.attention.self.{m}.weight"), &[h, h], 0.3, 0.0);
-            put(&format!("{p}.attention.self.{m}.bias"), &[h], 0.1, 0.0);
-        }
-        put(
-            &format!("{p}.attention.output.dense.weight"),
-            &[h, h],
-            0.3,
-            0.0,
-        );
-        put(&format!("{p}.attention.output.dense.bias"), &[h], 0.1, 0.0);
-        put(
-            &format!("{p}.attention.output.LayerNorm.weight"),
-            &[h],
-            0.1,
-            1.0,
-        );
-        put(
-            &format!("{p}.attention.output.LayerNorm.bias"),
-            &[h],
-            0.1,
-            0.0,
-        );
-        put(
-            &format!("{p}.intermediate.dense.weight"),
-            &[ff, h],
-            0.3,
-            0.0,
-        );
-        put(&format!("{p}.intermediate.dense.bias"), &[ff], 0.1, 0.0);
-        put(&format!("{p}.output.dense.weight"), &[h, ff], 0.2, 0.0);
-        put(&format!("{p}.output.dense.bias"), &[h], 0.1, 0.0);
-        put(&format!("{p}.output.LayerNorm.weight"), &[h], 0.1, 1.0);
-        put(&format!("{p}.output.LayerNorm.bias"), &[h], 0.1, 0.0);
-    }
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
-    cfg
-}
-
 #[test]
 fn packed_bert_matches_candle_transformers_padded_bert() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg_json = tiny_bert(dir.path());
+    let cfg_json = common::write_tiny_bert(dir.path(), 50, 40, false);
     let dev = Device::Cpu;
     let file = dir.path().join("model.safetensors");
     // SAFETY: test-owned file, not modified while mapped.
@@ -201,4 +137,77 @@ fn packed_bert_matches_candle_transformers_padded_bert() {
     let want = l2_normalize(&want).unwrap();
     let d = max_abs_diff(&got, &want);
     assert!(d < 1e-5, "{d}");
+}
+
+#[test]
+fn cross_encoder_matches_candle_transformers_bert_with_its_head() {
+    use candle_core::IndexOp;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_json = common::write_tiny_bert(dir.path(), 30522, 512, true);
+    let ce = CrossEncoder::load(dir.path(), &Device::Cpu).unwrap();
+    let q = "How is metastatic sarcoma treated?";
+    let long = "doxorubicin ".repeat(700);
+    let passages = [
+        "Doxorubicin is the usual first-line systemic therapy.",
+        "Colonoscopy every ten years from age 45.",
+        long.as_str(),
+    ];
+    let got = ce.score(q, &passages).unwrap();
+    assert_eq!(got.len(), 3);
+    // [CLS] question [SEP] passage [SEP], segments 0 then 1; a long passage is cut to fit.
+    let (ids, types) = ce.encode(q, passages[0]).unwrap();
+    assert_eq!((ids[0], *ids.last().unwrap()), (101, 102));
+    assert_eq!((types[0], *types.last().unwrap()), (0, 1));
+    let sep = ids.iter().position(|&t| t == 102).unwrap();
+    assert!(types[..=sep].iter().all(|&t| t == 0) && types[sep + 1..].iter().all(|&t| t == 1));
+    assert_eq!(ce.encode(q, &long).unwrap().0.len(), 512);
+
+    // The oracle: candle-transformers' BERT per pair, then the pooler and classifier by hand.
+    let file = dir.path().join("model.safetensors");
+    // SAFETY: test-owned file, not modified while mapped.
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&[&file], DType::F32, &Device::Cpu).unwrap() };
+    let oracle_cfg: candle_transformers::models::bert::Config =
+        serde_json::from_value(cfg_json).unwrap();
+    let oracle =
+        candle_transformers::models::bert::BertModel::load(vb.clone(), &oracle_cfg).unwrap();
+    let pw = vb.get((32, 32), "bert.pooler.dense.weight").unwrap();
+    let pb = vb.get(32, "bert.pooler.dense.bias").unwrap();
+    let cw = vb.get((1, 32), "classifier.weight").unwrap();
+    let cb = vb.get(1, "classifier.bias").unwrap();
+    for (p, g) in passages.iter().zip(&got) {
+        let (ids, types) = ce.encode(q, p).unwrap();
+        let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let tt = Tensor::new(types.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let h = oracle.forward(&t, &tt, None).unwrap();
+        let cls = h.i((0, 0)).unwrap().unsqueeze(1).unwrap();
+        let pooled = pw
+            .matmul(&cls)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .add(&pb)
+            .unwrap()
+            .tanh()
+            .unwrap();
+        let logit = cw
+            .matmul(&pooled.unsqueeze(1).unwrap())
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .add(&cb)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        assert!((logit - g).abs() < 1e-4, "{logit} {g}");
+    }
+    // The packed batch scores each pair as it scores alone.
+    let alone = ce.score(q, &passages[1..2]).unwrap();
+    assert!((alone[0] - got[1]).abs() < 1e-5);
 }

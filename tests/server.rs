@@ -1197,3 +1197,44 @@ async fn document_writes_are_off_without_an_admin_token() {
     let (st, _) = admin(&s, reqwest::Method::GET, "/v1/documents", None, None).await;
     assert_eq!(st, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reranker_orders_the_passages_an_answer_cites() {
+    let model = tempfile::tempdir().unwrap();
+    common::write_tiny_bert(model.path(), 30522, 512, true);
+    let mut cfg = config(corpus_store());
+    cfg.rag.reranker = Some(model.path().to_path_buf());
+    cfg.rag.rerank_depth = 12;
+    let s = Server::start_with(cfg).await;
+    let question = "What are the treatment options for metastatic sarcoma?";
+    let (st, b) = s
+        .post(
+            "/v1/answer",
+            json!({"question": question, "max_tokens": 8, "stream": false, "top_k": 4}),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    let texts: Vec<String> = b["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["text"].as_str().unwrap().to_string())
+        .collect();
+    assert!(texts.len() >= 2, "{b}");
+    // The passages given are in the reranker's order (its scores, computed here apart).
+    let reranker = cited::models::reranker::CrossEncoder::load(model.path(), &Device::Cpu).unwrap();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let scores = reranker.score(question, &refs).unwrap();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "{scores:?} for {refs:?}"
+    );
+    // A folder without a model is a load error, not a silent fallback.
+    let mut cfg = config(corpus_store());
+    cfg.rag.reranker = Some(tempfile::tempdir().unwrap().path().to_path_buf());
+    assert!(
+        tokio::task::spawn_blocking(move || Services::load(&cfg).is_err())
+            .await
+            .unwrap()
+    );
+}

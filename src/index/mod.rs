@@ -30,6 +30,8 @@ type Result<T> = std::result::Result<T, IndexError>;
 
 /// The owner's BM25 index folder in the data directory (named by its format).
 pub const BM25_DIR: &str = "bm25-v2";
+/// The owner's dense matrix folder.
+pub const DENSE_DIR: &str = "dense-v1";
 
 /// Which retrievers a search uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -216,7 +218,11 @@ impl Corpus {
         let mut corpus = Self {
             store,
             bm25,
-            dense: DenseIndex::new(),
+            dense: if owner {
+                DenseIndex::open(&data_dir.join(DENSE_DIR))?
+            } else {
+                DenseIndex::new()
+            },
             superseded: Default::default(),
             superseded_at: None,
             _lock: owner.then_some(lock),

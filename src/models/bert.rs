@@ -71,6 +71,8 @@ pub struct Bert {
     position: Embedding,
     /// Row 0 of the token-type table: every token is segment A in sentence embedding.
     token_type: Tensor,
+    /// The whole token-type table, for pairs (a cross-encoder's segments A and B).
+    token_types: Tensor,
     emb_norm: LayerNorm,
     layers: Vec<BertLayer>,
     cfg: BertConfig,
@@ -119,10 +121,10 @@ impl Bert {
             h,
             emb.pp("position_embeddings"),
         )?;
-        let token_type = emb
+        let token_types = emb
             .pp("token_type_embeddings")
-            .get((cfg.type_vocab_size, h), "weight")?
-            .narrow(0, 0, 1)?;
+            .get((cfg.type_vocab_size, h), "weight")?;
+        let token_type = token_types.narrow(0, 0, 1)?;
         let emb_norm = candle_nn::layer_norm(h, cfg.layer_norm_eps, emb.pp("LayerNorm"))?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -154,6 +156,7 @@ impl Bert {
             word,
             position,
             token_type,
+            token_types,
             emb_norm,
             layers,
             cfg: cfg.clone(),
@@ -171,6 +174,11 @@ impl Bert {
     /// Hidden states of every packed token, `(num_tokens, hidden)`. Each sequence attends only to
     /// itself; there is no padding to mask.
     pub fn forward(&self, batch: &Batch) -> Result<Tensor> {
+        self.forward_typed(batch, None)
+    }
+
+    /// [`Bert::forward`] with a segment id per token (`None`: all segment 0).
+    pub fn forward_typed(&self, batch: &Batch, types: Option<&[u32]>) -> Result<Tensor> {
         let dev = self.device();
         if let Some(&p) = batch.positions().iter().max() {
             if p as usize >= self.cfg.max_position_embeddings {
@@ -190,8 +198,20 @@ impl Bert {
         let x = self
             .word
             .forward(&ids)?
-            .add(&self.position.forward(&pos)?)?
-            .broadcast_add(&self.token_type)?;
+            .add(&self.position.forward(&pos)?)?;
+        let x = match types {
+            None => x.broadcast_add(&self.token_type)?,
+            Some(t) => {
+                if t.len() != n || t.iter().any(|&s| s as usize >= self.cfg.type_vocab_size) {
+                    return Err(ModelError::Invalid(format!(
+                        "{} segment ids for {n} tokens, each below {}",
+                        t.len(),
+                        self.cfg.type_vocab_size
+                    )));
+                }
+                x.add(&self.token_types.index_select(&Tensor::new(t, dev)?, 0)?)?
+            }
+        };
         let mut x = self.emb_norm.forward(&x)?;
         for layer in &self.layers {
             let qkv = layer.qkv.forward(&x)?; // (n, 3 * hidden)

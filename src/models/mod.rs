@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod kv_blocks;
 pub mod kv_cache;
 pub mod llama;
+pub mod reranker;
 pub mod tokenizer;
 
 pub use batch::{Batch, LogitsAt};

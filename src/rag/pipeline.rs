@@ -27,6 +27,7 @@ use crate::index::filter::Filter;
 use crate::index::store::Store;
 use crate::index::{Corpus, Mode, SearchHit, SearchOptions};
 use crate::models::chat_template::ChatMessage;
+use crate::models::reranker::CrossEncoder;
 use crate::ops::sampling::{NoRepeatNgram, SamplingParams};
 
 /// Appended to every answer by code.
@@ -76,6 +77,9 @@ pub struct RagConfig {
     /// A retrieved passage sharing at least this share of its word 4-grams (of the smaller of the
     /// two) with a better-ranked one is left out of the context (above 1: never).
     pub near_duplicate: f32,
+    /// A cross-encoder folder: when given, the first `rerank_depth` hits are reordered by it.
+    pub reranker: Option<std::path::PathBuf>,
+    pub rerank_depth: usize,
 }
 
 impl Default for RagConfig {
@@ -94,6 +98,8 @@ impl Default for RagConfig {
             off_topic_cosine: 0.5,
             template: AnswerTemplate::default(),
             near_duplicate: 0.8,
+            reranker: None,
+            rerank_depth: 20,
         }
     }
 }
@@ -270,6 +276,8 @@ pub struct Pipeline {
     cfg: RagConfig,
     /// The generator's bracket, digit and sentence-end tokens, found once.
     citation_vocab: Arc<CitationVocab>,
+    /// Reorders retrieved passages when loaded ([`RagConfig::reranker`]).
+    reranker: Option<Arc<CrossEncoder>>,
 }
 
 impl Pipeline {
@@ -283,7 +291,43 @@ impl Pipeline {
             corpus,
             cfg,
             citation_vocab,
+            reranker: None,
         }
+    }
+
+    /// Reranks retrieved passages with `reranker` from now on.
+    pub fn with_reranker(mut self, reranker: Arc<CrossEncoder>) -> Self {
+        self.reranker = Some(reranker);
+        self
+    }
+
+    /// `hits` reordered by the reranker (the first `rerank_depth` of them; the rest keep their
+    /// place after), or unchanged without one.
+    async fn rerank(
+        &self,
+        query: &str,
+        mut hits: Vec<SearchHit>,
+    ) -> Result<Vec<SearchHit>, AnswerError> {
+        let Some(reranker) = self.reranker.clone() else {
+            return Ok(hits);
+        };
+        let depth = self.cfg.rerank_depth.min(hits.len());
+        let rest = hits.split_off(depth);
+        let query = query.to_string();
+        let mut head = tokio::task::spawn_blocking(move || {
+            let texts: Vec<&str> = hits.iter().map(|h| h.text.as_str()).collect();
+            let scores = reranker.score(&query, &texts)?;
+            let mut scored: Vec<(f32, SearchHit)> = scores.into_iter().zip(hits).collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+            Ok::<_, crate::error::ModelError>(
+                scored.into_iter().map(|(_, h)| h).collect::<Vec<_>>(),
+            )
+        })
+        .await
+        .map_err(|_| AnswerError::Join)?
+        .map_err(|e| AnswerError::Engine(EngineError::Model(e)))?;
+        head.extend(rest);
+        Ok(head)
     }
 
     pub fn engine(&self) -> &EngineHandle {
@@ -406,8 +450,13 @@ impl Pipeline {
         };
         let top_k = req.top_k.unwrap_or(self.cfg.top_k);
         // Twice as many, so passages dropped as near-duplicates leave room for others.
+        let reranking = self.reranker.is_some();
         let opts = SearchOptions {
-            top_k: top_k * 2,
+            top_k: if reranking {
+                (top_k * 2).max(self.cfg.rerank_depth)
+            } else {
+                top_k * 2
+            },
             mode: Mode::Hybrid,
             ..SearchOptions::default()
         };
@@ -417,6 +466,7 @@ impl Pipeline {
             self.search(&retrieval_query, opts, req.filter.clone())
                 .await?
         };
+        let hits = self.rerank(&retrieval_query, hits).await?;
         let (hits, collapsed) = crate::index::dedup::collapse(hits, self.cfg.near_duplicate, top_k);
         summary.near_duplicates_collapsed = collapsed;
         summary.corpus_version = corpus_version;

@@ -33,6 +33,7 @@ use crate::index::store::Store;
 use crate::index::Corpus;
 use crate::models::bert::Embedder;
 use crate::models::llama::QuantMode;
+use crate::models::reranker::CrossEncoder;
 use crate::rag::{Pipeline, RagConfig};
 use error::ApiError;
 use metrics::Metrics;
@@ -98,8 +99,14 @@ impl Services {
         let embedder_text = embedder.text_side();
         let engine = EngineHandle::start(embedder, model, text, info, cfg.engine)?;
         let corpus = Arc::new(Mutex::new(corpus));
+        let mut pipeline = Pipeline::new(engine, corpus.clone(), cfg.rag.clone());
+        if let Some(dir) = &cfg.rag.reranker {
+            // On the CPU in f32: a few dozen pairs per question.
+            let reranker = CrossEncoder::load(dir, &Device::Cpu)?;
+            pipeline = pipeline.with_reranker(Arc::new(reranker));
+        }
         Ok(Self {
-            pipeline: Pipeline::new(engine, corpus.clone(), cfg.rag.clone()),
+            pipeline,
             corpus,
             completions: cfg.completions,
             embedder_text,

@@ -90,6 +90,87 @@ impl Rng {
     }
 }
 
+/// A tiny BERT under Hugging Face names (`config.json` + `model.safetensors`, seeded weights,
+/// hidden 32, 2 layers). With `head`: a sequence-classification model (`bert.` prefix, pooler,
+/// one-logit classifier) with the MiniLM tokenizer beside it, a tiny cross-encoder.
+pub fn write_tiny_bert(dir: &Path, vocab: usize, pos: usize, head: bool) -> serde_json::Value {
+    let (h, ff, layers) = (32, 64, 2);
+    let cfg = serde_json::json!({
+        "vocab_size": vocab, "hidden_size": h, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "intermediate_size": ff, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0, "max_position_embeddings": pos, "type_vocab_size": 2,
+        "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
+        "position_embedding_type": "absolute", "model_type": "bert", "num_labels": 1
+    });
+    let prefix = if head { "bert." } else { "" };
+    let mut rng = Rng::new(42);
+    let mut w = std::collections::HashMap::new();
+    let mut put = |name: &str, shape: &[usize], scale: f32, offset: f32| {
+        let name = if name.starts_with("classifier") {
+            name.to_string()
+        } else {
+            format!("{prefix}{name}")
+        };
+        w.insert(name, (rng.tensor(shape, scale) + offset as f64).unwrap());
+    };
+    put("embeddings.word_embeddings.weight", &[vocab, h], 1.0, 0.0);
+    put("embeddings.position_embeddings.weight", &[pos, h], 0.5, 0.0);
+    put("embeddings.token_type_embeddings.weight", &[2, h], 0.5, 0.0);
+    put("embeddings.LayerNorm.weight", &[h], 0.1, 1.0);
+    put("embeddings.LayerNorm.bias", &[h], 0.1, 0.0);
+    for i in 0..layers {
+        let p = format!("encoder.layer.{i}");
+        for m in ["query", "key", "value"] {
+            put(&format!("{p}.attention.self.{m}.weight"), &[h, h], 0.3, 0.0);
+            put(&format!("{p}.attention.self.{m}.bias"), &[h], 0.1, 0.0);
+        }
+        put(
+            &format!("{p}.attention.output.dense.weight"),
+            &[h, h],
+            0.3,
+            0.0,
+        );
+        put(&format!("{p}.attention.output.dense.bias"), &[h], 0.1, 0.0);
+        put(
+            &format!("{p}.attention.output.LayerNorm.weight"),
+            &[h],
+            0.1,
+            1.0,
+        );
+        put(
+            &format!("{p}.attention.output.LayerNorm.bias"),
+            &[h],
+            0.1,
+            0.0,
+        );
+        put(
+            &format!("{p}.intermediate.dense.weight"),
+            &[ff, h],
+            0.3,
+            0.0,
+        );
+        put(&format!("{p}.intermediate.dense.bias"), &[ff], 0.1, 0.0);
+        put(&format!("{p}.output.dense.weight"), &[h, ff], 0.2, 0.0);
+        put(&format!("{p}.output.dense.bias"), &[h], 0.1, 0.0);
+        put(&format!("{p}.output.LayerNorm.weight"), &[h], 0.1, 1.0);
+        put(&format!("{p}.output.LayerNorm.bias"), &[h], 0.1, 0.0);
+    }
+    if head {
+        put("pooler.dense.weight", &[h, h], 0.3, 0.0);
+        put("pooler.dense.bias", &[h], 0.1, 0.0);
+        put("classifier.weight", &[1, h], 0.5, 0.0);
+        put("classifier.bias", &[1], 0.1, 0.0);
+        std::fs::copy(
+            minilm_dir().join("tokenizer.json"),
+            dir.join("tokenizer.json"),
+        )
+        .unwrap();
+    }
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    cfg
+}
+
 /// Shape of a tiny Llama for tests.
 #[derive(Clone, Copy, Debug)]
 pub struct TinyLlama {
