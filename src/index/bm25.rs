@@ -208,6 +208,35 @@ pub fn text_terms(text: &str) -> Vec<String> {
     ANALYZER.with(|a| run(&mut a.borrow_mut(), text))
 }
 
+/// Words patients use (first) and the words guidelines use for the same thing: a query holding
+/// the first also searches the others, each counted as a query term of its own. The list came
+/// from the question wording of the MedQuAD dev half (outlook, research, symptoms, tests, risk,
+/// inherited), written as general vocabulary; BENCHMARKS.md reports it on the held-out half.
+const PLAIN_TO_CLINICAL: &[(&str, &[&str])] = &[
+    ("outlook", &["prognosis", "survival", "recovery"]),
+    ("spread", &["metastasis", "metastatic", "metastasized"]),
+    ("spreads", &["metastasis", "metastatic", "metastasized"]),
+    ("research", &["trials", "clinical"]),
+    ("symptoms", &["signs"]),
+    ("chemo", &["chemotherapy"]),
+    ("radiation", &["radiotherapy"]),
+    ("tests", &["diagnose", "diagnosed", "exams"]),
+    ("exams", &["tests", "diagnose", "diagnosed"]),
+    ("risk", &["factors"]),
+    ("inherited", &["genetic", "hereditary"]),
+];
+
+/// Query terms with the clinical words for the plain ones among them.
+fn expand(mut terms: Vec<String>) -> Vec<String> {
+    let extra: Vec<String> = terms
+        .iter()
+        .filter_map(|t| PLAIN_TO_CLINICAL.iter().find(|(plain, _)| plain == t))
+        .flat_map(|(_, clinical)| clinical.iter().map(|c| c.to_string()))
+        .collect();
+    terms.extend(extra);
+    terms
+}
+
 /// BM25's saturation and length normalisation.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Bm25Params {
@@ -378,7 +407,7 @@ impl Bm25Index {
         k: usize,
         allowed: Option<&std::collections::HashSet<i64>>,
     ) -> Result<Vec<(i64, f32)>> {
-        let mut terms = text_terms(query);
+        let mut terms = expand(text_terms(query));
         terms.sort();
         terms.dedup();
         let searcher = self.reader.searcher();
@@ -533,6 +562,11 @@ mod tests {
             .unwrap();
         assert_eq!(hits.iter().map(|h| h.0).collect::<Vec<_>>(), [2]);
         assert!(index.search("melanoma", 10, None).unwrap().is_empty());
+        // A patient's word also searches the clinical one.
+        assert_eq!(
+            expand(vec!["outlook".into(), "sarcoma".into()]),
+            ["outlook", "sarcoma", "prognosis", "survival", "recovery"]
+        );
         // Stems answer "mentioned in any form"; the scored field keeps word forms.
         assert_eq!(index.doc_freq("imag").unwrap(), 1);
         assert_eq!(index.search("images", 10, None).unwrap().len(), 0);

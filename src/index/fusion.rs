@@ -25,20 +25,17 @@ pub fn rrf(lists: &[(&[String], f32)], k: f32) -> Vec<(String, f32)> {
         .collect()
 }
 
-/// Fuses scored lists (best first) with weights: each list's scores min-max normalised to
-/// [0, 1] (all equal: 1), a passage absent from a list counting 0 there; a passage's score is the
-/// weighted sum. Best first; ties keep the order in which passages were first seen.
+/// Fuses scored lists (best first) with weights: each list's scores divided by its best (the
+/// lower bound taken as 0, not the list's minimum, so the last of a short list is not pushed to
+/// 0; negative scores count 0), a passage absent from a list counting 0 there; a passage's score
+/// is the weighted sum. Best first; ties keep the order in which passages were first seen.
 pub fn convex(lists: &[(&[(String, f32)], f32)]) -> Vec<(String, f32)> {
     let mut scores: HashMap<&str, (f32, usize)> = HashMap::new();
     let mut order = 0;
     for (list, weight) in lists {
-        let (lo, hi) = list
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), (_, s)| {
-                (lo.min(*s), hi.max(*s))
-            });
+        let hi = list.iter().fold(0f32, |hi, (_, s)| hi.max(*s));
         for (id, s) in list.iter() {
-            let norm = if hi > lo { (s - lo) / (hi - lo) } else { 1.0 };
+            let norm = if hi > 0.0 { s.max(0.0) / hi } else { 0.0 };
             let e = scores.entry(id.as_str()).or_insert_with(|| {
                 order += 1;
                 (0.0, order)
@@ -58,21 +55,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn convex_normalises_each_list_and_weighs_them() {
+    fn convex_divides_each_list_by_its_best_and_weighs_them() {
         let dense = vec![
-            ("a".to_string(), 0.9),
-            ("b".to_string(), 0.5),
-            ("c".to_string(), 0.7),
+            ("a".to_string(), 0.8),
+            ("c".to_string(), 0.6),
+            ("b".to_string(), 0.4),
         ];
-        let bm25 = vec![("b".to_string(), 30.0), ("d".to_string(), 10.0)];
+        let bm25 = vec![("b".to_string(), 30.0), ("d".to_string(), 15.0)];
         let fused = convex(&[(&dense, 0.6), (&bm25, 0.4)]);
         let score = |id: &str| fused.iter().find(|(p, _)| p == id).unwrap().1;
         assert!((score("a") - 0.6).abs() < 1e-6);
-        assert!((score("b") - 0.4).abs() < 1e-6);
-        assert!((score("c") - 0.3).abs() < 1e-6);
-        assert!(score("d").abs() < 1e-6);
-        assert_eq!(fused[0].0, "a");
+        assert!((score("b") - (0.3 + 0.4)).abs() < 1e-6);
+        assert!((score("c") - 0.45).abs() < 1e-6);
+        assert!((score("d") - 0.2).abs() < 1e-6);
+        assert_eq!(fused[0].0, "b");
         assert_eq!(fused.len(), 4);
+        // The last of a short list keeps its share: it is not pushed to 0.
+        let two = vec![("x".to_string(), 0.5), ("y".to_string(), 0.45)];
+        let fused = convex(&[(&two, 1.0)]);
+        assert!((fused[1].1 - 0.9).abs() < 1e-6);
     }
 
     fn ids(v: &[&str]) -> Vec<String> {

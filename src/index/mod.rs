@@ -56,10 +56,10 @@ impl std::str::FromStr for Mode {
     }
 }
 
-/// Search settings. The default fusion (convex, dense share 0.75) was chosen by `cited eval
-/// retrieval --tune` on the MedQuAD dev half and reported on the held-out half and on PubMedQA
-/// (BENCHMARKS.md): dense is the stronger retriever on questions about a topic's sections, BM25
-/// adds exact terms.
+/// Search settings. The default fusion (convex, dense share 0.8) had the best mean nDCG@10 over
+/// the dev halves of MedQuAD and PubMedQA among the settings `cited eval retrieval --tune`
+/// searches, and is reported on their held-out halves (BENCHMARKS.md): dense is the stronger
+/// retriever, BM25 adds exact terms.
 #[derive(Clone, Copy, Debug)]
 pub struct SearchOptions {
     pub top_k: usize,
@@ -82,8 +82,8 @@ pub enum Fusion {
     /// Reciprocal rank: `weight / (k + rank)` summed over the retrievers.
     #[default]
     Rrf,
-    /// A convex combination of the scores, each min-max normalised over its retriever's list
-    /// (a passage one retriever did not return counts as that list's minimum).
+    /// A convex combination of the scores, each divided by its retriever's best (a passage one
+    /// retriever did not return counts 0 there).
     Convex,
 }
 
@@ -95,9 +95,9 @@ impl Default for SearchOptions {
             depth: 100,
             fusion: Fusion::Convex,
             rrf_k: 60.0,
-            dense_weight: 2.0,
+            dense_weight: 1.5,
             bm25_weight: 1.0,
-            dense_share: 0.75,
+            dense_share: 0.8,
         }
     }
 }

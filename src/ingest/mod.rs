@@ -247,6 +247,88 @@ fn flush(
     Ok(())
 }
 
+/// An ingest in progress: documents checked and chunked as they come, embedded and stored in
+/// batches, so memory holds one batch, not the corpus.
+struct Ingest<'a> {
+    store: &'a mut dyn Store,
+    embedder: &'a Embedder,
+    opts: &'a IngestOptions,
+    batch: Batch,
+    pending: Vec<Pending>,
+    pending_chunks: usize,
+    bar: ProgressBar,
+}
+
+impl<'a> Ingest<'a> {
+    fn new(
+        store: &'a mut dyn Store,
+        embedder: &'a Embedder,
+        opts: &'a IngestOptions,
+        total: Option<usize>,
+    ) -> Result<Self, IngestError> {
+        check_embedder(store, embedder.identity())?;
+        let bar = match (opts.progress, total) {
+            (false, _) => ProgressBar::hidden(),
+            (true, Some(n)) => ProgressBar::new(n as u64).with_style(
+                ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} documents ({per_sec}, eta {eta})",
+                )
+                .expect("valid template"),
+            ),
+            (true, None) => ProgressBar::no_length().with_style(
+                ProgressStyle::with_template("{pos} documents ({per_sec})")
+                    .expect("valid template"),
+            ),
+        };
+        Ok(Self {
+            store,
+            embedder,
+            opts,
+            batch: Batch::default(),
+            pending: Vec::new(),
+            pending_chunks: 0,
+            bar,
+        })
+    }
+
+    fn add(&mut self, doc: SourceDoc) -> Result<(), IngestError> {
+        let identity = self.embedder.identity();
+        match self
+            .batch
+            .prepare(&*self.store, self.embedder, identity, doc, &self.opts.chunk)?
+        {
+            Some(p) => {
+                self.pending_chunks += p.chunk_count();
+                self.pending.push(p);
+            }
+            None => self.bar.inc(1),
+        }
+        if self.pending_chunks >= self.opts.batch * 4 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), IngestError> {
+        flush(
+            self.store,
+            self.embedder,
+            &mut self.pending,
+            self.opts.batch,
+            &mut self.batch,
+            &self.bar,
+        )?;
+        self.pending_chunks = 0;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<IngestReport, IngestError> {
+        self.flush()?;
+        self.bar.finish_and_clear();
+        Ok(self.batch.report)
+    }
+}
+
 /// Ingests documents into `store`.
 pub fn ingest_docs(
     store: &mut dyn Store,
@@ -254,56 +336,45 @@ pub fn ingest_docs(
     docs: Vec<SourceDoc>,
     opts: &IngestOptions,
 ) -> Result<IngestReport, IngestError> {
-    check_embedder(store, embedder.identity())?;
-    let bar = if opts.progress {
-        let b = ProgressBar::new(docs.len() as u64);
-        b.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} documents ({per_sec}, eta {eta})")
-                .expect("valid template"),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
-    let mut batch = Batch::default();
-    let mut pending: Vec<Pending> = Vec::new();
-    let mut pending_chunks = 0;
+    let mut ingest = Ingest::new(store, embedder, opts, Some(docs.len()))?;
     for doc in docs {
-        match batch.prepare(store, embedder, embedder.identity(), doc, &opts.chunk)? {
-            Some(p) => {
-                pending_chunks += p.chunk_count();
-                pending.push(p);
-            }
-            None => bar.inc(1),
-        }
-        if pending_chunks >= opts.batch * 4 {
-            flush(store, embedder, &mut pending, opts.batch, &mut batch, &bar)?;
-            pending_chunks = 0;
-        }
+        ingest.add(doc)?;
     }
-    flush(store, embedder, &mut pending, opts.batch, &mut batch, &bar)?;
-    bar.finish_and_clear();
-    Ok(batch.report)
+    ingest.finish()
 }
 
-/// Reads and ingests files or folders; a file that cannot be read is reported and skipped.
+/// Reads and ingests files or folders, file by file (a large text file part by part); a file
+/// that cannot be read is reported and skipped.
 pub fn ingest_paths(
     store: &mut dyn Store,
     embedder: &Embedder,
     paths: &[&Path],
     opts: &IngestOptions,
 ) -> Result<IngestReport, IngestError> {
-    let mut docs = Vec::new();
     let mut failed = Vec::new();
+    let mut files = Vec::new();
     for path in paths {
-        for file in reader::collect_files(path)? {
-            match reader::read_file(&file) {
-                Ok(mut d) => docs.append(&mut d),
-                Err(e) => failed.push((file.display().to_string(), e.to_string())),
-            }
+        files.extend(reader::collect_files(path)?);
+    }
+    let mut ingest = Ingest::new(store, embedder, opts, None)?;
+    for file in files {
+        // A read failure is this file's; a store or model failure ends the ingest.
+        let mut fatal = None;
+        let read = reader::for_each_doc(&file, &mut |doc| {
+            ingest.add(doc).map_err(|e| {
+                let why = e.to_string();
+                fatal = Some(e);
+                IngestError::Invalid(why)
+            })
+        });
+        if let Some(e) = fatal {
+            return Err(e);
+        }
+        if let Err(e) = read {
+            failed.push((file.display().to_string(), e.to_string()));
         }
     }
-    let mut report = ingest_docs(store, embedder, docs, opts)?;
+    let mut report = ingest.finish()?;
     failed.append(&mut report.failed);
     report.failed = failed;
     Ok(report)

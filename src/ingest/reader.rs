@@ -196,6 +196,80 @@ pub(crate) fn check_size(path: &Path, max: u64, what: &str) -> Result<(), Ingest
     Ok(())
 }
 
+/// Text and Markdown files larger than this are read as a stream, in parts of about this size
+/// cut at a paragraph break, each ingested as a document of its own (`<path>#part-<n>`, titled
+/// "<title> (part <n>)", front matter applied to all): memory stays bounded whatever the size.
+pub const PART_BYTES: usize = 1 << 20;
+
+/// Calls `f` on every document of a file: [`read_file`]'s, or the parts of a large text file
+/// as they are read.
+pub fn for_each_doc(
+    path: &Path,
+    f: &mut dyn FnMut(SourceDoc) -> Result<(), IngestError>,
+) -> Result<(), IngestError> {
+    let ext = path.extension().and_then(|e| e.to_str());
+    let size = std::fs::metadata(path)
+        .map_err(|e| IngestError::io(path, e))?
+        .len();
+    if !matches!(ext, Some("md" | "markdown" | "txt")) || size <= PART_BYTES as u64 {
+        for d in read_file(path)? {
+            f(d)?;
+        }
+        return Ok(());
+    }
+    use std::io::BufRead;
+    let markdown = matches!(ext, Some("md" | "markdown"));
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().replace(['-', '_'], " "))
+        .unwrap_or_default();
+    let file = std::fs::File::open(path).map_err(|e| IngestError::io(path, e))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let mut part = String::new();
+    let mut line = String::new();
+    let mut n = 0;
+    // From the first part: its front matter and title serve every part.
+    let mut meta: Option<(Map<String, Value>, String)> = None;
+    loop {
+        line.clear();
+        let read = reader
+            .read_line(&mut line)
+            .map_err(|e| IngestError::io(path, e))?;
+        part.push_str(&line);
+        let at_end = read == 0;
+        let cut =
+            (line.trim().is_empty() && part.len() >= PART_BYTES) || part.len() >= 2 * PART_BYTES;
+        if (cut || at_end) && !part.trim().is_empty() {
+            n += 1;
+            let text = std::mem::take(&mut part);
+            let (fields, body) = match &meta {
+                Some((fields, _)) => (fields.clone(), text),
+                None => {
+                    let (fields, body) = front_matter(&text);
+                    (fields, body.to_string())
+                }
+            };
+            let mut doc = from_fields(
+                format!("{}#part-{n}", path.display()),
+                fields.clone(),
+                body,
+                markdown,
+                &stem,
+            );
+            let title = meta
+                .get_or_insert_with(|| (fields, doc.title.clone()))
+                .1
+                .clone();
+            doc.title = format!("{title} (part {n})");
+            doc.metadata.insert("part".into(), Value::from(n));
+            f(doc)?;
+        }
+        if at_end {
+            return Ok(());
+        }
+    }
+}
+
 /// Reads every document of a file, by its extension.
 pub fn read_file(path: &Path) -> Result<Vec<SourceDoc>, IngestError> {
     match path.extension().and_then(|e| e.to_str()) {
@@ -231,6 +305,53 @@ mod tests {
         assert_eq!(d.metadata["tags"], "sarcoma, metastatic");
         assert!(d.text.starts_with("# Metastatic sarcoma"));
         assert!(d.markdown);
+    }
+
+    #[test]
+    fn a_large_text_file_streams_in_parts_cut_at_paragraphs() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big-guideline.md");
+        let para = "Sarcoma follow-up uses chest imaging. ".repeat(50) + "\n\n";
+        let mut text = String::from("---\ntitle: Big guideline\nsource: cited\n---\n# Big\n\n");
+        while text.len() < 2 * PART_BYTES + PART_BYTES / 2 {
+            text.push_str(&para);
+        }
+        std::fs::write(&p, &text).unwrap();
+        let mut parts = Vec::new();
+        for_each_doc(&p, &mut |d| {
+            parts.push((
+                d.id,
+                d.title,
+                d.source,
+                d.text.len(),
+                d.metadata["part"].clone(),
+            ));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            parts.len(),
+            3,
+            "{:?}",
+            parts.iter().map(|p| p.3).collect::<Vec<_>>()
+        );
+        assert!(parts[1].0.ends_with("big-guideline.md#part-2"));
+        assert_eq!(parts[2].1, "Big guideline (part 3)");
+        assert!(parts.iter().all(|p| p.2 == "cited"));
+        assert!(parts[..2]
+            .iter()
+            .all(|p| p.3 >= PART_BYTES && p.3 < PART_BYTES + para.len()));
+        assert_eq!(parts[2].4, 3);
+        // A small file is one document, as before.
+        std::fs::write(&p, "# Small\n\nText.\n").unwrap();
+        let mut n = 0;
+        for_each_doc(&p, &mut |d| {
+            assert_eq!(d.title, "Small");
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, 1);
     }
 
     #[test]
