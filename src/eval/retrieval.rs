@@ -379,25 +379,10 @@ mod tests {
         let mut store =
             crate::index::store::SqliteStore::open(&dir.path().join("s.sqlite")).unwrap();
         let doc = |id: &str, text: &str| {
-            let record = crate::index::store::DocRecord {
-                id: id.into(),
-                title: String::new(),
-                source: String::new(),
-                url: String::new(),
-                date: String::new(),
-                metadata: serde_json::Map::new(),
-                content_hash: id.into(),
-            };
-            let chunk = crate::index::store::NewChunk {
-                ord: 0,
-                section: String::new(),
-                text: text.into(),
-                indexed_text: text.into(),
-                start: 0,
-                end: text.len(),
-                embedding: vec![1.0],
-            };
-            (record, vec![chunk])
+            (
+                crate::index::store::DocRecord::bare(id, id),
+                vec![crate::index::store::NewChunk::bare(0, text, vec![1.0])],
+            )
         };
         store
             .upsert_many(&[

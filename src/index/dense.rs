@@ -127,20 +127,14 @@ impl DenseIndex {
     /// they are missing or unreadable (the next catch-up rebuilds them).
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        let index = Self {
+        Ok(Self::load(dir)?.unwrap_or_else(|| Self {
             dir: Some(dir.to_path_buf()),
             ..Self::default()
-        };
-        if let Some(loaded) = index.load()? {
-            return Ok(loaded);
-        }
-        Ok(index)
+        }))
     }
 
-    fn load(&self) -> Result<Option<Self>> {
-        let Some(dir) = &self.dir else {
-            return Ok(None);
-        };
+    /// What the files in `dir` hold, or `None` when they are missing or do not agree.
+    fn load(dir: &Path) -> Result<Option<Self>> {
         let Ok(meta) = std::fs::read(dir.join(META)) else {
             return Ok(None);
         };
@@ -179,7 +173,7 @@ impl DenseIndex {
         };
         let mut index = Self {
             dim: meta.dim,
-            dir: self.dir.clone(),
+            dir: Some(dir.to_path_buf()),
             ids: ids[..meta.rows * 8]
                 .chunks_exact(8)
                 .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
@@ -603,6 +597,12 @@ impl DenseIndex {
             .collect()
     }
 
+    /// The document of a live chunk.
+    pub fn document_of(&self, chunk_id: i64) -> Option<&str> {
+        let r = *self.row_of.get(&chunk_id)?;
+        Some(&self.docs[self.row_doc[r] as usize])
+    }
+
     /// Cosine of `query` with one chunk.
     pub fn score(&self, chunk_id: i64, query: &[f32]) -> Option<f32> {
         let r = *self.row_of.get(&chunk_id)?;
@@ -744,30 +744,15 @@ mod tests {
     }
 
     fn record(id: &str) -> DocRecord {
-        DocRecord {
-            id: id.into(),
-            title: String::new(),
-            source: String::new(),
-            url: String::new(),
-            date: String::new(),
-            metadata: serde_json::Map::new(),
-            content_hash: format!("{id}-{}", SplitMix64::new(id.len() as u64).next_u64()),
-        }
+        let hash = format!("{id}-{}", SplitMix64::new(id.len() as u64).next_u64());
+        DocRecord::bare(id, &hash)
     }
 
     fn chunks(rng: &mut SplitMix64, n: usize, dim: usize) -> Vec<NewChunk> {
         unit_rows(rng, n, dim)
             .chunks_exact(dim)
             .enumerate()
-            .map(|(ord, v)| NewChunk {
-                ord,
-                section: String::new(),
-                text: format!("chunk {ord}"),
-                indexed_text: format!("chunk {ord}"),
-                start: 0,
-                end: 0,
-                embedding: v.to_vec(),
-            })
+            .map(|(ord, v)| NewChunk::bare(ord, &format!("chunk {ord}"), v.to_vec()))
             .collect()
     }
 

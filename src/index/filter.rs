@@ -90,6 +90,7 @@ fn date(key: &str, v: &Value) -> Result<String, FilterError> {
 }
 
 impl Filter {
+    /// No condition on documents (whether superseded versions count is decided apart).
     pub fn is_empty(&self) -> bool {
         self.conditions.is_empty()
     }

@@ -316,7 +316,7 @@ impl Corpus {
         filter: &Filter,
     ) -> Result<Legs> {
         self.refresh()?;
-        let allowed = if filter.conditions.is_empty() {
+        let allowed = if filter.is_empty() {
             None
         } else {
             let chunks = self.store.chunks_matching(filter)?;
@@ -335,11 +335,14 @@ impl Corpus {
         } else {
             self.bm25.search(query, depth, allowed.as_ref())?
         };
-        // Chunk -> passage, keeping each passage's best chunk per retriever.
+        // Chunk -> passage (the dense index holds every chunk's document; the store only for a
+        // chunk it lacks), keeping each passage's best chunk per retriever.
         let mut passage_of: HashMap<i64, String> = HashMap::new();
         for &(c, _) in dense.iter().chain(&bm25) {
             if let std::collections::hash_map::Entry::Vacant(e) = passage_of.entry(c) {
-                if let Some(chunk) = self.store.chunk(c)? {
+                if let Some(doc) = self.dense.document_of(c) {
+                    e.insert(doc.to_string());
+                } else if let Some(chunk) = self.store.chunk(c)? {
                     e.insert(chunk.document_id);
                 }
             }

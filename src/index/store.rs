@@ -516,30 +516,55 @@ impl Store for SqliteStore {
 }
 
 #[cfg(test)]
+impl DocRecord {
+    /// A record with an id and a content hash, every other field empty (tests).
+    pub(crate) fn bare(id: &str, hash: &str) -> Self {
+        Self {
+            id: id.into(),
+            title: String::new(),
+            source: String::new(),
+            url: String::new(),
+            date: String::new(),
+            metadata: Map::new(),
+            content_hash: hash.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl NewChunk {
+    /// A chunk whose shown and indexed text are `text`, without a section (tests).
+    pub(crate) fn bare(ord: usize, text: &str, embedding: Vec<f32>) -> Self {
+        Self {
+            ord,
+            section: String::new(),
+            text: text.into(),
+            indexed_text: text.into(),
+            start: 0,
+            end: text.len(),
+            embedding,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     fn doc(id: &str, hash: &str) -> DocRecord {
         DocRecord {
-            id: id.into(),
             title: format!("Title {id}"),
             source: "s".into(),
             url: "u".into(),
             date: "2026".into(),
-            metadata: Map::new(),
-            content_hash: hash.into(),
+            ..DocRecord::bare(id, hash)
         }
     }
 
     fn chunk(ord: usize, text: &str) -> NewChunk {
         NewChunk {
-            ord,
             section: "S".into(),
-            text: text.into(),
-            indexed_text: text.into(),
-            start: 0,
-            end: text.len(),
-            embedding: vec![ord as f32, 0.5, -1.0],
+            ..NewChunk::bare(ord, text, vec![ord as f32, 0.5, -1.0])
         }
     }
 

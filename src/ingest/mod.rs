@@ -222,31 +222,6 @@ impl Batch {
     }
 }
 
-/// Embeds the pending chunks with `embedder` and stores them.
-fn flush(
-    store: &mut dyn Store,
-    embedder: &Embedder,
-    pending: &mut Vec<Pending>,
-    batch_size: usize,
-    batch: &mut Batch,
-    bar: &ProgressBar,
-) -> Result<(), IngestError> {
-    let texts: Vec<&str> = pending.iter().flat_map(Pending::texts).collect();
-    let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(texts.len());
-    for group in texts.chunks(batch_size.max(1)) {
-        vectors.extend(
-            embedder
-                .embed(group)?
-                .to_vec2::<f32>()
-                .map_err(crate::error::ModelError::from)?,
-        );
-    }
-    let n = pending.len() as u64;
-    batch.commit(store, std::mem::take(pending), vectors)?;
-    bar.inc(n);
-    Ok(())
-}
-
 /// An ingest in progress: documents checked and chunked as they come, embedded and stored in
 /// batches, so memory holds one batch, not the corpus.
 struct Ingest<'a> {
@@ -309,15 +284,22 @@ impl<'a> Ingest<'a> {
         Ok(())
     }
 
+    /// Embeds the pending chunks and stores their documents.
     fn flush(&mut self) -> Result<(), IngestError> {
-        flush(
-            self.store,
-            self.embedder,
-            &mut self.pending,
-            self.opts.batch,
-            &mut self.batch,
-            &self.bar,
-        )?;
+        let texts: Vec<&str> = self.pending.iter().flat_map(Pending::texts).collect();
+        let mut vectors: Vec<Vec<f32>> = Vec::with_capacity(texts.len());
+        for group in texts.chunks(self.opts.batch.max(1)) {
+            vectors.extend(
+                self.embedder
+                    .embed(group)?
+                    .to_vec2::<f32>()
+                    .map_err(crate::error::ModelError::from)?,
+            );
+        }
+        let n = self.pending.len() as u64;
+        self.batch
+            .commit(self.store, std::mem::take(&mut self.pending), vectors)?;
+        self.bar.inc(n);
         self.pending_chunks = 0;
         Ok(())
     }

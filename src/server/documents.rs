@@ -239,7 +239,7 @@ pub async fn upload(
         );
     }
     let corpus = services.corpus.clone();
-    let mut report = tokio::task::spawn_blocking(move || {
+    let (mut report, version) = tokio::task::spawn_blocking(move || {
         let mut corpus = corpus.lock().unwrap_or_else(|p| p.into_inner());
         batch.commit(corpus.store_mut(), pending, vectors)?;
         let version = corpus.store().version()?;
@@ -248,9 +248,9 @@ pub async fn upload(
     .await
     .map_err(ApiError::internal)?
     .map_err(ingest_error)?;
-    unreadable.append(&mut report.0.failed);
-    report.0.failed = unreadable;
-    let (report, version) = report;
+    // Unreadable entries first, in upload order, then what the ingest refused.
+    unreadable.append(&mut report.failed);
+    report.failed = unreadable;
     if report.added + report.replaced + report.unchanged == 0 {
         let reasons: Vec<String> = report
             .failed
