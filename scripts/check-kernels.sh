@@ -4,7 +4,9 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-eval "$(scripts/cuda-env.sh)"
+# Assigned first: a failed setup stops here (an eval of a failed substitution would not).
+cuda_env=$(scripts/cuda-env.sh)
+eval "$cuda_env"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 for cu in kernels/*.cu; do

@@ -19,8 +19,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 stamp=$venv/.installed-13.0
 if [ ! -f "$stamp" ]; then
-    log "installing the CUDA 13.0 toolkit wheels (about 1.2 GB)"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    log "installing the CUDA 13.0 toolkit wheels (about 1.2 GB; no pip cache, so the disk holds them once)"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir \
         "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-runtime==13.0.*" \
         "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-nvrtc==13.0.*" \
         "nvidia-cublas==13.0.*" "nvidia-curand" >&2

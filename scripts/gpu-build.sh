@@ -7,7 +7,9 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-eval "$(scripts/cuda-env.sh)"
+# Assigned first: a failed setup stops here (an eval of a failed substitution would not).
+cuda_env=$(scripts/cuda-env.sh)
+eval "$cuda_env"
 start=$(date +%s)
 cargo build --release --features cuda --bin gpu-check
 echo "gpu-build: cargo build took $(($(date +%s) - start)) s"

@@ -20,6 +20,15 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// 413: the request body is over its route's limit.
+    pub fn too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the body is too large (1 MiB at most; 64 MiB for POST /v1/documents)",
+        )
+    }
+
     pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
@@ -158,11 +167,7 @@ fn rejection_error(r: JsonRejection) -> ApiError {
         StatusCode::BAD_REQUEST => {
             ApiError::new(status, "invalid_json", format!("malformed JSON: {detail}"))
         }
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            status,
-            "payload_too_large",
-            "the body is too large (1 MiB at most; 64 MiB for POST /v1/documents)",
-        ),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(),
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
             status,
             "unsupported_media_type",

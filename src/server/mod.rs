@@ -207,9 +207,41 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions::completions))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(axum::middleware::from_fn(refuse_oversized))
         .layer(axum::middleware::from_fn_with_state(state.clone(), record))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// How much of an oversized body is read and dropped before the 413 goes out. A server that
+/// answers and closes while the client is still sending resets the connection, and the client
+/// then sees a broken connection instead of the error; past this much it does anyway.
+const DRAIN_BYTES: usize = 16 << 20;
+
+/// Answers 413 to a body whose declared length is over its route's limit, after reading and
+/// dropping what was sent (up to `DRAIN_BYTES`), so the client receives the error. Bodies
+/// without a length are held to the limit while they are read.
+async fn refuse_oversized(req: Request, next: Next) -> Response {
+    let limit = if req.method() == axum::http::Method::POST && req.uri().path() == "/v1/documents" {
+        documents::MAX_UPLOAD_BYTES
+    } else {
+        MAX_BODY_BYTES
+    };
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => {
+            if n <= DRAIN_BYTES as u64 {
+                // The result does not matter: the answer is 413 whatever arrives.
+                let _ = axum::body::to_bytes(req.into_body(), DRAIN_BYTES).await;
+            }
+            axum::response::IntoResponse::into_response(ApiError::too_large())
+        }
+        _ => next.run(req).await,
+    }
 }
 
 /// Counts each request by route and status and times it to the response head.
