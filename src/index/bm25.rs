@@ -30,9 +30,15 @@ const STEM_ANALYZER: &str = "cited_stems";
 const WRITER_MEMORY: usize = 50_000_000;
 
 /// Splits text into terms: compounds joined by `-`, `/`, `.`, `,` (between digits), and
-/// chromosome translocations, emitted whole and, when compound, followed by their parts.
+/// chromosome translocations. A translocation is always one term; a compound is emitted as its
+/// parts, and in `whole` mode first as a whole too.
 #[derive(Clone, Default)]
-pub struct BioTokenizer;
+pub struct BioTokenizer {
+    /// Emit a compound whole before its parts (the stems field: a word found as typed). The
+    /// scored field takes the parts alone, so `follow-up` counts as two words, as plain tokens
+    /// would, and not as three.
+    pub whole: bool,
+}
 
 pub struct BioTokenStream {
     tokens: Vec<Token>,
@@ -95,7 +101,7 @@ fn translocation(s: &str) -> Option<usize> {
     Some(group(end).unwrap_or(end))
 }
 
-fn bio_tokens(text: &str) -> Vec<Token> {
+fn bio_tokens(text: &str, whole: bool) -> Vec<Token> {
     let mut out = Vec::new();
     let mut position = 0;
     let mut push = |from: usize, to: usize, position: usize| {
@@ -143,13 +149,21 @@ fn bio_tokens(text: &str) -> Vec<Token> {
             }
             j += sep.len_utf8();
         }
-        push(i, j, position);
-        if parts.len() > 1 {
+        if parts.len() == 1 {
+            push(i, j, position);
+            position += 1;
+        } else if whole {
+            push(i, j, position);
             for (a, b) in parts {
                 push(a, b, position);
             }
+            position += 1;
+        } else {
+            for (a, b) in parts {
+                push(a, b, position);
+                position += 1;
+            }
         }
-        position += 1;
         i = j;
     }
     out
@@ -160,22 +174,24 @@ impl Tokenizer for BioTokenizer {
 
     fn token_stream<'a>(&'a mut self, text: &'a str) -> BioTokenStream {
         BioTokenStream {
-            tokens: bio_tokens(text),
+            tokens: bio_tokens(text, self.whole),
             index: 0,
         }
     }
 }
 
-/// The analyzer BM25 scores with, for chunks and queries alike: lower-cased tokens.
+/// The analyzer BM25 scores with, for chunks and queries alike: lower-cased tokens, compounds
+/// as their parts.
 pub fn text_analyzer() -> TextAnalyzer {
-    TextAnalyzer::builder(BioTokenizer)
+    TextAnalyzer::builder(BioTokenizer { whole: false })
         .filter(LowerCaser)
         .build()
 }
 
-/// The stemming analyzer: lower case, English stop words dropped, English stemming.
+/// The stemming analyzer: compounds whole and in parts, lower case, English stop words dropped,
+/// English stemming.
 pub fn stem_analyzer() -> TextAnalyzer {
-    TextAnalyzer::builder(BioTokenizer)
+    TextAnalyzer::builder(BioTokenizer { whole: true })
         .filter(LowerCaser)
         .filter(StopWordFilter::new(Language::English).expect("English stop words"))
         .filter(Stemmer::new(Language::English))
@@ -245,9 +261,9 @@ pub struct Bm25Params {
 }
 
 impl Default for Bm25Params {
-    /// Chosen on the MedQuAD dev half (BENCHMARKS.md).
+    /// Chosen on the dev halves of MedQuAD and PubMedQA (BENCHMARKS.md).
     fn default() -> Self {
-        Self { k1: 0.9, b: 0.75 }
+        Self { k1: 0.9, b: 0.65 }
     }
 }
 
@@ -256,6 +272,9 @@ struct Fields {
     document_id: Field,
     text: Field,
     stems: Field,
+    /// Tokens of `text` in each chunk, exact (tantivy's field norms keep a one-byte
+    /// approximation past 40 tokens).
+    length: Field,
 }
 
 /// A BM25 index of the store's chunks.
@@ -266,6 +285,8 @@ pub struct Bm25Index {
     /// The store version this index reflects.
     version: u64,
     params: Bm25Params,
+    /// Mean `length` over the live chunks, taken at each commit.
+    avg_len: f32,
 }
 
 fn schema() -> (Schema, Fields) {
@@ -277,7 +298,8 @@ fn schema() -> (Schema, Fields) {
         TextOptions::default().set_indexing_options(
             TextFieldIndexing::default()
                 .set_tokenizer(TEXT_ANALYZER)
-                .set_index_option(IndexRecordOption::WithFreqs),
+                .set_index_option(IndexRecordOption::WithFreqs)
+                .set_fieldnorms(false),
         ),
     );
     let stems = b.add_text_field(
@@ -289,6 +311,7 @@ fn schema() -> (Schema, Fields) {
                 .set_fieldnorms(false),
         ),
     );
+    let length = b.add_u64_field("length", FAST);
     (
         b.build(),
         Fields {
@@ -296,6 +319,7 @@ fn schema() -> (Schema, Fields) {
             document_id,
             text,
             stems,
+            length,
         },
     )
 }
@@ -328,12 +352,14 @@ impl Bm25Index {
             .payload
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
+        let avg_len = mean_length(&reader)?;
         Ok(Self {
             reader,
             writer,
             fields,
             version,
             params: Bm25Params::default(),
+            avg_len,
         })
     }
 
@@ -348,6 +374,7 @@ impl Bm25Index {
             self.fields.document_id => c.document_id.as_str(),
             self.fields.text => c.indexed_text.as_str(),
             self.fields.stems => c.indexed_text.as_str(),
+            self.fields.length => bio_tokens(&c.indexed_text, false).len() as u64,
         ))?;
         Ok(())
     }
@@ -357,6 +384,7 @@ impl Bm25Index {
         prepared.set_payload(&version.to_string());
         prepared.commit()?;
         self.reader.reload()?;
+        self.avg_len = mean_length(&self.reader)?;
         self.version = version;
         Ok(())
     }
@@ -415,13 +443,7 @@ impl Bm25Index {
         if terms.is_empty() || k == 0 || n == 0.0 {
             return Ok(Vec::new());
         }
-        let mut tokens = 0u64;
-        let mut slots = 0u64;
-        for seg in searcher.segment_readers() {
-            tokens += seg.inverted_index(self.fields.text)?.total_num_tokens();
-            slots += seg.max_doc() as u64;
-        }
-        let avg_len = (tokens as f32 / slots.max(1) as f32).max(1.0);
+        let avg_len = self.avg_len;
         let weighted: Vec<(Term, f32)> = terms
             .iter()
             .map(|t| {
@@ -434,7 +456,7 @@ impl Bm25Index {
         let mut hits: Vec<(i64, f32)> = Vec::new();
         for seg in searcher.segment_readers() {
             let inverted = seg.inverted_index(self.fields.text)?;
-            let norms = seg.get_fieldnorms_reader(self.fields.text)?;
+            let lengths = seg.fast_fields().u64("length")?;
             let mut scores = vec![0f32; seg.max_doc() as usize];
             for (term, idf) in &weighted {
                 let Some(mut postings) = inverted
@@ -446,7 +468,7 @@ impl Bm25Index {
                 let mut doc = postings.doc();
                 while doc != TERMINATED {
                     let tf = postings.term_freq() as f32;
-                    let len = norms.fieldnorm(doc) as f32;
+                    let len = lengths.first(doc).unwrap_or(0) as f32;
                     scores[doc as usize] +=
                         idf * tf * (k1 + 1.0) / (tf + k1 * (1.0 - b + b * len / avg_len));
                     doc = postings.advance();
@@ -476,12 +498,29 @@ impl Bm25Index {
     }
 }
 
+/// The mean token count of the live chunks behind `reader` (at least 1).
+fn mean_length(reader: &IndexReader) -> Result<f32> {
+    let searcher = reader.searcher();
+    let (mut tokens, mut chunks) = (0u64, 0u64);
+    for seg in searcher.segment_readers() {
+        let lengths = seg.fast_fields().u64("length")?;
+        let alive = seg.alive_bitset();
+        for doc in 0..seg.max_doc() {
+            if alive.is_none_or(|a| a.is_alive(doc)) {
+                tokens += lengths.first(doc).unwrap_or(0);
+                chunks += 1;
+            }
+        }
+    }
+    Ok((tokens as f32 / chunks.max(1) as f32).max(1.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn raw(text: &str) -> Vec<String> {
-        bio_tokens(text).into_iter().map(|t| t.text).collect()
+        bio_tokens(text, true).into_iter().map(|t| t.text).collect()
     }
 
     #[test]
@@ -499,6 +538,11 @@ mod tests {
         );
         assert_eq!(raw("3.5 mg/m2"), ["3.5", "3", "5", "mg/m2", "mg", "m2"]);
         assert_eq!(raw("end. Next"), ["end", "Next"]);
+        // The scored field: compounds as their parts alone; translocations stay whole.
+        assert_eq!(
+            text_terms("PD-L1 and t(12;16) in 2,225"),
+            ["pd", "l1", "and", "t(12;16)", "in", "2", "225"]
+        );
     }
 
     #[test]
@@ -509,7 +553,7 @@ mod tests {
         );
         assert_eq!(
             text_terms("The treatments for PD-L1"),
-            ["the", "treatments", "for", "pd-l1", "pd", "l1"]
+            ["the", "treatments", "for", "pd", "l1"]
         );
     }
 
@@ -544,17 +588,22 @@ mod tests {
         index.set_params(Bm25Params { k1: 0.9, b: 0.4 });
         let hits = index.search("Sarcoma doxorubicin", 10, None).unwrap();
         assert_eq!(hits.iter().map(|h| h.0).collect::<Vec<_>>(), [1, 2]);
-        // By hand: N = 3, lengths 3, 8 (`follow-up` adds its parts), 2: average 13/3;
+        // By hand: N = 3, lengths 3, 7 (`follow-up` is its two parts), 2: average 4;
         // doxorubicin df 1, sarcoma df 2.
         let idf = |df: f32| (1.0f32 + (3.0 - df + 0.5) / (df + 0.5)).ln();
-        let part = |len: f32| 1.9 / (1.0 + 0.9 * (0.6 + 0.4 * len / (13.0 / 3.0)));
+        let part = |len: f32| 1.9 / (1.0 + 0.9 * (0.6 + 0.4 * len / 4.0));
         let expected = (idf(1.0) + idf(2.0)) * part(3.0);
         assert!(
             (hits[0].1 - expected).abs() < 1e-5,
             "{} {expected}",
             hits[0].1
         );
-        assert!((hits[1].1 - idf(2.0) * part(8.0)).abs() < 1e-5);
+        assert!((hits[1].1 - idf(2.0) * part(7.0)).abs() < 1e-5);
+        // A compound scores through its parts, once each: `follow-up` matches `follow up`.
+        let compound = index.search("follow-up", 10, None).unwrap();
+        let spaced = index.search("follow up", 10, None).unwrap();
+        assert_eq!(compound, spaced);
+        assert_eq!(compound[0].0, 2);
         // The filter keeps only allowed chunks; no term, no hit.
         let allowed = std::collections::HashSet::from([2i64]);
         let hits = index
@@ -570,6 +619,12 @@ mod tests {
         // Stems answer "mentioned in any form"; the scored field keeps word forms.
         assert_eq!(index.doc_freq("imag").unwrap(), 1);
         assert_eq!(index.search("images", 10, None).unwrap().len(), 0);
+        // Deleting a chunk (d1: 7 tokens) takes it out of the mean length at the next commit.
+        index
+            .writer
+            .delete_term(Term::from_field_text(index.fields.document_id, "d1"));
+        index.commit(2).unwrap();
+        assert!((index.avg_len - 2.5).abs() < 1e-6, "{}", index.avg_len);
     }
 
     #[test]

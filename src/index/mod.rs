@@ -29,7 +29,7 @@ use crate::error::IndexError;
 type Result<T> = std::result::Result<T, IndexError>;
 
 /// The owner's BM25 index folder in the data directory (named by its format).
-pub const BM25_DIR: &str = "bm25-v2";
+pub const BM25_DIR: &str = "bm25-v3";
 /// The owner's dense matrix folder.
 pub const DENSE_DIR: &str = "dense-v1";
 
