@@ -1077,10 +1077,40 @@ async fn documents_are_administered_over_http_and_superseded_versions_are_not_ci
     assert_eq!(b["hits"][0]["id"], "network-guideline.pdf", "{b}");
     assert_eq!(b["hits"][0]["page"], 2, "{b}");
 
+    // A paragraph copied into two documents is one hit, unless the copies are asked for.
+    let copied = "Pazopanib is a targeted drug used for advanced soft tissue sarcoma after \
+                  chemotherapy; it slows the growth of new blood vessels that feed the tumour.";
+    let copies = json!({"documents": [
+        {"id": "sarcoma-drugs-patient", "text": format!("# Drugs\n{copied}")},
+        {"id": "sarcoma-drugs-clinician", "text": format!("# Drugs\n{copied} Dose per label.")}
+    ]});
+    let (st, b) = admin(&s, Method::POST, "/v1/documents", Some(copies), tok).await;
+    assert_eq!((st, b["added"].as_u64()), (200, Some(2)), "{b}");
+    let drug_q = json!({"query": "pazopanib for soft tissue sarcoma", "top_k": 3});
+    let copy_ids = |b: &Value| -> Vec<String> {
+        b["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["id"].as_str().unwrap().to_string())
+            .filter(|id| id.starts_with("sarcoma-drugs"))
+            .collect()
+    };
+    let (st, b) = s.post("/v1/search", drug_q.clone()).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(copy_ids(&b).len(), 1, "{b}");
+    assert!(b["near_duplicates_collapsed"].as_u64().unwrap() >= 1, "{b}");
+    assert_eq!(b["hits"].as_array().unwrap().len(), 3, "{b}");
+    let mut keep = drug_q;
+    keep["collapse_near_duplicates"] = json!(false);
+    let (_, b) = s.post("/v1/search", keep).await;
+    assert_eq!(copy_ids(&b).len(), 2, "{b}");
+    assert_eq!(b["near_duplicates_collapsed"], 0, "{b}");
+
     // Listing and one document.
     let (st, b) = admin(&s, Method::GET, "/v1/documents?limit=10", None, None).await;
     assert_eq!(st, 200, "{b}");
-    assert_eq!(b["total"], 3, "{b}");
+    assert_eq!(b["total"], 5, "{b}");
     let old = b["documents"]
         .as_array()
         .unwrap()

@@ -159,6 +159,8 @@ pub struct SearchRequest {
     top_k: Option<usize>,
     mode: Option<Mode>,
     filters: Option<Value>,
+    /// Drop a passage that mostly repeats a better-ranked one (default true), as answers do.
+    collapse_near_duplicates: Option<bool>,
 }
 
 /// Parses `filters`, naming the offending key.
@@ -219,15 +221,24 @@ pub async fn search(
     }
     let filter = parse_filters(req.filters.as_ref())?;
     let mode = req.mode.unwrap_or_default();
+    let collapse = req.collapse_near_duplicates.unwrap_or(true);
     let opts = SearchOptions {
-        top_k,
+        // Twice as deep when collapsing, so dropped copies leave room for other passages.
+        top_k: if collapse { top_k * 2 } else { top_k },
         mode,
         ..SearchOptions::default()
     };
     let (hits, version) = services.pipeline.search(&req.query, opts, filter).await?;
+    let (hits, collapsed) = if collapse {
+        let threshold = services.pipeline.config().near_duplicate;
+        crate::index::dedup::collapse(hits, threshold, top_k)
+    } else {
+        (hits, 0)
+    };
     Ok(Json(json!({
         "mode": mode,
         "corpus_version": version,
         "hits": hits,
+        "near_duplicates_collapsed": collapsed,
     })))
 }
