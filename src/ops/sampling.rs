@@ -187,7 +187,8 @@ impl LogitsProcessor for NoRepeatNgram {
 /// same tokens whatever else runs beside it.
 pub struct Sampler {
     params: SamplingParams,
-    rng: SplitMix64,
+    /// Steps sampled so far: a step's draw is `SplitMix64::unit_at(seed, step)`.
+    step: u64,
     suppress: Vec<u32>,
     processors: Vec<Box<dyn LogitsProcessor>>,
     /// The last generated tokens, for the repetition penalty.
@@ -247,10 +248,9 @@ pub fn top_logprobs(logits: &[f32], n: usize) -> (f32, Vec<(u32, f32)>) {
 impl Sampler {
     /// `suppress`: token ids never to be chosen.
     pub fn new(params: SamplingParams, suppress: Vec<u32>) -> Self {
-        let rng = SplitMix64::new(params.seed);
         Self {
             params,
-            rng,
+            step: 0,
             suppress,
             processors: Vec::new(),
             recent: std::collections::VecDeque::with_capacity(PENALTY_WINDOW),
@@ -268,6 +268,7 @@ impl Sampler {
     /// is remembered for the repetition penalty.
     pub fn sample(&mut self, logits: &mut [f32]) -> Result<u32, OpsError> {
         let token = self.choose(logits)?;
+        self.step += 1;
         for p in &mut self.processors {
             p.accept(token);
         }
@@ -312,54 +313,174 @@ impl Sampler {
         if self.params.temperature == 0.0 {
             return Ok(greedy);
         }
-        // Candidates by descending logit, cut by top-k.
-        let mut order: Vec<u32> = (0..logits.len() as u32)
-            .filter(|&i| logits[i as usize].is_finite())
-            .collect();
-        order.sort_unstable_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
-        if self.params.top_k > 0 {
-            order.truncate(self.params.top_k);
-        }
-        let max = logits[order[0] as usize];
-        let t = self.params.temperature;
-        let mut probs: Vec<f32> = order
-            .iter()
-            .map(|&i| ((logits[i as usize] - max) / t).exp())
-            .collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        // Min-p: relative to the most likely token (probs[0]); the order is descending.
-        if self.params.min_p > 0.0 {
-            let floor = probs[0] * self.params.min_p;
-            let n = probs.iter().take_while(|&&p| p >= floor).count().max(1);
-            probs.truncate(n);
-            let kept: f32 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= kept);
-        }
-        // Top-p: the shortest prefix reaching the mass.
-        let mut keep = probs.len();
-        let mut mass = 0.0;
-        for (i, p) in probs.iter().enumerate() {
-            mass += p;
-            if mass >= self.params.top_p {
-                keep = i + 1;
-                break;
-            }
-        }
-        let kept: f32 = probs[..keep].iter().sum();
-        let mut u = self.rng.unit() * kept;
-        for (i, p) in probs[..keep].iter().enumerate() {
-            if u < *p {
-                return Ok(order[i]);
-            }
-            u -= p;
-        }
-        Ok(order[keep - 1])
+        let u = SplitMix64::unit_at(self.params.seed, self.step);
+        Ok(draw(logits, &self.params, u))
     }
+}
+
+/// Where a filter cuts the tokens ranked by logit (higher first, equal logits by lower id): a
+/// token is kept when it ranks at or before `(value, id)`. Every filter (top-k, min-p, top-p)
+/// keeps such a prefix, so the kept set is the prefix of the tightest cut, and the draw can walk
+/// the tokens in id order with no sort: what a kernel does in a few passes over the row.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Cut {
+    value: f32,
+    id: u32,
+}
+
+impl Cut {
+    const ALL: Cut = Cut {
+        value: f32::NEG_INFINITY,
+        id: u32::MAX,
+    };
+
+    fn keeps(&self, x: f32, id: u32) -> bool {
+        x > self.value || (x == self.value && id <= self.id)
+    }
+
+    fn tighter(self, other: Cut) -> Cut {
+        if other.value > self.value || (other.value == self.value && other.id < self.id) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// The weight (relative to the top token's) above which a token is "near the top".
+const NEAR: f32 = 1e-3;
+
+/// Rank order: higher logit first, equal logits by lower id.
+fn by_rank(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// The cut after the tokens of `cands` (logit, id) whose weights, taken in rank order, first
+/// reach `need`; expected linear time (a quickselect that follows the mass).
+fn mass_cut(cands: &mut [(f32, u32)], weights: &[f32], mut need: f32) -> Cut {
+    let mut lo = cands;
+    loop {
+        if lo.len() <= 1 {
+            return lo
+                .first()
+                .map_or(Cut::ALL, |&(value, id)| Cut { value, id });
+        }
+        let mid = lo.len() / 2;
+        lo.select_nth_unstable_by(mid, by_rank);
+        let before: f32 = lo[..mid].iter().map(|c| weights[c.1 as usize]).sum();
+        let at = weights[lo[mid].1 as usize];
+        if before >= need {
+            lo = &mut lo[..mid];
+        } else if before + at >= need || mid + 1 == lo.len() {
+            let (value, id) = lo[mid];
+            return Cut { value, id };
+        } else {
+            need -= before + at;
+            lo = &mut lo[mid + 1..];
+        }
+    }
+}
+
+/// The kept tokens' cut, their weights' sum and the weights (`exp((x - max) / temperature)`, the
+/// top token's 1, each computed once; 0 where a token is cut before top-p) for a row that holds
+/// a finite logit: top-k by selection, min-p as a logit floor, top-p by the mass quickselect.
+fn filter(logits: &[f32], params: &SamplingParams) -> (Cut, f32, Vec<f32>) {
+    let t = params.temperature;
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|x| x.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut cut = Cut::ALL;
+    if params.min_p > 0.0 {
+        // weight >= min_p, as a logit floor.
+        cut = Cut {
+            value: max + t * params.min_p.ln(),
+            id: u32::MAX,
+        };
+    }
+    let finite = logits.iter().filter(|x| x.is_finite()).count();
+    let mut cands: Vec<(f32, u32)> = Vec::new();
+    let gather = |cut: Cut, cands: &mut Vec<(f32, u32)>| {
+        cands.clear();
+        cands.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|&(i, &x)| x.is_finite() && cut.keeps(x, i as u32))
+                .map(|(i, &x)| (x, i as u32)),
+        );
+    };
+    // Most of a model's vocabulary lies far below its top token: when the tokens within a factor
+    // of 1000 of the top (a logit floor) already hold what a filter needs, it searches only them.
+    let near = Cut {
+        value: max + t * NEAR.ln(),
+        id: u32::MAX,
+    };
+    if params.top_k > 0 && params.top_k < finite {
+        let narrow = cut.tighter(near);
+        let within = logits
+            .iter()
+            .enumerate()
+            .filter(|&(i, &x)| narrow.keeps(x, i as u32))
+            .count();
+        gather(
+            if within >= params.top_k { narrow } else { cut },
+            &mut cands,
+        );
+        if params.top_k < cands.len() {
+            cands.select_nth_unstable_by(params.top_k - 1, by_rank);
+            let (value, id) = cands[params.top_k - 1];
+            cut = cut.tighter(Cut { value, id });
+        }
+    }
+    let mut weights = vec![0f32; logits.len()];
+    let mut mass = 0f32;
+    for (i, &x) in logits.iter().enumerate() {
+        if x.is_finite() && cut.keeps(x, i as u32) {
+            weights[i] = ((x - max) / t).exp();
+            mass += weights[i];
+        }
+    }
+    if params.top_p < 1.0 {
+        let need = params.top_p * mass;
+        let narrow = cut.tighter(near);
+        let within: f32 = logits
+            .iter()
+            .enumerate()
+            .filter(|&(i, &x)| narrow.keeps(x, i as u32))
+            .map(|(i, _)| weights[i])
+            .sum();
+        gather(if within >= need { narrow } else { cut }, &mut cands);
+        cut = cut.tighter(mass_cut(&mut cands, &weights, need));
+        mass = cands
+            .iter()
+            .filter(|&&(x, id)| cut.keeps(x, id))
+            .map(|&(_, id)| weights[id as usize])
+            .sum();
+    }
+    (cut, mass, weights)
+}
+
+/// A token drawn with `u` in [0, 1) from the filtered, tempered distribution of `logits` (one
+/// row holding a finite logit), walking the kept tokens in id order.
+fn draw(logits: &[f32], params: &SamplingParams, u: f32) -> u32 {
+    let (cut, mass, weights) = filter(logits, params);
+    let mut left = u * mass;
+    let mut last = None;
+    for (i, &x) in logits.iter().enumerate() {
+        if !x.is_finite() || !cut.keeps(x, i as u32) {
+            continue;
+        }
+        let w = weights[i];
+        if left < w {
+            return i as u32;
+        }
+        left -= w;
+        last = Some(i as u32);
+    }
+    // Rounding left a sliver past the last kept token.
+    last.expect("a finite logit is kept")
 }
 
 #[cfg(test)]
@@ -445,6 +566,165 @@ mod tests {
         // Expected 1000 / 2000 / 3000; a 5% band is many standard deviations wide.
         for (c, want) in counts.iter().zip([1000.0, 2000.0, 3000.0]) {
             assert!((*c as f64 - want).abs() < want * 0.1, "{counts:?}");
+        }
+    }
+
+    /// The filtered distribution by the sorted definition, in f64: (id, probability).
+    fn sorted_oracle(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
+        let mut order: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| logits[i as usize].is_finite())
+            .collect();
+        order.sort_by(|&a, &b| by_rank(&(logits[a as usize], a), &(logits[b as usize], b)));
+        if p.top_k > 0 {
+            order.truncate(p.top_k);
+        }
+        let max = logits[order[0] as usize] as f64;
+        let mut probs: Vec<(u32, f64)> = order
+            .iter()
+            .map(|&i| {
+                (
+                    i,
+                    ((logits[i as usize] as f64 - max) / p.temperature as f64).exp(),
+                )
+            })
+            .collect();
+        if p.min_p > 0.0 {
+            probs.retain(|&(_, w)| w >= p.min_p as f64);
+        }
+        let total: f64 = probs.iter().map(|x| x.1).sum();
+        if p.top_p < 1.0 {
+            let mut mass = 0.0;
+            let keep = probs
+                .iter()
+                .position(|&(_, w)| {
+                    mass += w;
+                    mass >= p.top_p as f64 * total
+                })
+                .unwrap_or(probs.len() - 1);
+            probs.truncate(keep + 1);
+        }
+        let total: f64 = probs.iter().map(|x| x.1).sum();
+        probs.into_iter().map(|(i, w)| (i, w / total)).collect()
+    }
+
+    /// Whether the top-p cut falls within a rounding error of a token boundary (where f32 and
+    /// f64 sums may cut differently).
+    fn borderline(logits: &[f32], p: &SamplingParams) -> bool {
+        if p.top_p >= 1.0 {
+            return false;
+        }
+        let mut q = p.clone();
+        q.top_p = 1.0;
+        let probs = sorted_oracle(logits, &q);
+        let mut before = 0.0;
+        for &(_, w) in &probs {
+            let after = before + w;
+            if after >= p.top_p as f64 {
+                return after - (p.top_p as f64) < 1e-5 || (p.top_p as f64) - before < 1e-5;
+            }
+            before = after;
+        }
+        true
+    }
+
+    #[test]
+    fn sort_free_filter_keeps_what_the_sorted_definition_keeps() {
+        let mut rng = SplitMix64::new(11);
+        let mut checked = 0;
+        for case in 0..300 {
+            let vocab = [5, 64, 1000, 49_152][case % 4];
+            // Logits on a coarse grid, so ties are common; a few tokens forbidden.
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| {
+                    if rng.unit() < 0.05 {
+                        f32::NEG_INFINITY
+                    } else {
+                        (rng.unit() * 40.0).round() / 4.0 - 5.0
+                    }
+                })
+                .collect();
+            if logits.iter().all(|x| !x.is_finite()) {
+                continue;
+            }
+            let params = SamplingParams {
+                temperature: 0.3 + rng.unit() * 1.5,
+                top_k: [0, 1, 3, 40, 2000][(rng.next_u64() % 5) as usize],
+                top_p: [1.0, 0.5, 0.9, 0.99][(rng.next_u64() % 4) as usize],
+                min_p: [0.0, 0.05, 0.3][(rng.next_u64() % 3) as usize],
+                ..SamplingParams::default()
+            };
+            if borderline(&logits, &params) {
+                continue;
+            }
+            let want = sorted_oracle(&logits, &params);
+            let (cut, mass, weights) = filter(&logits, &params);
+            let kept: Vec<u32> = (0..vocab as u32)
+                .filter(|&i| logits[i as usize].is_finite() && cut.keeps(logits[i as usize], i))
+                .collect();
+            let mut want_ids: Vec<u32> = want.iter().map(|w| w.0).collect();
+            want_ids.sort_unstable();
+            assert_eq!(kept, want_ids, "case {case}: {params:?}");
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = kept
+                .iter()
+                .map(|&i| ((logits[i as usize] - max) / params.temperature).exp())
+                .sum();
+            assert!(kept
+                .iter()
+                .all(|&i| weights[i as usize] > 0.0 || logits[i as usize] < max - 80.0));
+            assert!((sum - mass).abs() <= 1e-4 * mass, "case {case}");
+            checked += 1;
+        }
+        assert!(checked > 270, "{checked}");
+    }
+
+    #[test]
+    fn draws_follow_the_filtered_distribution() {
+        // 10^5 counter-based draws against the sorted definition's probabilities, for eleven
+        // settings and seeds: chi-square below the 0.1% critical value each time.
+        let mut rng = SplitMix64::new(5);
+        let logits: Vec<f32> = (0..200).map(|_| rng.unit() * 6.0).collect();
+        for params in [SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            top_k: 60,
+            seed: 3,
+            ..SamplingParams::default()
+        }]
+        .into_iter()
+        .chain((10..20).map(|seed| SamplingParams {
+            temperature: 1.3,
+            min_p: 0.1,
+            seed,
+            ..SamplingParams::default()
+        })) {
+            let want = sorted_oracle(&logits, &params);
+            let mut counts = std::collections::HashMap::new();
+            let n = 100_000;
+            for step in 0..n {
+                let t = draw(&logits, &params, SplitMix64::unit_at(params.seed, step));
+                *counts.entry(t).or_insert(0u64) += 1;
+            }
+            assert!(
+                counts.keys().all(|t| want.iter().any(|w| w.0 == *t)),
+                "a filtered-out token was drawn"
+            );
+            let chi2: f64 = want
+                .iter()
+                .map(|&(t, p)| {
+                    let e = p * n as f64;
+                    let o = *counts.get(&t).unwrap_or(&0) as f64;
+                    (o - e) * (o - e) / e
+                })
+                .sum();
+            let df = want.len() as f64 - 1.0;
+            // Wilson-Hilferty: the 99.9% quantile of chi-square with df degrees of freedom.
+            let z = 3.09;
+            let crit = df * (1.0 - 2.0 / (9.0 * df) + z * (2.0 / (9.0 * df)).sqrt()).powi(3);
+            assert!(
+                chi2 < crit,
+                "chi2 {chi2:.1} >= {crit:.1} (df {df}) for {params:?}"
+            );
         }
     }
 
