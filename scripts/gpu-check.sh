@@ -73,7 +73,8 @@ if [ "$mode" = dry ]; then
     if [ -z "$missing" ]; then
         run check --help || exit 1
     fi
-    run "$python" scripts/gpu_anchors.py --device cpu --n 20000 --nq 1,4 --k 10 --batch 1,2 || exit 1
+    run "$python" scripts/gpu_anchors.py --device cpu --n 20000 --nq 1,4 --k 10 --batch 1,2 \
+        --sample-batch 4 --vocab 1000 || exit 1
     say "dry run finished"
     exit 0
 fi
@@ -95,6 +96,7 @@ else
 fi
 if [ "$mode" = full ]; then
     run check sweep --peak-tbs "$peak" || status=1
+    run check sampling --peak-tbs "$peak" || status=1
     run check embed || status=1
     run check profile || status=1
     run "$python" scripts/gpu_anchors.py --device cuda --peak-tbs "$peak" || status=1
@@ -109,5 +111,5 @@ grep -E "^SWEEP" "$log" | awk -F'\t' '$7 ~ / ms$/ {
     key=$2" "$3" "$4; ms=$7+0
     if (!(key in best) || ms < best[key]) { best[key]=ms; line[key]=$0 }
 } END { for (k in line) print line[k] }' | sort -t$'\t' -k2,2V -k3,3V -k4,4V | tee -a "$log"
-grep -E "^(EMBED|PROFILE|ANCHOR)" "$log" | tee -a "$log"
+grep -E "^(SAMPLE|EMBED|PROFILE|ANCHOR)" "$log" | tee -a "$log"
 exit $status

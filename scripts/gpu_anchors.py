@@ -50,6 +50,8 @@ def main():
     ap.add_argument("--d", type=int, default=384)
     ap.add_argument("--batch", type=ints, default=[1, 32, 256])
     ap.add_argument("--peak-tbs", type=float, default=4.8)
+    ap.add_argument("--sample-batch", type=int, default=256)
+    ap.add_argument("--vocab", type=ints, default=[32000, 151936])
     args = ap.parse_args()
     dev = args.device
     half = torch.float16 if dev == "cuda" else torch.float32
@@ -76,6 +78,31 @@ def main():
         del corpus
         if dev == "cuda":
             torch.cuda.empty_cache()
+
+    # A sort-based sampler, as Hugging Face and many servers write it: temperature, top-k,
+    # softmax, a full sort, cumulative sum for top-p, then multinomial.
+    def sort_sampler(logits, temperature, top_k, top_p):
+        x = logits.float() / temperature
+        if top_k > 0:
+            kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        cum = torch.cumsum(probs, dim=-1)
+        drop = cum - probs > top_p
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        choice = torch.multinomial(torch.softmax(sorted_x, dim=-1), 1)
+        return order.gather(-1, choice)
+
+    for vocab in args.vocab:
+        for dtype in (torch.bfloat16, torch.float32):
+            logits = (torch.randn(args.sample_batch, vocab, device=dev) * 3).to(dtype)
+            for name, top_k, top_p in (("top_k50_top_p0.9", 50, 0.9), ("top_p0.95", 0, 0.95)):
+                ms = timer(dev, lambda: sort_sampler(logits, 0.8, top_k, top_p))
+                print(f"ANCHOR\ttorch sort sampler {name}\t{str(dtype).split('.')[-1]} batch={args.sample_batch} vocab={vocab}\t{ms:.3f} ms")
+            ms = timer(dev, lambda: torch.argmax(logits, dim=-1))
+            print(f"ANCHOR\ttorch argmax\t{str(dtype).split('.')[-1]} batch={args.sample_batch} vocab={vocab}\t{ms:.3f} ms")
+            del logits
 
     from transformers import BertConfig, BertModel
 

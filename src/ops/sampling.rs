@@ -280,34 +280,37 @@ impl Sampler {
         Ok(token)
     }
 
+    /// This sequence's penalty entries: every token it generated, how often, and whether it is
+    /// among the last [`PENALTY_WINDOW`]; by id.
+    pub fn penalty_entries(&self) -> Vec<PenaltyEntry> {
+        let mut out: Vec<PenaltyEntry> = self
+            .counts
+            .iter()
+            .map(|(&id, &count)| PenaltyEntry {
+                id,
+                count,
+                recent: self.recent.contains(&id),
+            })
+            .collect();
+        out.sort_unstable_by_key(|e| e.id);
+        out
+    }
+
+    /// The step counter of the counter-based draw.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
     fn choose(&mut self, logits: &mut [f32]) -> Result<u32, OpsError> {
         for p in &mut self.processors {
             p.process(logits);
         }
-        let penalty = self.params.repetition_penalty;
-        if penalty != 1.0 {
-            let mut seen: Vec<u32> = self.recent.iter().copied().collect();
-            seen.sort_unstable();
-            seen.dedup();
-            for id in seen {
-                if let Some(x) = logits.get_mut(id as usize) {
-                    *x = if *x > 0.0 { *x / penalty } else { *x * penalty };
-                }
-            }
-        }
-        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
-        if presence != 0.0 || frequency != 0.0 {
-            for (&id, &n) in &self.counts {
-                if let Some(x) = logits.get_mut(id as usize) {
-                    *x -= presence + frequency * n as f32;
-                }
-            }
-        }
-        for &id in &self.suppress {
-            if let Some(x) = logits.get_mut(id as usize) {
-                *x = f32::NEG_INFINITY;
-            }
-        }
+        apply_penalties(
+            logits,
+            &self.params,
+            &self.penalty_entries(),
+            &self.suppress,
+        );
         let greedy = argmax(logits)
             .ok_or_else(|| OpsError::Invalid("no token is allowed by the logits".into()))?;
         if self.params.temperature == 0.0 {
@@ -315,6 +318,43 @@ impl Sampler {
         }
         let u = SplitMix64::unit_at(self.params.seed, self.step);
         Ok(draw(logits, &self.params, u))
+    }
+}
+
+/// A token a sequence generated: how often, and whether among its last [`PENALTY_WINDOW`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PenaltyEntry {
+    pub id: u32,
+    pub count: u32,
+    pub recent: bool,
+}
+
+/// A row's penalties (each id at most once in `entries`: the repetition penalty on recent
+/// tokens, then presence and frequency) and its banned ids (set to -inf), in place: what the CUDA
+/// kernel does to its work row.
+pub fn apply_penalties(
+    logits: &mut [f32],
+    params: &SamplingParams,
+    entries: &[PenaltyEntry],
+    bans: &[u32],
+) {
+    let rp = params.repetition_penalty;
+    let (presence, frequency) = (params.presence_penalty, params.frequency_penalty);
+    for e in entries {
+        let Some(x) = logits.get_mut(e.id as usize) else {
+            continue;
+        };
+        if e.recent && rp != 1.0 {
+            *x = if *x > 0.0 { *x / rp } else { *x * rp };
+        }
+        if e.count > 0 && (presence != 0.0 || frequency != 0.0) {
+            *x -= presence + frequency * e.count as f32;
+        }
+    }
+    for &id in bans {
+        if let Some(x) = logits.get_mut(id as usize) {
+            *x = f32::NEG_INFINITY;
+        }
     }
 }
 
@@ -350,9 +390,12 @@ impl Cut {
 /// The weight (relative to the top token's) above which a token is "near the top".
 const NEAR: f32 = 1e-3;
 
-/// Rank order: higher logit first, equal logits by lower id.
+/// Rank order: higher logit first, equal logits (`-0.0` equal to `0.0`, as the cuts compare
+/// them) by lower id. Only finite logits are ranked.
 fn by_rank(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
-    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+    b.0.partial_cmp(&a.0)
+        .unwrap_or(std::cmp::Ordering::Equal)
+        .then(a.1.cmp(&b.1))
 }
 
 /// The cut after the tokens of `cands` (logit, id) whose weights, taken in rank order, first
@@ -462,9 +505,24 @@ fn filter(logits: &[f32], params: &SamplingParams) -> (Cut, f32, Vec<f32>) {
     (cut, mass, weights)
 }
 
+/// The kept tokens of a row (one holding a finite logit) in id order with their weights, and
+/// the weights' sum: what [`draw`] walks. The GPU check uses it to tell a rounding difference
+/// at a boundary from a wrong token.
+pub fn kept_tokens(logits: &[f32], params: &SamplingParams) -> (Vec<(u32, f32)>, f32) {
+    let (cut, mass, weights) = filter(logits, params);
+    let kept = logits
+        .iter()
+        .enumerate()
+        .filter(|&(i, &x)| x.is_finite() && cut.keeps(x, i as u32))
+        .map(|(i, _)| (i as u32, weights[i]))
+        .collect();
+    (kept, mass)
+}
+
 /// A token drawn with `u` in [0, 1) from the filtered, tempered distribution of `logits` (one
-/// row holding a finite logit), walking the kept tokens in id order.
-fn draw(logits: &[f32], params: &SamplingParams, u: f32) -> u32 {
+/// row holding a finite logit; temperature above 0), walking the kept tokens in id order: the
+/// reference of `kernels/sampling.cu`.
+pub fn draw(logits: &[f32], params: &SamplingParams, u: f32) -> u32 {
     let (cut, mass, weights) = filter(logits, params);
     let mut left = u * mass;
     let mut last = None;
@@ -481,6 +539,203 @@ fn draw(logits: &[f32], params: &SamplingParams, u: f32) -> u32 {
     }
     // Rounding left a sliver past the last kept token.
     last.expect("a finite logit is kept")
+}
+
+#[cfg(feature = "cuda")]
+pub mod gpu {
+    //! The CUDA twin: `kernels/sampling.cu`, one block per row, loaded once per device.
+
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::CudaDevice;
+    use candle_core::{DType, Device, Storage, Tensor};
+
+    use super::{PenaltyEntry, SamplingParams};
+    use crate::error::OpsError;
+
+    /// The PTX of `kernels/sampling.cu`, compiled by build.rs.
+    pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
+    const MODULE: &str = "cited_sampling";
+    const THREADS: u32 = 1024;
+    /// `RowParams` in the kernel: 16 words.
+    const ROW_WORDS: usize = 16;
+
+    fn dev_err(e: impl std::fmt::Display) -> OpsError {
+        OpsError::Device(e.to_string())
+    }
+
+    /// One row's request: its settings, the step of its counter-based draw, its penalty
+    /// entries and banned ids.
+    pub struct Row<'a> {
+        pub params: &'a SamplingParams,
+        pub step: u64,
+        pub penalties: &'a [PenaltyEntry],
+        pub bans: &'a [u32],
+    }
+
+    /// A prepared step for a batch of rows: inputs uploaded once, so it can be launched
+    /// repeatedly (benches) and read back when wanted.
+    pub struct Step {
+        dev: CudaDevice,
+        logits: Tensor,
+        rows: u32,
+        vocab: u32,
+        params: CudaSlice<u32>,
+        penalty_ids: CudaSlice<u32>,
+        penalty_counts: CudaSlice<u32>,
+        penalty_recent: CudaSlice<u32>,
+        bans: CudaSlice<u32>,
+        work: CudaSlice<f32>,
+        out: CudaSlice<u32>,
+    }
+
+    impl Step {
+        /// `logits`: (rows, vocab), f32 or bf16, contiguous, on a CUDA device.
+        pub fn new(logits: &Tensor, rows: &[Row<'_>]) -> Result<Self, OpsError> {
+            let (n, vocab) = logits.dims2()?;
+            if n != rows.len() || n == 0 || vocab == 0 || vocab >= u32::MAX as usize {
+                return Err(OpsError::Shape(format!(
+                    "{n} rows of {vocab} logits for {} requests",
+                    rows.len()
+                )));
+            }
+            if !matches!(logits.dtype(), DType::F32 | DType::BF16) || !logits.is_contiguous() {
+                return Err(OpsError::Shape(
+                    "logits must be contiguous f32 or bf16".into(),
+                ));
+            }
+            let dev = match logits.device() {
+                Device::Cuda(d) => d.clone(),
+                _ => return Err(OpsError::Device("logits are not on a CUDA device".into())),
+            };
+            let mut words = Vec::with_capacity(n * ROW_WORDS);
+            let (mut ids, mut counts, mut recent, mut bans) = (vec![], vec![], vec![], vec![]);
+            for r in rows {
+                let p = r.params;
+                let start = ids.len() as u32;
+                for e in r.penalties {
+                    ids.push(e.id);
+                    counts.push(e.count);
+                    recent.push(u32::from(e.recent));
+                }
+                let ban_start = bans.len() as u32;
+                bans.extend_from_slice(r.bans);
+                words.extend_from_slice(&[
+                    p.temperature.to_bits(),
+                    p.top_p.to_bits(),
+                    p.min_p.to_bits(),
+                    p.repetition_penalty.to_bits(),
+                    p.presence_penalty.to_bits(),
+                    p.frequency_penalty.to_bits(),
+                    p.top_k.min(u32::MAX as usize) as u32,
+                    start,
+                    r.penalties.len() as u32,
+                    ban_start,
+                    r.bans.len() as u32,
+                    0,
+                    p.seed as u32,
+                    (p.seed >> 32) as u32,
+                    r.step as u32,
+                    (r.step >> 32) as u32,
+                ]);
+            }
+            // Empty lists still need a valid pointer.
+            for v in [&mut ids, &mut counts, &mut recent, &mut bans] {
+                if v.is_empty() {
+                    v.push(0);
+                }
+            }
+            let stream = dev.cuda_stream();
+            Ok(Self {
+                params: stream.clone_htod(&words).map_err(dev_err)?,
+                penalty_ids: stream.clone_htod(&ids).map_err(dev_err)?,
+                penalty_counts: stream.clone_htod(&counts).map_err(dev_err)?,
+                penalty_recent: stream.clone_htod(&recent).map_err(dev_err)?,
+                bans: stream.clone_htod(&bans).map_err(dev_err)?,
+                work: stream.alloc_zeros::<f32>(n * vocab).map_err(dev_err)?,
+                out: stream.alloc_zeros::<u32>(n).map_err(dev_err)?,
+                dev,
+                logits: logits.clone(),
+                rows: n as u32,
+                vocab: vocab as u32,
+            })
+        }
+
+        /// Fills the output with 0xFFFFFFFE, which no step writes, so a row the kernel forgets
+        /// cannot pass for a token.
+        pub fn poison(&mut self) -> Result<(), OpsError> {
+            let bad = vec![u32::MAX - 1; self.rows as usize];
+            self.dev
+                .cuda_stream()
+                .memcpy_htod(&bad, &mut self.out)
+                .map_err(dev_err)
+        }
+
+        /// Enqueues the kernel on the device's stream (no synchronisation).
+        pub fn launch(&mut self) -> Result<(), OpsError> {
+            let name = match self.logits.dtype() {
+                DType::BF16 => "cited_sample_bf16",
+                _ => "cited_sample_f32",
+            };
+            let func = self.dev.get_or_load_custom_func(name, MODULE, PTX)?;
+            let cfg = LaunchConfig {
+                grid_dim: (self.rows, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (storage, layout) = self.logits.storage_and_layout();
+            let Storage::Cuda(cs) = &*storage else {
+                return Err(OpsError::Device("logits are not on a CUDA device".into()));
+            };
+            let start = layout.start_offset();
+            let len = self.logits.elem_count();
+            let mut b = func.builder();
+            let f32_view;
+            let bf16_view;
+            match self.logits.dtype() {
+                DType::BF16 => {
+                    bf16_view = cs.as_cuda_slice::<half::bf16>()?.slice(start..start + len);
+                    b.arg(&bf16_view);
+                }
+                _ => {
+                    f32_view = cs.as_cuda_slice::<f32>()?.slice(start..start + len);
+                    b.arg(&f32_view);
+                }
+            }
+            b.arg(&self.vocab)
+                .arg(&self.params)
+                .arg(&self.penalty_ids)
+                .arg(&self.penalty_counts)
+                .arg(&self.penalty_recent)
+                .arg(&self.bans)
+                .arg(&mut self.work)
+                .arg(&mut self.out);
+            // SAFETY: the arguments match the kernel's signature (kernels/sampling.cu): logits
+            // of rows x vocab, 16 words of parameters per row, penalty and ban lists that the
+            // row ranges index, a work row and one output per row.
+            unsafe { b.launch(cfg) }.map_err(dev_err)?;
+            Ok(())
+        }
+
+        /// Waits and reads the tokens back; `None` where a row allows no token.
+        pub fn read(&self) -> Result<Vec<Option<u32>>, OpsError> {
+            let out = self
+                .dev
+                .cuda_stream()
+                .clone_dtoh(&self.out)
+                .map_err(dev_err)?;
+            Ok(out
+                .into_iter()
+                .map(|t| (t != u32::MAX).then_some(t))
+                .collect())
+        }
+
+        /// The device's stream, for timing with events.
+        pub fn stream(
+            &self,
+        ) -> std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream> {
+            self.dev.cuda_stream()
+        }
+    }
 }
 
 #[cfg(test)]
