@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Second half of the GPU check, on the GPU machine (Python with PyTorch, no Rust, no network):
 # parity tests, compute-sanitizer memcheck on small sizes, the similarity variant sweep, the
-# embedding bench and the PyTorch anchors, then a short table last. Full log: $OUT/gpu-check.log
+# sampling and decode-attention benches, the embedding bench and the PyTorch anchors, then a
+# short table last. Full log: $OUT/gpu-check.log
 # (or ./gpu-check.log without $OUT).
 #
 #   scripts/gpu-check.sh            # on the GPU machine, after scripts/gpu-build.sh here
@@ -97,6 +98,7 @@ fi
 if [ "$mode" = full ]; then
     run check sweep --peak-tbs "$peak" || status=1
     run check sampling --peak-tbs "$peak" || status=1
+    run check attention --peak-tbs "$peak" || status=1
     run check embed || status=1
     run check profile || status=1
     run "$python" scripts/gpu_anchors.py --device cuda --peak-tbs "$peak" || status=1
@@ -111,5 +113,5 @@ grep -E "^SWEEP" "$log" | awk -F'\t' '$7 ~ / ms$/ {
     key=$2" "$3" "$4; ms=$7+0
     if (!(key in best) || ms < best[key]) { best[key]=ms; line[key]=$0 }
 } END { for (k in line) print line[k] }' | sort -t$'\t' -k2,2V -k3,3V -k4,4V | tee -a "$log"
-grep -E "^(SAMPLE|EMBED|PROFILE|ANCHOR)" "$log" | tee -a "$log"
+grep -E "^(SAMPLE|ATTN|EMBED|PROFILE|ANCHOR)" "$log" | tee -a "$log"
 exit $status

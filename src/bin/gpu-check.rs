@@ -16,6 +16,8 @@ use half::f16;
 
 use cited::models::bert::{l2_normalize, mean_pool, Bert, BertConfig};
 use cited::models::Batch;
+use cited::ops::paged_attention::gpu::Decode;
+use cited::ops::paged_attention::{paged_attention, PagedGeometry, SeqView};
 use cited::ops::rng::SplitMix64;
 use cited::ops::sampling::gpu::{Row, Step};
 use cited::ops::sampling::{
@@ -76,6 +78,13 @@ enum Cmd {
         /// Parity only, on small shapes (for compute-sanitizer).
         #[arg(long)]
         small: bool,
+    },
+    /// Decode attention over the paged cache: time per step and HBM fraction at the benchmark
+    /// shapes (Llama-3-8B heads: 32 query, 8 KV, dim 128).
+    Attention {
+        /// HBM bandwidth in TB/s (H200 4.8, H100 SXM 3.35).
+        #[arg(long, default_value_t = 4.8)]
+        peak_tbs: f64,
     },
     /// Embeddings per second of MiniLM-shaped random weights in f16, 128-token texts.
     Embed {
@@ -309,22 +318,32 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median milliseconds of the search, timed with CUDA events.
-fn time_search(s: &mut Search) -> Result<f64> {
-    let stream = s.stream();
+/// Median milliseconds of `launch` on `stream`, timed with CUDA events, after one warm-up (module
+/// load, first touch); at least 5 runs, up to 30 within `budget_s`.
+fn time_launches(
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    budget_s: f64,
+    mut launch: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     let timing =
         Some(candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-    s.launch()?; // warm-up: module load, first touch
+    launch()?;
     stream.synchronize()?;
     let mut times = Vec::new();
     let started = Instant::now();
-    while times.len() < 5 || (times.len() < 30 && started.elapsed().as_secs_f64() < 0.8) {
+    while times.len() < 5 || (times.len() < 30 && started.elapsed().as_secs_f64() < budget_s) {
         let a = stream.record_event(timing)?;
-        s.launch()?;
+        launch()?;
         let b = stream.record_event(timing)?;
         times.push(a.elapsed_ms(&b)? as f64);
     }
     Ok(median(times))
+}
+
+/// Median milliseconds of the search, timed with CUDA events.
+fn time_search(s: &mut Search) -> Result<f64> {
+    let stream = s.stream();
+    time_launches(&stream, 0.8, || Ok(s.launch()?))
 }
 
 fn suits(v: &Variant, nq: usize) -> bool {
@@ -517,6 +536,173 @@ fn profile(dev: &Device, b: usize) -> Result<()> {
     for (name, op) in ops {
         let ms = time_ms(dev, op)?;
         println!("PROFILE\t{name}\tbatch={b}\t{ms:.3} ms");
+    }
+    Ok(())
+}
+
+/// A paged cache holding `lens` positions per sequence in shuffled blocks, random f16 K/V, and
+/// one random query row per sequence (stride `width + 8`): (q, k, v, tables).
+#[allow(clippy::type_complexity)]
+fn paged_inputs(
+    rng: &mut Rng,
+    g: &PagedGeometry,
+    lens: &[usize],
+) -> (Vec<f32>, usize, Vec<f16>, Vec<f16>, Vec<Vec<u32>>) {
+    let per: Vec<usize> = lens.iter().map(|l| l.div_ceil(g.block_size)).collect();
+    let total: usize = per.iter().sum::<usize>() + 3;
+    let mut order: Vec<u32> = (0..total as u32).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+    }
+    let mut next = 0;
+    let tables: Vec<Vec<u32>> = per
+        .iter()
+        .map(|&n| {
+            let t = order[next..next + n].to_vec();
+            next += n;
+            t
+        })
+        .collect();
+    let k = rng.halves(total * g.block_elems());
+    let v = rng.halves(total * g.block_elems());
+    let stride = g.heads * g.head_dim + 8;
+    let q: Vec<f32> = (0..lens.len() * stride).map(|_| rng.normal()).collect();
+    (q, stride, k, v, tables)
+}
+
+/// Decode attention on the GPU against the CPU path (itself tested against the plain candle
+/// reference); prints one `PARITY` line per case.
+fn paged_parity(dev: &Device, small: bool) -> Result<bool> {
+    let mut rng = Rng(SplitMix64::new(29));
+    let geo = |heads, kv_heads, head_dim, block_size| PagedGeometry {
+        heads,
+        kv_heads,
+        head_dim,
+        block_size,
+    };
+    // (geometry, context lengths, split length)
+    let cases: Vec<(PagedGeometry, Vec<usize>, Option<u32>)> = if small {
+        vec![
+            (geo(9, 3, 64, 16), vec![1, 17, 40], None),
+            (geo(8, 1, 128, 16), vec![33, 5], Some(16)),
+        ]
+    } else {
+        vec![
+            (geo(9, 3, 64, 16), vec![1, 17, 300, 1000], None),
+            (geo(4, 4, 64, 16), vec![15, 16, 17, 513], None),
+            (geo(32, 8, 128, 16), vec![5, 2049, 700], None),
+            (geo(32, 8, 128, 16), vec![5, 2049, 700], Some(256)),
+            (geo(24, 8, 128, 32), vec![3000, 1, 77], Some(64)),
+            (geo(32, 4, 128, 16), vec![4100, 250], None),
+            (geo(16, 16, 256, 16), vec![100, 9], None),
+            (geo(8, 8, 32, 8), vec![31, 2], None),
+        ]
+    };
+    let mut all_ok = true;
+    for (g, lens, split) in cases {
+        let (q, stride, k, v, tables) = paged_inputs(&mut rng, &g, &lens);
+        let width = g.heads * g.head_dim;
+        let scale = 1.0 / (g.head_dim as f32).sqrt();
+        let seqs: Vec<SeqView<'_>> = lens
+            .iter()
+            .enumerate()
+            .map(|(s, &len)| SeqView {
+                tokens: s..s + 1,
+                start: len - 1,
+                blocks: &tables[s],
+            })
+            .collect();
+        let mut want = vec![0f32; lens.len() * width];
+        paged_attention(&g, &q, stride, &k, &v, &seqs, scale, &mut want)?;
+        let qt = Tensor::from_vec(q, (lens.len(), stride), dev)?;
+        let n = k.len();
+        let kt = Tensor::from_vec(k, n, dev)?;
+        let vt = Tensor::from_vec(v, n, dev)?;
+        let table_refs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
+        let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+        let run = || -> Result<(u32, Vec<f32>)> {
+            let mut d = Decode::new(&g, &qt, &kt, &vt, &table_refs, &lens32, scale, split)?;
+            d.poison()?;
+            d.launch()?;
+            Ok((d.splits(), d.read()?))
+        };
+        let (verdict, splits) = match run() {
+            Ok((splits, got)) => {
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, |m, d| {
+                        if d.is_nan() || m.is_nan() {
+                            f32::NAN
+                        } else {
+                            m.max(d)
+                        }
+                    });
+                // f16 K/V read exactly on both sides; f32 sums in another order and __expf.
+                if diff <= 2e-3 {
+                    (format!("ok (max diff {diff:.2e})"), splits.to_string())
+                } else {
+                    (format!("FAIL (max diff {diff:.2e})"), splits.to_string())
+                }
+            }
+            Err(e) => (format!("FAIL error {e}"), "?".into()),
+        };
+        all_ok &= verdict.starts_with("ok");
+        println!(
+            "PARITY\tpaged decode\theads={} kv={} dim={} block={} lens={lens:?} splits={splits}\t-\t{verdict}",
+            g.heads, g.kv_heads, g.head_dim, g.block_size
+        );
+    }
+    Ok(all_ok)
+}
+
+/// Time per decode attention step at the shapes, with the HBM fraction of the K/V read.
+fn attention_bench(dev: &Device, peak_tbs: f64) -> Result<()> {
+    let mut rng = Rng(SplitMix64::new(31));
+    let llama8b = PagedGeometry {
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        block_size: 16,
+    };
+    let smol = PagedGeometry {
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        block_size: 16,
+    };
+    for (name, g, batch, ctx) in [
+        ("llama3-8b heads", llama8b, 64usize, 2048usize),
+        ("llama3-8b heads", llama8b, 8, 32768),
+        ("smollm2 heads", smol, 64, 2048),
+    ] {
+        // Blocks in a shuffled order; K, V and queries drawn on the device (their values do
+        // not change the time).
+        let per = ctx.div_ceil(g.block_size);
+        let mut order: Vec<u32> = (0..(batch * per) as u32).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+        }
+        let tables: Vec<Vec<u32>> = order.chunks(per).map(|c| c.to_vec()).collect();
+        let lens = vec![ctx; batch];
+        let n = batch * per * g.block_elems();
+        let kt = Tensor::randn(0f32, 1.0, n, dev)?.to_dtype(DType::F16)?;
+        let vt = Tensor::randn(0f32, 1.0, n, dev)?.to_dtype(DType::F16)?;
+        let qt = Tensor::randn(0f32, 1.0, (batch, g.heads * g.head_dim), dev)?;
+        let table_refs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
+        let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+        let scale = 1.0 / (g.head_dim as f32).sqrt();
+        let mut d = Decode::new(&g, &qt, &kt, &vt, &table_refs, &lens32, scale, None)?;
+        let stream = d.stream();
+        let ms = time_launches(&stream, 1.0, || Ok(d.launch()?))?;
+        let bytes = (batch * ctx * g.kv_heads * g.head_dim * 2 * 2) as f64;
+        let tbs = bytes / (ms * 1e-3) / 1e12;
+        println!(
+            "ATTN\t{name}\tbatch={batch} ctx={ctx} splits={}\t{ms:.3} ms\t{tbs:.2} TB/s\t{:.0}% of {peak_tbs} TB/s",
+            d.splits(),
+            100.0 * tbs / peak_tbs
+        );
     }
     Ok(())
 }
@@ -737,21 +923,7 @@ fn sampling_bench(dev: &Device, batch: usize, vocabs: &[usize], peak_tbs: f64) -
                     .collect();
                 let mut step = Step::new(&t, &reqs)?;
                 let stream = step.stream();
-                let timing = Some(
-                    candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT,
-                );
-                step.launch()?;
-                stream.synchronize()?;
-                let mut times = Vec::new();
-                let started = Instant::now();
-                while times.len() < 5 || (times.len() < 30 && started.elapsed().as_secs_f64() < 1.0)
-                {
-                    let a = stream.record_event(timing)?;
-                    step.launch()?;
-                    let b = stream.record_event(timing)?;
-                    times.push(a.elapsed_ms(&b)? as f64);
-                }
-                let ms = median(times);
+                let ms = time_launches(&stream, 1.0, || Ok(step.launch()?))?;
                 let bytes = (batch * vocab * dtype.size_in_bytes()) as f64;
                 let floor_ms = bytes / (peak_tbs * 1e12) * 1e3;
                 println!(
@@ -787,13 +959,15 @@ fn main() -> Result<()> {
             let a = similarity_parity(&dev, &cases)?;
             let b = embedding_parity(&dev)?;
             let c = sampling_parity(&dev, false)?;
-            if !(a && b && c) {
+            let d = paged_parity(&dev, false)?;
+            if !(a && b && c && d) {
                 bail!("parity failed");
             }
         }
         Cmd::Memcheck => {
             if !similarity_parity(&dev, &[(3, 1000, 64, 10), (40, 3000, 128, 50)])?
                 || !sampling_parity(&dev, true)?
+                || !paged_parity(&dev, true)?
             {
                 bail!("parity failed under memcheck");
             }
@@ -806,6 +980,7 @@ fn main() -> Result<()> {
             peak_tbs,
         } => sweep(&dev, &n, &nq, &k, d, peak_tbs)?,
         Cmd::Embed { batch } => embed_bench(&dev, &batch)?,
+        Cmd::Attention { peak_tbs } => attention_bench(&dev, peak_tbs)?,
         Cmd::Sampling {
             batch,
             vocab,

@@ -403,6 +403,267 @@ pub fn paged_attention_reference(
     Ok(())
 }
 
+#[cfg(feature = "cuda")]
+pub mod gpu {
+    //! The CUDA twin for decode steps (one query token per sequence):
+    //! `kernels/paged_attention.cu`, loaded once per device.
+
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::CudaDevice;
+    use candle_core::{DType, Device, Storage, Tensor};
+
+    use super::{PagedGeometry, Result};
+    use crate::error::OpsError;
+
+    /// The PTX of `kernels/paged_attention.cu`, compiled by build.rs.
+    pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
+    const MODULE: &str = "cited_paged_attention";
+    const THREADS: u32 = 128;
+    /// Pages of one split the kernel stages in shared memory.
+    const MAX_PAGES: usize = 1024;
+
+    fn dev_err(e: impl std::fmt::Display) -> OpsError {
+        OpsError::Device(e.to_string())
+    }
+
+    fn cuda_of(t: &Tensor) -> Result<CudaDevice> {
+        match t.device() {
+            Device::Cuda(d) => Ok(d.clone()),
+            _ => Err(OpsError::Device("tensor is not on a CUDA device".into())),
+        }
+    }
+
+    /// A prepared decode attention: block tables and lengths uploaded, outputs allocated, so
+    /// it can be launched repeatedly (benches) and read back when wanted.
+    pub struct Decode {
+        dev: CudaDevice,
+        g: PagedGeometry,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_stride: u32,
+        seqs: u32,
+        max_blocks: u32,
+        split_len: u32,
+        splits: u32,
+        scale: f32,
+        tables: CudaSlice<u32>,
+        lens: CudaSlice<u32>,
+        part_max: CudaSlice<f32>,
+        part_sum: CudaSlice<f32>,
+        part_out: CudaSlice<f32>,
+        out: CudaSlice<f32>,
+    }
+
+    impl Decode {
+        /// `q`: (seqs, q_stride) f32 with each sequence's query heads first in its row; `k`,
+        /// `v`: one layer's paged f16 storage (flat); `tables[s]` the blocks of sequence `s`,
+        /// covering its `lens[s]` positions (the current token included). `split_len`:
+        /// positions per split (a multiple of the block size; default: one split up to 1,024
+        /// positions, more for longer contexts so the grid fills the device).
+        #[allow(clippy::too_many_arguments)]
+        pub fn new(
+            g: &PagedGeometry,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            tables: &[&[u32]],
+            lens: &[u32],
+            scale: f32,
+            split_len: Option<u32>,
+        ) -> Result<Self> {
+            let (seqs, q_stride) = q.dims2()?;
+            let group = g.heads / g.kv_heads.max(1);
+            if g.kv_heads == 0
+                || !g.heads.is_multiple_of(g.kv_heads)
+                || group > 8
+                || !g.head_dim.is_power_of_two()
+                || !(8..=256).contains(&g.head_dim)
+                || q_stride < g.heads * g.head_dim
+            {
+                return Err(OpsError::Shape(format!(
+                    "decode attention on the GPU takes head_dim a power of two in 8..=256 and at most 8 query heads per KV head: {g:?}, q stride {q_stride}"
+                )));
+            }
+            if q.dtype() != DType::F32
+                || k.dtype() != DType::F16
+                || v.dtype() != DType::F16
+                || !q.is_contiguous()
+                || !k.is_contiguous()
+                || !v.is_contiguous()
+                || k.elem_count() != v.elem_count()
+                || !k.elem_count().is_multiple_of(g.block_elems())
+            {
+                return Err(OpsError::Shape(
+                    "q f32, K and V f16 of whole blocks, all contiguous".into(),
+                ));
+            }
+            if tables.len() != seqs || lens.len() != seqs || seqs == 0 {
+                return Err(OpsError::Shape(format!(
+                    "{seqs} queries, {} tables, {} lengths",
+                    tables.len(),
+                    lens.len()
+                )));
+            }
+            let num_blocks = (k.elem_count() / g.block_elems()) as u32;
+            for (t, &len) in tables.iter().zip(lens) {
+                if t.len() * g.block_size < len as usize || t.iter().any(|&b| b >= num_blocks) {
+                    return Err(OpsError::Shape(format!(
+                        "a block table of {} blocks for {len} positions ({num_blocks} blocks stored)",
+                        t.len()
+                    )));
+                }
+            }
+            let dev = cuda_of(q)?;
+            let bs = g.block_size as u32;
+            let longest = lens.iter().copied().max().unwrap_or(0).max(1);
+            let split_len = match split_len {
+                Some(s) => s.div_ceil(bs).max(1) * bs,
+                None if longest <= 1024 => longest.div_ceil(bs) * bs,
+                None => 512u32.div_ceil(bs) * bs,
+            }
+            .min((MAX_PAGES as u32) * bs);
+            let splits = longest.div_ceil(split_len);
+            let max_blocks = tables.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
+            let mut flat = vec![0u32; seqs * max_blocks];
+            for (s, t) in tables.iter().enumerate() {
+                flat[s * max_blocks..s * max_blocks + t.len()].copy_from_slice(t);
+            }
+            let stream = dev.cuda_stream();
+            let parts = seqs * g.heads * splits as usize;
+            Ok(Self {
+                tables: stream.clone_htod(&flat).map_err(dev_err)?,
+                lens: stream.clone_htod(lens).map_err(dev_err)?,
+                part_max: stream.alloc_zeros::<f32>(parts).map_err(dev_err)?,
+                part_sum: stream.alloc_zeros::<f32>(parts).map_err(dev_err)?,
+                part_out: stream
+                    .alloc_zeros::<f32>(parts * g.head_dim)
+                    .map_err(dev_err)?,
+                out: stream
+                    .alloc_zeros::<f32>(seqs * g.heads * g.head_dim)
+                    .map_err(dev_err)?,
+                dev,
+                g: *g,
+                q: q.clone(),
+                k: k.clone(),
+                v: v.clone(),
+                q_stride: q_stride as u32,
+                seqs: seqs as u32,
+                max_blocks: max_blocks as u32,
+                split_len,
+                splits,
+                scale,
+            })
+        }
+
+        pub fn splits(&self) -> u32 {
+            self.splits
+        }
+
+        /// Fills the output with NaN, so a value the kernels forget cannot pass for a result.
+        pub fn poison(&mut self) -> Result<()> {
+            let nan = vec![f32::NAN; self.out.len()];
+            self.dev
+                .cuda_stream()
+                .memcpy_htod(&nan, &mut self.out)
+                .map_err(dev_err)
+        }
+
+        /// Enqueues the decode kernel (and the merge when split) on the device's stream.
+        pub fn launch(&mut self) -> Result<()> {
+            let func = self
+                .dev
+                .get_or_load_custom_func("cited_paged_decode", MODULE, PTX)?;
+            let (qs, ql) = self.q.storage_and_layout();
+            let (ks, kl) = self.k.storage_and_layout();
+            let (vs, vl) = self.v.storage_and_layout();
+            let (Storage::Cuda(qc), Storage::Cuda(kc), Storage::Cuda(vc)) = (&*qs, &*ks, &*vs)
+            else {
+                return Err(OpsError::Device("inputs are not on a CUDA device".into()));
+            };
+            let qv = qc
+                .as_cuda_slice::<f32>()?
+                .slice(ql.start_offset()..ql.start_offset() + self.q.elem_count());
+            let kv = kc
+                .as_cuda_slice::<half::f16>()?
+                .slice(kl.start_offset()..kl.start_offset() + self.k.elem_count());
+            let vv = vc
+                .as_cuda_slice::<half::f16>()?
+                .slice(vl.start_offset()..vl.start_offset() + self.v.elem_count());
+            let g = self.g;
+            let (heads, kv_heads, hd, bs) = (
+                g.heads as u32,
+                g.kv_heads as u32,
+                g.head_dim as u32,
+                g.block_size as u32,
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (self.seqs, kv_heads, self.splits),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = func.builder();
+            b.arg(&qv)
+                .arg(&self.q_stride)
+                .arg(&kv)
+                .arg(&vv)
+                .arg(&self.tables)
+                .arg(&self.max_blocks)
+                .arg(&self.lens)
+                .arg(&heads)
+                .arg(&kv_heads)
+                .arg(&hd)
+                .arg(&bs)
+                .arg(&self.split_len)
+                .arg(&self.scale)
+                .arg(&mut self.out)
+                .arg(&mut self.part_max)
+                .arg(&mut self.part_sum)
+                .arg(&mut self.part_out);
+            // SAFETY: the arguments match `cited_paged_decode` (kernels/paged_attention.cu);
+            // shapes, block tables (in range, covering every position) and the split length
+            // (whole pages, at most 1,024 of them) were checked in `new`.
+            unsafe { b.launch(cfg) }.map_err(dev_err)?;
+            if self.splits > 1 {
+                let merge = self
+                    .dev
+                    .get_or_load_custom_func("cited_paged_merge", MODULE, PTX)?;
+                let cfg = LaunchConfig {
+                    grid_dim: (self.seqs, heads, 1),
+                    block_dim: (hd.min(256), 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut b = merge.builder();
+                b.arg(&self.part_max)
+                    .arg(&self.part_sum)
+                    .arg(&self.part_out)
+                    .arg(&heads)
+                    .arg(&self.splits)
+                    .arg(&hd)
+                    .arg(&mut self.out);
+                // SAFETY: the partial buffers hold (seqs, heads, splits[, head_dim]) entries.
+                unsafe { b.launch(cfg) }.map_err(dev_err)?;
+            }
+            Ok(())
+        }
+
+        /// Waits and reads `(seqs, heads * head_dim)` back.
+        pub fn read(&self) -> Result<Vec<f32>> {
+            self.dev
+                .cuda_stream()
+                .clone_dtoh(&self.out)
+                .map_err(dev_err)
+        }
+
+        /// The device's stream, for timing with events.
+        pub fn stream(
+            &self,
+        ) -> std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream> {
+            self.dev.cuda_stream()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
