@@ -271,7 +271,10 @@ __device__ void sample_row(const T* __restrict__ logits, unsigned vocab, const R
         }
         unsigned n = penalty_counts[p.penalty_start + e];
         if (n > 0 && (p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f)) {
-            x -= p.presence_penalty + p.frequency_penalty * (float)n;
+            // Unfused, as the CPU computes it (a fused multiply-add rounds differently and could
+            // move a greedy near-tie).
+            float cost = __fadd_rn(p.presence_penalty, __fmul_rn(p.frequency_penalty, (float)n));
+            x = __fsub_rn(x, cost);
         }
         row[id] = x;
     }
@@ -307,7 +310,7 @@ __device__ void sample_row(const T* __restrict__ logits, unsigned vocab, const R
     }
     const float t = p.temperature;
     Cut cut = {-INFINITY, NONE};
-    if (p.min_p > 0.0f) cut = Cut{tmax + t * logf(p.min_p), NONE};
+    if (p.min_p > 0.0f) cut = Cut{__fadd_rn(tmax, __fmul_rn(t, logf(p.min_p))), NONE};
 
     // Top-k: radix select of the k-th kept key, then the id among equal values.
     unsigned kept_n = finite_n;
