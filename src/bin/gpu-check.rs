@@ -540,6 +540,15 @@ fn profile(dev: &Device, b: usize) -> Result<()> {
     Ok(())
 }
 
+/// Block ids `0..n` in a seeded random order (Fisher-Yates), so tables are not contiguous.
+fn shuffled_blocks(rng: &mut Rng, n: usize) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
 /// A paged cache holding `lens` positions per sequence in shuffled blocks, random f16 K/V, and
 /// one random query row per sequence (stride `width + 8`): (q, k, v, tables).
 #[allow(clippy::type_complexity)]
@@ -550,10 +559,7 @@ fn paged_inputs(
 ) -> (Vec<f32>, usize, Vec<f16>, Vec<f16>, Vec<Vec<u32>>) {
     let per: Vec<usize> = lens.iter().map(|l| l.div_ceil(g.block_size)).collect();
     let total: usize = per.iter().sum::<usize>() + 3;
-    let mut order: Vec<u32> = (0..total as u32).collect();
-    for i in (1..order.len()).rev() {
-        order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
-    }
+    let order = shuffled_blocks(rng, total);
     let mut next = 0;
     let tables: Vec<Vec<u32>> = per
         .iter()
@@ -680,10 +686,7 @@ fn attention_bench(dev: &Device, peak_tbs: f64) -> Result<()> {
         // Blocks in a shuffled order; K, V and queries drawn on the device (their values do
         // not change the time).
         let per = ctx.div_ceil(g.block_size);
-        let mut order: Vec<u32> = (0..(batch * per) as u32).collect();
-        for i in (1..order.len()).rev() {
-            order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
-        }
+        let order = shuffled_blocks(&mut rng, batch * per);
         let tables: Vec<Vec<u32>> = order.chunks(per).map(|c| c.to_vec()).collect();
         let lens = vec![ctx; batch];
         let n = batch * per * g.block_elems();
