@@ -40,6 +40,8 @@ struct RowParams {
     unsigned penalty_len;
     unsigned ban_start;      // entries [start, start + len) of `bans`
     unsigned ban_len;
+    unsigned special_start;  // the fast variant's merged, id-sorted penalised and banned tokens
+    unsigned special_len;
     unsigned pad;
     unsigned long long seed;
     unsigned long long step;
@@ -89,12 +91,14 @@ struct Shared {
     float f[WARPS];
     unsigned u[WARPS];
     unsigned long long q[WARPS];
+    double d[WARPS];
     unsigned hist[256];
     unsigned long long mass_hist[256];
     float bf;
     unsigned bu;
     unsigned bu2;
     unsigned long long bq;
+    double bd;
 };
 
 // Sum of `v` over the block, through `warp_vals` and `bcast` in shared memory.
@@ -352,8 +356,10 @@ __device__ void sample_row(const T* __restrict__ logits, unsigned vocab, const R
     }
 
     // The draw: kept tokens in id order until the running weight passes u * mass.
-    float target = unit_at(p.seed, p.step) * mass;
-    float carry = 0.0f;
+    // The running weight is carried across tiles in double: in float a carry near the mass would
+    // drop whole tiles of small weights.
+    const double target = (double)unit_at(p.seed, p.step) * (double)mass;
+    double carry = 0.0;
     unsigned last = NONE;
     for (unsigned base = 0; base < vocab; base += THREADS) {
         unsigned i = base + threadIdx.x;
@@ -363,7 +369,7 @@ __device__ void sample_row(const T* __restrict__ logits, unsigned vocab, const R
         float total;
         float incl = block_scan<float>(w, total, s.f, &s.bf);
         // The first kept thread whose running weight passes the target.
-        unsigned hit = (kept && target < carry + incl) ? i : NONE;
+        unsigned hit = (kept && target < carry + (double)incl) ? i : NONE;
         unsigned keep_last = kept ? i : NONE;
         float hv = 0.0f;
         block_argmax(hv, hit, s);  // lowest id among hits (all values equal)
@@ -375,9 +381,394 @@ __device__ void sample_row(const T* __restrict__ logits, unsigned vocab, const R
             if (threadIdx.x == 0) *out = hit;
             return;
         }
-        carry += total;
+        carry += (double)total;
     }
     if (threadIdx.x == 0) *out = last;
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// The fast variant: two passes over the logits (three when the first guess of the candidate set
+// falls short), every cut and the draw on at most 1,024 candidates in shared memory.
+//
+//   pass 1: argmax, largest finite logit, finite count (greedy stops here);
+//   pass 2: for the tokens the min-p floor keeps: their count and mass, the mass of each
+//           256-token segment (for draws over the whole kept set), a histogram of count and
+//           mass by distance below the top in half-nat buckets, and the candidates, the kept
+//           tokens less than FIRST_BUCKETS buckets below the top (a rank-order prefix, since the
+//           bucket falls as the logit rises);
+//   pass 3 (only when needed): the candidates again with the bucket limit the histogram
+//           says holds top-k's k tokens or top-p's mass, within 1,024.
+// Then the candidates are sorted in rank order (bitonic, one per thread): top-k is a prefix,
+// top-p the first prefix whose mass (double) reaches top_p of the kept mass; the kept prefix is
+// sorted again by id and walked for the draw. Without top-k and top-p the draw walks the
+// segment masses, then one segment. Penalised and banned tokens (sorted per row on the host)
+// are looked up through a hashed bitmap and a binary search. Rows the fast path cannot take
+// (over 1,024 such tokens, a vocabulary over 262,144, k over 1,024, a top-p prefix past the
+// histogram) run the general path above, so every row gets the reference's answer.
+
+constexpr int CAND = THREADS;             // candidates, one per thread
+constexpr int SPECIAL = 1024;             // penalised or banned tokens per row
+constexpr int HASH_WORDS = 2048;          // 65,536 bits
+constexpr int SEG = 256;                  // tokens per segment
+constexpr int MAX_SEGS = THREADS;         // so vocabularies up to 262,144
+constexpr int BUCKETS = 64;               // histogram buckets, half a nat each
+constexpr float BUCKETS_PER_NAT = 2.0f;
+constexpr int FIRST_BUCKETS = 14;         // first guess: within 7 nats (weights above 9e-4)
+constexpr unsigned long long NO_KEY = 0xFFFFFFFFFFFFFFFFull;
+
+struct FastShared {
+    unsigned sp_id[SPECIAL];
+    float sp_val[SPECIAL];
+    unsigned bits[HASH_WORDS];
+    unsigned long long key[CAND];
+    double seg[MAX_SEGS];
+    unsigned hist_n[BUCKETS];
+    float hist_m[BUCKETS];
+    unsigned ncand;
+    unsigned limit;     // bucket limit of the candidates
+    int mode;           // 0: candidates, 1: segments, 2: general path
+    double dq;
+};
+
+// The row's value of token `id` (raw logit `x`), penalties and bans applied.
+__device__ __forceinline__ float fast_value(const FastShared& f, unsigned nsp, unsigned id,
+                                            float x) {
+    if (nsp && (f.bits[(id >> 5) & (HASH_WORDS - 1)] >> (id & 31)) & 1u) {
+        unsigned lo = 0, hi = nsp;
+        while (lo < hi) {
+            unsigned mid = (lo + hi) >> 1;
+            if (f.sp_id[mid] < id) lo = mid + 1; else hi = mid;
+        }
+        if (lo < nsp && f.sp_id[lo] == id) return f.sp_val[lo];
+    }
+    return x + 0.0f;  // -0.0 ranks with 0.0, as the cuts compare them
+}
+
+__device__ __forceinline__ int bucket_of(float x, float tmax, float t) {
+    float d = (tmax - x) / t * BUCKETS_PER_NAT;
+    return d < (float)BUCKETS ? (int)d : BUCKETS;
+}
+
+// Ascending bitonic sort of the block's CAND keys (one per thread).
+__device__ void bitonic(unsigned long long* key) {
+    const unsigned i = threadIdx.x;
+    for (unsigned size = 2; size <= CAND; size <<= 1) {
+        for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
+            __syncthreads();
+            unsigned j = i ^ stride;
+            if (j > i) {
+                bool up = (i & size) == 0;
+                unsigned long long a = key[i], b = key[j];
+                if ((a > b) == up) {
+                    key[i] = b;
+                    key[j] = a;
+                }
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// Every kept token of the row (min-p floor `cut`) with its value, in segments of 256 ids: warp w
+// takes segments w, w + 32, ...; `visit(id, x, seg)` per kept token, `seg_done(seg, lane)` after
+// each segment.
+template <typename T, typename V, typename S>
+__device__ __forceinline__ void fast_pass(const T* __restrict__ logits, unsigned vocab,
+                                          const FastShared& f, unsigned nsp, V visit, S seg_done) {
+    const unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const unsigned nseg = (vocab + SEG - 1) / SEG;
+    constexpr int BATCH = 4;  // loads in flight per lane
+    for (unsigned sg = warp; sg < nseg; sg += WARPS) {
+        for (int j0 = 0; j0 < SEG / 32; j0 += BATCH) {
+            float raw[BATCH];
+#pragma unroll
+            for (int j = 0; j < BATCH; ++j) {
+                unsigned id = sg * SEG + (j0 + j) * 32 + lane;
+                raw[j] = id < vocab ? load(logits + id) : -INFINITY;
+            }
+#pragma unroll
+            for (int j = 0; j < BATCH; ++j) {
+                unsigned id = sg * SEG + (j0 + j) * 32 + lane;
+                if (id < vocab) visit(id, fast_value(f, nsp, id, raw[j]), sg);
+            }
+        }
+        seg_done(sg, lane);
+    }
+}
+
+// The general path as a call of its own, so its registers do not add to the fast path's.
+template <typename T>
+__device__ __noinline__ void general_row(const T* __restrict__ logits, unsigned vocab,
+                                         const RowParams& p,
+                                         const unsigned* __restrict__ penalty_ids,
+                                         const unsigned* __restrict__ penalty_counts,
+                                         const unsigned* __restrict__ penalty_recent,
+                                         const unsigned* __restrict__ bans,
+                                         float* __restrict__ row, unsigned* __restrict__ out) {
+    sample_row<T>(logits, vocab, p, penalty_ids, penalty_counts, penalty_recent, bans, row, out);
+}
+
+template <typename T>
+__device__ void sample_row_fast(const T* __restrict__ logits, unsigned vocab, const RowParams& p,
+                                const unsigned* __restrict__ penalty_ids,
+                                const unsigned* __restrict__ penalty_counts,
+                                const unsigned* __restrict__ penalty_recent,
+                                const unsigned* __restrict__ bans,
+                                const unsigned* __restrict__ special_ids,
+                                const unsigned* __restrict__ special_info,
+                                float* __restrict__ row, unsigned* __restrict__ out) {
+    __shared__ FastShared f;
+    __shared__ Shared s;
+    const unsigned nsp = p.special_len;
+    if (nsp > SPECIAL || vocab > (unsigned)(MAX_SEGS * SEG) || p.top_k > CAND) {
+        general_row<T>(logits, vocab, p, penalty_ids, penalty_counts, penalty_recent, bans, row,
+                      out);
+        return;
+    }
+    // Penalised and banned tokens: their values, and the hashed bitmap.
+    for (unsigned w = threadIdx.x; w < HASH_WORDS; w += THREADS) f.bits[w] = 0;
+    __syncthreads();
+    for (unsigned e = threadIdx.x; e < nsp; e += THREADS) {
+        unsigned id = special_ids[p.special_start + e];
+        unsigned info = special_info[p.special_start + e];
+        float x = id < vocab ? load(logits + id) + 0.0f : -INFINITY;
+        if ((info >> 30) & 1u && p.repetition_penalty != 1.0f) {
+            x = x > 0.0f ? x / p.repetition_penalty : x * p.repetition_penalty;
+        }
+        unsigned n = info & 0x3FFFFFFFu;
+        if (n > 0 && (p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f)) {
+            float cost = __fadd_rn(p.presence_penalty, __fmul_rn(p.frequency_penalty, (float)n));
+            x = __fsub_rn(x, cost);
+        }
+        if (info >> 31) x = -INFINITY;
+        f.sp_id[e] = id;
+        f.sp_val[e] = x;
+        atomicOr(&f.bits[(id >> 5) & (HASH_WORDS - 1)], 1u << (id & 31));
+    }
+    __syncthreads();
+
+    // Pass 1: argmax (NaN and -inf skipped, ties to the lower id), largest finite, finite count.
+    float best = -INFINITY, top = -INFINITY;
+    unsigned best_id = NONE, finite_n = 0;
+    fast_pass(logits, vocab, f, nsp,
+              [&](unsigned id, float x, unsigned) {
+                  if (!isnan(x) && x != -INFINITY &&
+                      (best_id == NONE || x > best || (x == best && id < best_id))) {
+                      best = x;
+                      best_id = id;
+                  }
+                  if (finite(x)) {
+                      top = fmaxf(top, x);
+                      finite_n++;
+                  }
+              },
+              [](unsigned, unsigned) {});
+    block_argmax(best, best_id, s);
+    finite_n = block_add<unsigned>(finite_n, s.u, &s.bu);
+    float tmax = top;
+    unsigned dummy = threadIdx.x;
+    block_argmax(tmax, dummy, s);
+    if (best_id == NONE || p.temperature == 0.0f || finite_n == 0) {
+        if (threadIdx.x == 0) *out = best_id;
+        return;
+    }
+    const float t = p.temperature;
+    const float floor = p.min_p > 0.0f ? __fadd_rn(tmax, __fmul_rn(t, logf(p.min_p))) : -INFINITY;
+
+    // Pass 2.
+    for (unsigned b = threadIdx.x; b < BUCKETS; b += THREADS) {
+        f.hist_n[b] = 0;
+        f.hist_m[b] = 0.0f;
+    }
+    f.key[threadIdx.x] = NO_KEY;
+    if (threadIdx.x == 0) f.ncand = 0;
+    __syncthreads();
+    float seg_mass = 0.0f;  // this lane's share of the current segment (8 tokens)
+    unsigned kept = 0, last = 0;
+    fast_pass(logits, vocab, f, nsp,
+              [&](unsigned id, float x, unsigned) {
+                  if (!finite(x) || x < floor) return;
+                  float w = expf((x - tmax) / t);
+                  seg_mass += w;
+                  kept++;
+                  last = max(last, id + 1);
+                  int b = bucket_of(x, tmax, t);
+                  if (b < BUCKETS) {
+                      atomicAdd(&f.hist_n[b], 1u);
+                      atomicAdd(&f.hist_m[b], w);
+                      if (b < FIRST_BUCKETS) {
+                          unsigned slot = atomicAdd(&f.ncand, 1u);
+                          if (slot < CAND)
+                              f.key[slot] = ((unsigned long long)desc_key(x) << 32) | id;
+                      }
+                  }
+              },
+              [&](unsigned sg, unsigned lane) {
+                  double m = seg_mass;
+                  for (int o = 16; o > 0; o >>= 1) m += __shfl_down_sync(0xFFFFFFFFu, m, o);
+                  if (lane == 0) f.seg[sg] = m;
+                  seg_mass = 0.0f;
+              });
+    const unsigned kept_n = block_add<unsigned>(kept, s.u, &s.bu);
+    // The kept mass, summed in double over the segments (a float running sum would drop the
+    // long tail of small weights).
+    const unsigned nseg = (vocab + SEG - 1) / SEG;
+    const double total =
+        block_add<double>(threadIdx.x < nseg ? f.seg[threadIdx.x] : 0.0, s.d, &s.bd);
+    unsigned neg = last == 0 ? NONE : 0xFFFFFFFEu - (last - 1);
+    float zero = 0.0f;
+    block_argmax(zero, neg, s);
+    const unsigned last_kept = neg == NONE ? NONE : 0xFFFFFFFEu - neg;
+    const unsigned need_k = (p.top_k > 0 && p.top_k < kept_n) ? p.top_k : 0u;
+    const bool top_p = p.top_p < 1.0f;
+
+    // What the candidates must hold, and whether a third pass is needed.
+    if (threadIdx.x == 0) {
+        int mode = 0;
+        unsigned limit = FIRST_BUCKETS;
+        if (!need_k && !top_p) {
+            mode = 1;  // the whole kept set: segments
+        } else {
+            // The fewest buckets that hold k tokens, or top_p of the mass with a margin for the
+            // float histogram (the sorted prefix checks the real mass).
+            double want_m = top_p && !need_k ? (double)p.top_p * total * (1.0 + 1e-3) : 0.0;
+            unsigned cn = 0;
+            double cm = 0.0;
+            int b = 0;
+            for (; b < BUCKETS; ++b) {
+                cn += f.hist_n[b];
+                cm += (double)f.hist_m[b];
+                if ((need_k ? cn >= need_k : cm >= want_m)) break;
+            }
+            if (b == BUCKETS || cn > CAND) {
+                mode = 2;
+            } else {
+                limit = (unsigned)(b + 1);
+                // The first guess holds what is needed: keep it when it fits.
+                if (limit <= FIRST_BUCKETS && f.ncand <= CAND) limit = FIRST_BUCKETS;
+            }
+        }
+        f.mode = mode;
+        f.limit = limit;
+    }
+    __syncthreads();
+    const int mode = f.mode;
+    if (mode == 2) {
+        general_row<T>(logits, vocab, p, penalty_ids, penalty_counts, penalty_recent, bans, row,
+                      out);
+        return;
+    }
+    const double u = (double)unit_at(p.seed, p.step);
+    if (mode == 1) {
+        // Segments in id order: the first whose running mass passes the target.
+        const double target = u * total;
+        double v = threadIdx.x < nseg ? f.seg[threadIdx.x] : 0.0;
+        double sum;
+        double incl = block_scan<double>(v, sum, s.d, &s.bd);
+        unsigned hit = (threadIdx.x < nseg && target < incl) ? threadIdx.x : NONE;
+        float hv = 0.0f;
+        block_argmax(hv, hit, s);
+        if (hit == NONE) {
+            if (threadIdx.x == 0) *out = last_kept;
+            return;
+        }
+        // The segment's tokens in id order, by warp 0.
+        __syncthreads();
+        if (threadIdx.x == hit) f.dq = incl - v;
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            const unsigned lane = threadIdx.x;
+            double carry = f.dq;
+            unsigned found = NONE, prev = NONE;
+            for (int j = 0; j < SEG / 32 && found == NONE; ++j) {
+                unsigned id = hit * SEG + j * 32 + lane;
+                float x = id < vocab ? fast_value(f, nsp, id, load(logits + id)) : -INFINITY;
+                bool k = finite(x) && x >= floor;
+                double w = k ? (double)expf((x - tmax) / t) : 0.0;
+                double c = w;
+                for (int o = 1; o < 32; o <<= 1) {
+                    double n = __shfl_up_sync(0xFFFFFFFFu, c, o);
+                    if (lane >= o) c += n;
+                }
+                unsigned ball = __ballot_sync(0xFFFFFFFFu, k && target < carry + c);
+                if (ball) found = hit * SEG + j * 32 + (__ffs(ball) - 1);
+                unsigned kb = __ballot_sync(0xFFFFFFFFu, k);
+                if (kb) prev = hit * SEG + j * 32 + (31 - __clz(kb));
+                carry += __shfl_sync(0xFFFFFFFFu, c, 31);
+            }
+            // Rounding between the segment sums and this walk: the segment's last kept token.
+            if (lane == 0) *out = found != NONE ? found : prev;
+        }
+        return;
+    }
+
+    // Mode 0: the candidates (a third pass when the limit moved).
+    if (f.limit != FIRST_BUCKETS) {
+        const int limit = (int)f.limit;
+        f.key[threadIdx.x] = NO_KEY;
+        __syncthreads();
+        if (threadIdx.x == 0) f.ncand = 0;
+        __syncthreads();
+        fast_pass(logits, vocab, f, nsp,
+                  [&](unsigned id, float x, unsigned) {
+                      if (!finite(x) || x < floor) return;
+                      if (bucket_of(x, tmax, t) < limit) {
+                          unsigned slot = atomicAdd(&f.ncand, 1u);
+                          if (slot < CAND)
+                              f.key[slot] = ((unsigned long long)desc_key(x) << 32) | id;
+                      }
+                  },
+                  [](unsigned, unsigned) {});
+        __syncthreads();
+    }
+    const unsigned ncand = f.ncand;
+    if (ncand > CAND || ncand == 0 || need_k > ncand) {
+        general_row<T>(logits, vocab, p, penalty_ids, penalty_counts, penalty_recent, bans, row,
+                      out);
+        return;
+    }
+    bitonic(f.key);  // rank order: value descending, then id
+    const unsigned i = threadIdx.x;
+    const float xi = i < ncand ? key_value((unsigned)(f.key[i] >> 32)) : -INFINITY;
+    const double wi = i < ncand ? (double)expf((xi - tmax) / t) : 0.0;
+    unsigned m = need_k ? need_k : ncand;
+    double w_in = i < m ? wi : 0.0;
+    double sum;
+    double cum = block_scan<double>(w_in, sum, s.d, &s.bd);
+    double kept_mass = need_k ? sum : total;
+    if (top_p) {
+        const double need = (double)p.top_p * kept_mass;
+        unsigned hit = (i < m && cum >= need) ? i : NONE;
+        float hv = 0.0f;
+        block_argmax(hv, hit, s);
+        if (hit == NONE && !need_k && ncand < kept_n) {
+            // The candidates hold less than the need (the histogram's float mass misled).
+            general_row<T>(logits, vocab, p, penalty_ids, penalty_counts, penalty_recent, bans,
+                          row, out);
+            return;
+        }
+        if (hit != NONE) m = hit + 1;
+        kept_mass = block_add<double>(i < m ? wi : 0.0, s.d, &s.bd);
+    }
+    // The kept prefix in id order, then the draw.
+    const unsigned long long mine = i < m ? (((f.key[i] & 0xFFFFFFFFull) << 32) |
+                                              __float_as_uint(xi))
+                                          : NO_KEY;
+    __syncthreads();
+    f.key[i] = mine;
+    bitonic(f.key);
+    const unsigned long long k2 = f.key[i];
+    const double w2 = i < m ? (double)expf((__uint_as_float((unsigned)k2) - tmax) / t) : 0.0;
+    double cum2 = block_scan<double>(w2, sum, s.d, &s.bd);
+    const double target = u * kept_mass;
+    unsigned hit = (i < m && target < cum2) ? i : NONE;
+    float hv = 0.0f;
+    block_argmax(hv, hit, s);
+    if (threadIdx.x == 0) {
+        unsigned pick = hit != NONE ? hit : m - 1;
+        *out = (unsigned)(f.key[pick] >> 32);
+    }
 }
 
 }  // namespace
@@ -396,3 +787,21 @@ __device__ void sample_row(const T* __restrict__ logits, unsigned vocab, const R
 
 SAMPLE_KERNEL(cited_sample_f32, float)
 SAMPLE_KERNEL(cited_sample_bf16, __nv_bfloat16)
+
+#define SAMPLE_FAST_KERNEL(NAME, T)                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                     \
+        NAME(const T* __restrict__ logits, unsigned vocab, const RowParams* __restrict__ rows, \
+             const unsigned* __restrict__ penalty_ids,                                        \
+             const unsigned* __restrict__ penalty_counts,                                     \
+             const unsigned* __restrict__ penalty_recent, const unsigned* __restrict__ bans,   \
+             const unsigned* __restrict__ special_ids,                                        \
+             const unsigned* __restrict__ special_info, float* __restrict__ work,             \
+             unsigned* __restrict__ out) {                                                    \
+        const size_t r = blockIdx.x;                                                          \
+        sample_row_fast<T>(logits + r * vocab, vocab, rows[r], penalty_ids, penalty_counts,   \
+                           penalty_recent, bans, special_ids, special_info, work + r * vocab, \
+                           out + r);                                                          \
+    }
+
+SAMPLE_FAST_KERNEL(cited_sample_fast_f32, float)
+SAMPLE_FAST_KERNEL(cited_sample_fast_bf16, __nv_bfloat16)

@@ -8,6 +8,11 @@
 #   scripts/gpu-check.sh            # on the GPU machine, after scripts/gpu-build.sh here
 #   scripts/gpu-check.sh --dry-run  # anywhere: library resolution, arguments, anchors on CPU
 #   scripts/gpu-check.sh --quick    # parity and memcheck only
+#   scripts/gpu-check.sh --decode   # parity, memcheck, then the sampling, attention and
+#                                   # embedding benches with their anchors (no similarity sweep)
+#
+# Each step has a time limit (STEP_LIMIT seconds, default 150) so one hung step cannot spend
+# the whole device call; what it printed stays in the log.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -15,19 +20,24 @@ mode=full
 case "${1:-}" in
     --dry-run) mode=dry ;;
     --quick) mode=quick ;;
+    --decode) mode=decode ;;
     "") ;;
-    *) echo "usage: $0 [--dry-run|--quick]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--dry-run|--quick|--decode]" >&2; exit 2 ;;
 esac
 out=${OUT:-$root}
 log=$out/gpu-check.log
 : > "$log"
 python=${PYTHON:-python3}
 bin=$root/gpu-check/gpu-check
+limit=${STEP_LIMIT:-150}
 say() { echo "$*" | tee -a "$log"; }
 run() {
     say "== $*"
     local start=$(date +%s)
-    "$@" 2>&1 | tee -a "$log"
+    local cmd=("$@")
+    # `check ARGS` runs the check binary with the CUDA library folders.
+    [ "$1" = check ] && cmd=(env "LD_LIBRARY_PATH=$cuda_ld" "$bin" "${@:2}")
+    timeout --kill-after=10 "$limit" "${cmd[@]}" 2>&1 | tee -a "$log"
     local rc=${PIPESTATUS[0]}
     say "== exit $rc after $(($(date +%s) - start)) s"
     return $rc
@@ -60,7 +70,6 @@ for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu
 done
 # Only the check binary gets these folders: Python keeps its own library path.
 cuda_ld=${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-check() { LD_LIBRARY_PATH=$cuda_ld "$bin" "$@"; }
 say "== gpu-check $(cat gpu-check/COMMIT 2>/dev/null) on $(hostname), $(date -u +%FT%TZ)"
 missing=$(LD_LIBRARY_PATH=$cuda_ld ldd "$bin" | awk '/not found/ {print $1}' | tr '\n' ' ')
 if [ -n "$missing" ]; then
@@ -97,11 +106,17 @@ else
 fi
 if [ "$mode" = full ]; then
     run check sweep --peak-tbs "$peak" || status=1
+fi
+if [ "$mode" != quick ]; then
     run check sampling --peak-tbs "$peak" || status=1
     run check attention --peak-tbs "$peak" || status=1
     run check embed || status=1
     run check profile || status=1
+fi
+if [ "$mode" = full ]; then
     run "$python" scripts/gpu_anchors.py --device cuda --peak-tbs "$peak" || status=1
+elif [ "$mode" = decode ]; then
+    run "$python" scripts/gpu_anchors.py --device cuda --peak-tbs "$peak" --only sampling,bert || status=1
 fi
 
 say ""

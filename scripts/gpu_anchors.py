@@ -52,6 +52,9 @@ def main():
     ap.add_argument("--peak-tbs", type=float, default=4.8)
     ap.add_argument("--sample-batch", type=int, default=256)
     ap.add_argument("--vocab", type=ints, default=[32000, 151936])
+    ap.add_argument("--only", type=lambda s: set(s.split(",")),
+                    default={"similarity", "sampling", "bert"},
+                    help="sections to run: similarity, sampling, bert")
     args = ap.parse_args()
     dev = args.device
     half = torch.float16 if dev == "cuda" else torch.float32
@@ -65,7 +68,7 @@ def main():
         print(f"ANCHOR\tcopy d2d 2 GiB\t{ms:.3f} ms\t{2 * x.numel() / ms / 1e9:.2f} TB/s (read + write)")
         del x, y
 
-    for n in args.n:
+    for n in args.n if "similarity" in args.only else []:
         corpus = torch.randn(n, args.d, device=dev, dtype=half)
         nbytes = corpus.numel() * corpus.element_size()
         for nq in args.nq:
@@ -94,7 +97,7 @@ def main():
         choice = torch.multinomial(torch.softmax(sorted_x, dim=-1), 1)
         return order.gather(-1, choice)
 
-    for vocab in args.vocab:
+    for vocab in args.vocab if "sampling" in args.only else []:
         for dtype in (torch.bfloat16, torch.float32):
             logits = (torch.randn(args.sample_batch, vocab, device=dev) * 3).to(dtype)
             for name, top_k, top_p in (("top_k50_top_p0.9", 50, 0.9), ("top_p0.95", 0, 0.95)):
@@ -104,6 +107,8 @@ def main():
             print(f"ANCHOR\ttorch argmax\t{str(dtype).split('.')[-1]} batch={args.sample_batch} vocab={vocab}\t{ms:.3f} ms")
             del logits
 
+    if "bert" not in args.only:
+        return
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,

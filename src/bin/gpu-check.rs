@@ -16,10 +16,11 @@ use half::f16;
 
 use cited::models::bert::{l2_normalize, mean_pool, Bert, BertConfig};
 use cited::models::Batch;
+use cited::ops::bert_fused;
 use cited::ops::paged_attention::gpu::Decode;
 use cited::ops::paged_attention::{paged_attention, PagedGeometry, SeqView};
 use cited::ops::rng::SplitMix64;
-use cited::ops::sampling::gpu::{Row, Step};
+use cited::ops::sampling::gpu::{Row, Step, Variant as SampleVariant};
 use cited::ops::sampling::{
     apply_penalties, argmax, draw, kept_tokens, PenaltyEntry, SamplingParams,
 };
@@ -181,9 +182,25 @@ fn minilm_config() -> BertConfig {
     .expect("valid config")
 }
 
+/// A second encoder shape for parity: head dim 64 (the other attention kernel), tanh GELU,
+/// hidden 256 (4 heads), 2 layers.
+fn wide_head_config() -> BertConfig {
+    serde_json::from_value(serde_json::json!({
+        "vocab_size": 1000, "hidden_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 1024, "hidden_act": "gelu_new",
+        "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12
+    }))
+    .expect("valid config")
+}
+
 /// Writes seeded MiniLM-shaped weights as `model.safetensors` in `dir`.
 fn write_minilm(dir: &Path) -> Result<BertConfig> {
-    let cfg = minilm_config();
+    write_bert(dir, minilm_config(), 1.0)
+}
+
+/// Writes seeded weights of `cfg` as `model.safetensors` in `dir`; `qk_gain` scales the query
+/// and key projections (larger: peakier attention).
+fn write_bert(dir: &Path, cfg: BertConfig, qk_gain: f32) -> Result<BertConfig> {
     let mut rng = Rng(SplitMix64::new(7));
     let h = cfg.hidden_size;
     let mut w = std::collections::HashMap::new();
@@ -217,7 +234,13 @@ fn write_minilm(dir: &Path) -> Result<BertConfig> {
     for i in 0..cfg.num_hidden_layers {
         let p = format!("encoder.layer.{i}");
         for m in ["query", "key", "value"] {
-            put(format!("{p}.attention.self.{m}.weight"), &[h, h], s, 0.0)?;
+            let gain = if m == "value" { 1.0 } else { qk_gain };
+            put(
+                format!("{p}.attention.self.{m}.weight"),
+                &[h, h],
+                s * gain,
+                0.0,
+            )?;
             put(format!("{p}.attention.self.{m}.bias"), &[h], 0.02, 0.0)?;
         }
         put(
@@ -280,37 +303,86 @@ fn embed(model: &Bert, seqs: &[Vec<u32>]) -> Result<Tensor> {
 }
 
 fn embedding_parity(dev: &Device) -> Result<bool> {
+    let mut ok = true;
+    for (name, cfg, gain, max_len) in [
+        ("minilm", minilm_config(), 1.0, 256),
+        ("head-dim-64 gelu-tanh", wide_head_config(), 3.0, 512),
+    ] {
+        let dir = tempfile::tempdir()?;
+        let cfg = write_bert(dir.path(), cfg, gain)?;
+        let cpu = load_bert(dir.path(), &cfg, &Device::Cpu, DType::F32)?;
+        let mut gpu = load_bert(dir.path(), &cfg, dev, DType::F16)?;
+        let mut rng = Rng(SplitMix64::new(99));
+        let mut lengths = vec![
+            128usize, 128, 7, 256, 3, 100, 100, 100, 55, 1, 200, 31, 31, 64, 2, 129,
+        ];
+        if max_len > 256 {
+            lengths.extend([512, 300, 65, 63, 511]);
+        }
+        let seqs: Vec<Vec<u32>> = lengths
+            .iter()
+            .map(|&l| {
+                (0..l)
+                    .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
+                    .collect()
+            })
+            .collect();
+        let a = embed(&cpu, &seqs)?.to_vec2::<f32>()?;
+        for fused in [true, false] {
+            gpu.set_fused(fused);
+            let b = embed(&gpu, &seqs)?
+                .to_device(&Device::Cpu)?
+                .to_vec2::<f32>()?;
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>())
+                .fold(f32::INFINITY, f32::min);
+            let pass = worst >= 0.9999;
+            ok &= pass;
+            println!(
+                "PARITY\tembeddings {name}\tf16-gpu-{}-vs-f32-cpu\t{} texts, lengths 1..{max_len}\t{} (lowest cosine {worst:.6})",
+                if fused { "fused" } else { "unfused" },
+                lengths.len(),
+                if pass { "ok" } else { "FAIL" }
+            );
+        }
+    }
+    Ok(ok)
+}
+
+fn embed_bench(dev: &Device, batches: &[usize]) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cfg = write_minilm(dir.path())?;
-    let cpu = load_bert(dir.path(), &cfg, &Device::Cpu, DType::F32)?;
-    let gpu = load_bert(dir.path(), &cfg, dev, DType::F16)?;
-    let mut rng = Rng(SplitMix64::new(99));
-    let lengths = [
-        128usize, 128, 7, 256, 3, 100, 100, 100, 55, 1, 200, 31, 31, 64, 2, 129,
-    ];
-    let seqs: Vec<Vec<u32>> = lengths
-        .iter()
-        .map(|&l| {
-            (0..l)
-                .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
-                .collect()
-        })
-        .collect();
-    let a = embed(&cpu, &seqs)?.to_vec2::<f32>()?;
-    let b = embed(&gpu, &seqs)?
-        .to_device(&Device::Cpu)?
-        .to_vec2::<f32>()?;
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>())
-        .fold(f32::INFINITY, f32::min);
-    let ok = worst >= 0.9999;
-    println!(
-        "PARITY\tembeddings\tf16-gpu-vs-f32-cpu\t16 texts, lengths 1..256\t{} (lowest cosine {worst:.6})",
-        if ok { "ok" } else { "FAIL" }
-    );
-    Ok(ok)
+    let mut model = load_bert(dir.path(), &cfg, dev, DType::F16)?;
+    let mut rng = Rng(SplitMix64::new(5));
+    for &b in batches {
+        let seqs: Vec<Vec<u32>> = (0..b)
+            .map(|_| (0..128).map(|_| (rng.next() % 30522) as u32).collect())
+            .collect();
+        for fused in [true, false] {
+            model.set_fused(fused);
+            embed(&model, &seqs)?; // warm-up
+            dev.synchronize()?;
+            let mut times = Vec::new();
+            let started = Instant::now();
+            while times.len() < 5 || (times.len() < 50 && started.elapsed().as_secs_f64() < 2.0) {
+                let t = Instant::now();
+                let out = embed(&model, &seqs)?;
+                dev.synchronize()?;
+                times.push(t.elapsed().as_secs_f64());
+                drop(out);
+            }
+            let med = median(times);
+            println!(
+                "EMBED\tcited f16 {}\tbatch={b}\t{:.3} ms\t{:.0} texts/s",
+                if fused { "fused" } else { "unfused" },
+                med * 1e3,
+                b as f64 / med
+            );
+        }
+    }
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -417,36 +489,6 @@ fn sweep(
     Ok(())
 }
 
-fn embed_bench(dev: &Device, batches: &[usize]) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let cfg = write_minilm(dir.path())?;
-    let model = load_bert(dir.path(), &cfg, dev, DType::F16)?;
-    let mut rng = Rng(SplitMix64::new(5));
-    for &b in batches {
-        let seqs: Vec<Vec<u32>> = (0..b)
-            .map(|_| (0..128).map(|_| (rng.next() % 30522) as u32).collect())
-            .collect();
-        embed(&model, &seqs)?; // warm-up
-        dev.synchronize()?;
-        let mut times = Vec::new();
-        let started = Instant::now();
-        while times.len() < 5 || (times.len() < 50 && started.elapsed().as_secs_f64() < 2.0) {
-            let t = Instant::now();
-            let out = embed(&model, &seqs)?;
-            dev.synchronize()?;
-            times.push(t.elapsed().as_secs_f64());
-            drop(out);
-        }
-        let med = median(times);
-        println!(
-            "EMBED\tcited f16\tbatch={b}\t{:.3} ms\t{:.0} texts/s",
-            med * 1e3,
-            b as f64 / med
-        );
-    }
-    Ok(())
-}
-
 /// One timed operation of the profile.
 type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
 
@@ -476,9 +518,13 @@ fn profile(dev: &Device, b: usize) -> Result<()> {
     for layers in [0usize, 1, 6] {
         let mut c = cfg.clone();
         c.num_hidden_layers = layers;
-        let model = load_bert(dir.path(), &c, dev, DType::F16)?;
-        let ms = time_ms(dev, || Ok(model.forward(&batch)?))?;
-        println!("PROFILE\tforward, {layers} layers\tbatch={b}\t{ms:.3} ms");
+        let mut model = load_bert(dir.path(), &c, dev, DType::F16)?;
+        for fused in [true, false] {
+            model.set_fused(fused);
+            let ms = time_ms(dev, || Ok(model.forward(&batch)?))?;
+            let how = if fused { "fused" } else { "unfused" };
+            println!("PROFILE\tforward {how}, {layers} layers\tbatch={b}\t{ms:.3} ms");
+        }
     }
     let n = b * 128;
     let (h, heads, hd, ff) = (384, 12, 32, 1536);
@@ -495,7 +541,24 @@ fn profile(dev: &Device, b: usize) -> Result<()> {
     let lnw = f16(&[h])?;
     let lnb = f16(&[h])?;
     let packed = f16(&[heads, n, hd])?;
+    let qkv = f16(&[n, 3 * h])?;
+    let bqkv = f16(&[3 * h])?;
+    let bup = f16(&[ff])?;
+    let starts: Vec<u32> = (0..=b as u32).map(|i| i * 128).collect();
+    let starts = Tensor::new(starts.as_slice(), dev)?;
     let ops: Vec<(&str, Op)> = vec![
+        (
+            "fused attention (n,1152)->(n,384)",
+            Box::new(|| Ok(bert_fused::attention(&qkv, &bqkv, &starts, 128, heads)?)),
+        ),
+        (
+            "fused add_norm (n,384)",
+            Box::new(|| Ok(bert_fused::add_norm(&x, &lnb, &x, &lnw, &lnb, 1e-12)?)),
+        ),
+        (
+            "fused bias_gelu (n,1536)",
+            Box::new(|| Ok(bert_fused::bias_act(&up, &bup, bert_fused::Act::GeluErf)?)),
+        ),
         (
             "matmul qkv (n,384)x(384,1152)",
             Box::new(|| Ok(x.matmul(&wqkv.t()?)?)),
@@ -717,9 +780,21 @@ fn sampling_params(i: usize, seed: u64) -> SamplingParams {
         seed,
         ..SamplingParams::default()
     };
-    match i % 8 {
+    match i % 10 {
         0 => SamplingParams {
             temperature: 0.0,
+            ..base
+        },
+        // Past the fast variant's 1,024 candidates: its general path.
+        8 => SamplingParams {
+            top_k: 2000,
+            top_p: 0.8,
+            ..base
+        },
+        // A top-p that needs most of the tail: a third pass or the general path.
+        9 => SamplingParams {
+            top_p: 0.999,
+            temperature: 1.5,
             ..base
         },
         1 => base,
@@ -737,7 +812,7 @@ fn sampling_params(i: usize, seed: u64) -> SamplingParams {
             ..base
         },
         6 => SamplingParams { top_k: 1, ..base },
-        _ => SamplingParams {
+        7 => SamplingParams {
             top_p: 0.5,
             repetition_penalty: 1.3,
             presence_penalty: 0.5,
@@ -745,6 +820,7 @@ fn sampling_params(i: usize, seed: u64) -> SamplingParams {
             temperature: 0.6,
             ..base
         },
+        _ => unreachable!("i % 10"),
     }
 }
 
@@ -760,9 +836,10 @@ fn sampling_boundary(row: &[f32], p: &SamplingParams, u: f32, got: u32) -> bool 
         }
     }
     let (kept, mass) = kept_tokens(row, p);
-    let target = u * mass;
-    let mut before = 0.0f32;
+    let target = u as f64 * mass;
+    let mut before = 0.0f64;
     for (id, w) in kept {
+        let w = w as f64;
         if id == got {
             let tol = 1e-4 * mass;
             return (target - before).abs() < tol || (target - before - w).abs() < tol;
@@ -834,52 +911,55 @@ fn sampling_parity(dev: &Device, small: bool) -> Result<bool> {
                 })
                 .collect();
             let t = Tensor::from_vec(host.clone(), (rows, vocab), dev)?.to_dtype(dtype)?;
-            let mut step = Step::new(&t, &reqs)?;
-            step.poison()?;
-            step.launch()?;
-            let got = step.read()?;
-            // Row 1 (a seeded draw) alone: the same token as inside the batch.
-            let alone = {
-                let mut one = Step::new(&t.narrow(0, 1, 1)?.contiguous()?, &reqs[1..2])?;
-                one.poison()?;
-                one.launch()?;
-                one.read()?[0]
-            };
-            let (mut exact, mut boundary, mut wrong) = (0, 0, Vec::new());
-            for i in 0..rows {
-                let mut row = host[i * vocab..(i + 1) * vocab].to_vec();
-                apply_penalties(&mut row, &params[i], &penalties[i], &bans[i]);
-                let p = &params[i];
-                let want = if p.temperature == 0.0 {
-                    argmax(&row)
-                } else {
-                    argmax(&row).map(|_| draw(&row, p, SplitMix64::unit_at(p.seed, steps[i])))
+            for variant in [SampleVariant::General, SampleVariant::Fast] {
+                let mut step = Step::new(&t, &reqs)?.with_variant(variant);
+                step.poison()?;
+                step.launch()?;
+                let got = step.read()?;
+                // Row 1 (a seeded draw) alone: the same token as inside the batch.
+                let alone = {
+                    let mut one = Step::new(&t.narrow(0, 1, 1)?.contiguous()?, &reqs[1..2])?
+                        .with_variant(variant);
+                    one.poison()?;
+                    one.launch()?;
+                    one.read()?[0]
                 };
-                if got[i] == want {
-                    exact += 1;
-                } else if p.temperature > 0.0
-                    && got[i].is_some_and(|g| {
-                        sampling_boundary(&row, p, SplitMix64::unit_at(p.seed, steps[i]), g)
-                    })
-                {
-                    boundary += 1;
-                } else {
-                    wrong.push(format!(
-                        "row {i} ({}): gpu {:?} cpu {want:?}",
-                        i % 8,
-                        got[i]
-                    ));
+                let (mut exact, mut boundary, mut wrong) = (0, 0, Vec::new());
+                for i in 0..rows {
+                    let mut row = host[i * vocab..(i + 1) * vocab].to_vec();
+                    apply_penalties(&mut row, &params[i], &penalties[i], &bans[i]);
+                    let p = &params[i];
+                    let want = if p.temperature == 0.0 {
+                        argmax(&row)
+                    } else {
+                        argmax(&row).map(|_| draw(&row, p, SplitMix64::unit_at(p.seed, steps[i])))
+                    };
+                    if got[i] == want {
+                        exact += 1;
+                    } else if p.temperature > 0.0
+                        && got[i].is_some_and(|g| {
+                            sampling_boundary(&row, p, SplitMix64::unit_at(p.seed, steps[i]), g)
+                        })
+                    {
+                        boundary += 1;
+                    } else {
+                        wrong.push(format!(
+                            "row {i} ({}): gpu {:?} cpu {want:?}",
+                            i % 10,
+                            got[i]
+                        ));
+                    }
                 }
-            }
-            let ok = wrong.is_empty() && alone == got[1];
-            all_ok &= ok;
-            println!(
-                "PARITY\tsampling\t{dtype:?} rows={rows} vocab={vocab}\texact={exact} boundary={boundary}\t{}{}",
+                let ok = wrong.is_empty() && alone == got[1];
+                all_ok &= ok;
+                println!(
+                "PARITY\tsampling {variant:?}\t{dtype:?} rows={rows} vocab={vocab}\texact={exact} boundary={boundary}\t{}{}",
                 if ok { "ok" } else { "FAIL" },
                 if alone == got[1] { String::new() } else { format!(" (row 1 alone {alone:?} vs {:?})", got[1]) },
             );
-            for w in wrong.iter().take(5) {
-                println!("PARITY\tsampling\t{w}");
+                for w in wrong.iter().take(5) {
+                    println!("PARITY\tsampling {variant:?}\t{w}");
+                }
             }
         }
     }
@@ -909,6 +989,14 @@ fn sampling_bench(dev: &Device, batch: usize, vocabs: &[usize], peak_tbs: f64) -
                 ..SamplingParams::default()
             },
         ),
+        (
+            "temperature0.8",
+            SamplingParams {
+                temperature: 0.8,
+                seed: 1,
+                ..SamplingParams::default()
+            },
+        ),
         ("greedy", SamplingParams::default()),
     ];
     for &vocab in vocabs {
@@ -924,15 +1012,17 @@ fn sampling_bench(dev: &Device, batch: usize, vocabs: &[usize], peak_tbs: f64) -
                         bans: &[],
                     })
                     .collect();
-                let mut step = Step::new(&t, &reqs)?;
-                let stream = step.stream();
-                let ms = time_launches(&stream, 1.0, || Ok(step.launch()?))?;
-                let bytes = (batch * vocab * dtype.size_in_bytes()) as f64;
-                let floor_ms = bytes / (peak_tbs * 1e12) * 1e3;
-                println!(
-                    "SAMPLE\t{name}\t{dtype:?} batch={batch} vocab={vocab}\t{ms:.3} ms\tone-pass floor {floor_ms:.3} ms ({:.1}%)",
-                    100.0 * floor_ms / ms
-                );
+                for variant in [SampleVariant::General, SampleVariant::Fast] {
+                    let mut step = Step::new(&t, &reqs)?.with_variant(variant);
+                    let stream = step.stream();
+                    let ms = time_launches(&stream, 1.0, || Ok(step.launch()?))?;
+                    let bytes = (batch * vocab * dtype.size_in_bytes()) as f64;
+                    let floor_ms = bytes / (peak_tbs * 1e12) * 1e3;
+                    println!(
+                        "SAMPLE\t{name} {variant:?}\t{dtype:?} batch={batch} vocab={vocab}\t{ms:.3} ms\tone-pass floor {floor_ms:.3} ms ({:.1}%)",
+                        100.0 * floor_ms / ms
+                    );
+                }
             }
         }
     }
@@ -969,6 +1059,7 @@ fn main() -> Result<()> {
         }
         Cmd::Memcheck => {
             if !similarity_parity(&dev, &[(3, 1000, 64, 10), (40, 3000, 128, 50)])?
+                || !embedding_parity(&dev)?
                 || !sampling_parity(&dev, true)?
                 || !paged_parity(&dev, true)?
             {

@@ -76,6 +76,8 @@ pub struct Bert {
     emb_norm: LayerNorm,
     layers: Vec<BertLayer>,
     cfg: BertConfig,
+    /// Whether f16 forwards on CUDA go through the fused kernels (`kernels/bert.cu`).
+    fused: bool,
 }
 
 fn linear_fused(vb: &VarBuilder, names: &[&str], in_dim: usize, out_dim: usize) -> Result<Linear> {
@@ -160,7 +162,14 @@ impl Bert {
             emb_norm,
             layers,
             cfg: cfg.clone(),
+            fused: true,
         })
+    }
+
+    /// Turns the fused CUDA layer off or on (on by default; it applies to f16 on CUDA only), so
+    /// the unfused path can be compared and timed on the same weights.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
     }
 
     pub fn config(&self) -> &BertConfig {
@@ -194,6 +203,12 @@ impl Bert {
         let scale = 1.0 / (hd as f64).sqrt();
         let ids = Tensor::new(batch.input_ids(), dev)?;
         let pos = Tensor::new(batch.positions(), dev)?;
+        #[cfg(feature = "cuda")]
+        if types.is_none() {
+            if let Some(x) = self.forward_fused(batch, &ids, &pos)? {
+                return Ok(x);
+            }
+        }
         // (n, hidden)
         let x = self
             .word
@@ -258,6 +273,73 @@ impl Bert {
             x = layer.out_norm.forward(&(f + &x)?)?;
         }
         Ok(x)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Bert {
+    /// The encoder through the fused CUDA kernels: cuBLAS GEMMs without their bias, attention
+    /// straight from the QKV projection, bias + residual + LayerNorm and bias + activation each
+    /// in one pass (8 launches a layer). `None` where they do not apply (not f16 on CUDA, a
+    /// shape the kernels do not take, turned off).
+    fn forward_fused(&self, batch: &Batch, ids: &Tensor, pos: &Tensor) -> Result<Option<Tensor>> {
+        use crate::ops::bert_fused::{self as fused, Act};
+        let cfg = &self.cfg;
+        let dtype = self.token_type.dtype();
+        if !self.fused
+            || !self.device().is_cuda()
+            || dtype != DType::F16
+            || !fused::supports(
+                cfg.hidden_size,
+                cfg.num_attention_heads,
+                cfg.intermediate_size,
+            )
+        {
+            return Ok(None);
+        }
+        let act = match cfg.hidden_act {
+            Activation::Gelu => Act::GeluErf,
+            Activation::GeluNew => Act::GeluTanh,
+            Activation::Relu => Act::Relu,
+        };
+        fn norm(n: &LayerNorm) -> Option<(&Tensor, &Tensor)> {
+            n.bias().map(|b| (n.weight(), b))
+        }
+        let Some((eg, eb)) = norm(&self.emb_norm) else {
+            return Ok(None);
+        };
+        let eps = cfg.layer_norm_eps;
+        let starts: Vec<u32> = batch.cu_seqlens().iter().map(|&s| s as u32).collect();
+        let starts = Tensor::new(starts.as_slice(), self.device())?;
+        let longest = (0..batch.num_seqs())
+            .map(|i| batch.seq_range(i).len())
+            .max()
+            .unwrap_or(0);
+        // Word + segment A (as a bias row) + position, normalised.
+        let word = self.word.forward(ids)?;
+        let position = self.position.forward(pos)?;
+        let mut x = fused::add_norm(&word, &self.token_type, &position, eg, eb, eps)?;
+        for layer in &self.layers {
+            let (Some(bqkv), Some(bo), Some(bi), Some(bf), Some((ag, ab)), Some((og, ob))) = (
+                layer.qkv.bias(),
+                layer.attn_out.bias(),
+                layer.intermediate.bias(),
+                layer.output.bias(),
+                norm(&layer.attn_norm),
+                norm(&layer.out_norm),
+            ) else {
+                return Ok(None);
+            };
+            let qkv = x.matmul(&layer.qkv.weight().t()?)?;
+            let a = fused::attention(&qkv, bqkv, &starts, longest, cfg.num_attention_heads)?;
+            let a = a.matmul(&layer.attn_out.weight().t()?)?;
+            x = fused::add_norm(&a, bo, &x, ag, ab, eps)?;
+            let f = x.matmul(&layer.intermediate.weight().t()?)?;
+            let f = fused::bias_act(&f, bi, act)?;
+            let f = f.matmul(&layer.output.weight().t()?)?;
+            x = fused::add_norm(&f, bf, &x, og, ob, eps)?;
+        }
+        Ok(Some(x))
     }
 }
 

@@ -2,6 +2,8 @@
 //! the `cuda` feature and are tested against these references.
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod bert_fused;
 pub mod paged_attention;
 pub mod qmatmul;
 pub mod rng;

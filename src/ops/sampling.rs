@@ -399,8 +399,8 @@ fn by_rank(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
 }
 
 /// The cut after the tokens of `cands` (logit, id) whose weights, taken in rank order, first
-/// reach `need`; expected linear time (a quickselect that follows the mass).
-fn mass_cut(cands: &mut [(f32, u32)], weights: &[f32], mut need: f32) -> Cut {
+/// reach `need`; expected linear time (a quickselect that follows the mass). Sums run in f64.
+fn mass_cut(cands: &mut [(f32, u32)], weights: &[f32], mut need: f64) -> Cut {
     let mut lo = cands;
     loop {
         if lo.len() <= 1 {
@@ -410,8 +410,8 @@ fn mass_cut(cands: &mut [(f32, u32)], weights: &[f32], mut need: f32) -> Cut {
         }
         let mid = lo.len() / 2;
         lo.select_nth_unstable_by(mid, by_rank);
-        let before: f32 = lo[..mid].iter().map(|c| weights[c.1 as usize]).sum();
-        let at = weights[lo[mid].1 as usize];
+        let before: f64 = lo[..mid].iter().map(|c| weights[c.1 as usize] as f64).sum();
+        let at = weights[lo[mid].1 as usize] as f64;
         if before >= need {
             lo = &mut lo[..mid];
         } else if before + at >= need || mid + 1 == lo.len() {
@@ -427,7 +427,9 @@ fn mass_cut(cands: &mut [(f32, u32)], weights: &[f32], mut need: f32) -> Cut {
 /// The kept tokens' cut, their weights' sum and the weights (`exp((x - max) / temperature)`, the
 /// top token's 1, each computed once; 0 where a token is cut before top-p) for a row that holds
 /// a finite logit: top-k by selection, min-p as a logit floor, top-p by the mass quickselect.
-fn filter(logits: &[f32], params: &SamplingParams) -> (Cut, f32, Vec<f32>) {
+/// Masses are summed in f64: in f32 a running sum near 1 drops every weight below 6e-8, and a
+/// 150k-token vocabulary holds enough of those to move a draw by 1e-4 of the mass.
+fn filter(logits: &[f32], params: &SamplingParams) -> (Cut, f64, Vec<f32>) {
     let t = params.temperature;
     let max = logits
         .iter()
@@ -478,28 +480,28 @@ fn filter(logits: &[f32], params: &SamplingParams) -> (Cut, f32, Vec<f32>) {
         }
     }
     let mut weights = vec![0f32; logits.len()];
-    let mut mass = 0f32;
+    let mut mass = 0f64;
     for (i, &x) in logits.iter().enumerate() {
         if x.is_finite() && cut.keeps(x, i as u32) {
             weights[i] = ((x - max) / t).exp();
-            mass += weights[i];
+            mass += weights[i] as f64;
         }
     }
     if params.top_p < 1.0 {
-        let need = params.top_p * mass;
+        let need = params.top_p as f64 * mass;
         let narrow = cut.tighter(near);
-        let within: f32 = logits
+        let within: f64 = logits
             .iter()
             .enumerate()
             .filter(|&(i, &x)| narrow.keeps(x, i as u32))
-            .map(|(i, _)| weights[i])
+            .map(|(i, _)| weights[i] as f64)
             .sum();
         gather(if within >= need { narrow } else { cut }, &mut cands);
         cut = cut.tighter(mass_cut(&mut cands, &weights, need));
         mass = cands
             .iter()
             .filter(|&&(x, id)| cut.keeps(x, id))
-            .map(|&(_, id)| weights[id as usize])
+            .map(|&(_, id)| weights[id as usize] as f64)
             .sum();
     }
     (cut, mass, weights)
@@ -508,7 +510,7 @@ fn filter(logits: &[f32], params: &SamplingParams) -> (Cut, f32, Vec<f32>) {
 /// The kept tokens of a row (one holding a finite logit) in id order with their weights, and
 /// the weights' sum: what [`draw`] walks. The GPU check uses it to tell a rounding difference
 /// at a boundary from a wrong token.
-pub fn kept_tokens(logits: &[f32], params: &SamplingParams) -> (Vec<(u32, f32)>, f32) {
+pub fn kept_tokens(logits: &[f32], params: &SamplingParams) -> (Vec<(u32, f32)>, f64) {
     let (cut, mass, weights) = filter(logits, params);
     let kept = logits
         .iter()
@@ -524,13 +526,13 @@ pub fn kept_tokens(logits: &[f32], params: &SamplingParams) -> (Vec<(u32, f32)>,
 /// reference of `kernels/sampling.cu`.
 pub fn draw(logits: &[f32], params: &SamplingParams, u: f32) -> u32 {
     let (cut, mass, weights) = filter(logits, params);
-    let mut left = u * mass;
+    let mut left = u as f64 * mass;
     let mut last = None;
     for (i, &x) in logits.iter().enumerate() {
         if !x.is_finite() || !cut.keeps(x, i as u32) {
             continue;
         }
-        let w = weights[i];
+        let w = weights[i] as f64;
         if left < w {
             return i as u32;
         }
@@ -556,8 +558,21 @@ pub mod gpu {
     pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
     const MODULE: &str = "cited_sampling";
     const THREADS: u32 = 1024;
-    /// `RowParams` in the kernel: 16 words.
-    const ROW_WORDS: usize = 16;
+    /// `RowParams` in the kernel: 18 words.
+    const ROW_WORDS: usize = 18;
+    /// `info` of a merged entry: banned, recently generated, then the count in the low bits.
+    const BANNED: u32 = 1 << 31;
+    const RECENT: u32 = 1 << 30;
+
+    /// Which kernel a step launches: both give the reference's tokens; `Fast` reads the logits
+    /// two or three times and works on at most 1,024 candidates in shared memory (falling back
+    /// to the general path, row by row, where they cannot hold the answer); `General` applies
+    /// every cut with radix selects over a work copy of the row.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Variant {
+        General,
+        Fast,
+    }
 
     fn dev_err(e: impl std::fmt::Display) -> OpsError {
         OpsError::Device(e.to_string())
@@ -584,8 +599,11 @@ pub mod gpu {
         penalty_counts: CudaSlice<u32>,
         penalty_recent: CudaSlice<u32>,
         bans: CudaSlice<u32>,
+        special_ids: CudaSlice<u32>,
+        special_info: CudaSlice<u32>,
         work: CudaSlice<f32>,
         out: CudaSlice<u32>,
+        variant: Variant,
     }
 
     impl Step {
@@ -609,6 +627,7 @@ pub mod gpu {
             };
             let mut words = Vec::with_capacity(n * ROW_WORDS);
             let (mut ids, mut counts, mut recent, mut bans) = (vec![], vec![], vec![], vec![]);
+            let (mut special_ids, mut special_info) = (vec![], vec![]);
             for r in rows {
                 let p = r.params;
                 let start = ids.len() as u32;
@@ -619,6 +638,28 @@ pub mod gpu {
                 }
                 let ban_start = bans.len() as u32;
                 bans.extend_from_slice(r.bans);
+                // The fast variant's list: each penalised or banned id once, sorted.
+                let mut merged: Vec<(u32, u32)> = r
+                    .penalties
+                    .iter()
+                    .map(|e| {
+                        let recent = if e.recent { RECENT } else { 0 };
+                        (e.id, recent | e.count.min(RECENT - 1))
+                    })
+                    .chain(r.bans.iter().map(|&id| (id, BANNED)))
+                    .collect();
+                merged.sort_unstable_by_key(|&(id, _)| id);
+                let special_start = special_ids.len() as u32;
+                for (id, info) in merged {
+                    if special_ids.len() > special_start as usize && special_ids.last() == Some(&id)
+                    {
+                        *special_info.last_mut().expect("an entry") |= info;
+                    } else {
+                        special_ids.push(id);
+                        special_info.push(info);
+                    }
+                }
+                let special_len = special_ids.len() as u32 - special_start;
                 words.extend_from_slice(&[
                     p.temperature.to_bits(),
                     p.top_p.to_bits(),
@@ -631,6 +672,8 @@ pub mod gpu {
                     r.penalties.len() as u32,
                     ban_start,
                     r.bans.len() as u32,
+                    special_start,
+                    special_len,
                     0,
                     p.seed as u32,
                     (p.seed >> 32) as u32,
@@ -639,7 +682,14 @@ pub mod gpu {
                 ]);
             }
             // Empty lists still need a valid pointer.
-            for v in [&mut ids, &mut counts, &mut recent, &mut bans] {
+            for v in [
+                &mut ids,
+                &mut counts,
+                &mut recent,
+                &mut bans,
+                &mut special_ids,
+                &mut special_info,
+            ] {
                 if v.is_empty() {
                     v.push(0);
                 }
@@ -651,6 +701,9 @@ pub mod gpu {
                 penalty_counts: stream.clone_htod(&counts).map_err(dev_err)?,
                 penalty_recent: stream.clone_htod(&recent).map_err(dev_err)?,
                 bans: stream.clone_htod(&bans).map_err(dev_err)?,
+                special_ids: stream.clone_htod(&special_ids).map_err(dev_err)?,
+                special_info: stream.clone_htod(&special_info).map_err(dev_err)?,
+                variant: Variant::Fast,
                 work: stream.alloc_zeros::<f32>(n * vocab).map_err(dev_err)?,
                 out: stream.alloc_zeros::<u32>(n).map_err(dev_err)?,
                 dev,
@@ -658,6 +711,12 @@ pub mod gpu {
                 rows: n as u32,
                 vocab: vocab as u32,
             })
+        }
+
+        /// Chooses the kernel (`Fast` unless set).
+        pub fn with_variant(mut self, variant: Variant) -> Self {
+            self.variant = variant;
+            self
         }
 
         /// Fills the output with 0xFFFFFFFE, which no step writes, so a row the kernel forgets
@@ -672,9 +731,11 @@ pub mod gpu {
 
         /// Enqueues the kernel on the device's stream (no synchronisation).
         pub fn launch(&mut self) -> Result<(), OpsError> {
-            let name = match self.logits.dtype() {
-                DType::BF16 => "cited_sample_bf16",
-                _ => "cited_sample_f32",
+            let name = match (self.variant, self.logits.dtype()) {
+                (Variant::General, DType::BF16) => "cited_sample_bf16",
+                (Variant::General, _) => "cited_sample_f32",
+                (Variant::Fast, DType::BF16) => "cited_sample_fast_bf16",
+                (Variant::Fast, _) => "cited_sample_fast_f32",
             };
             let func = self.dev.get_or_load_custom_func(name, MODULE, PTX)?;
             let cfg = LaunchConfig {
@@ -706,12 +767,15 @@ pub mod gpu {
                 .arg(&self.penalty_ids)
                 .arg(&self.penalty_counts)
                 .arg(&self.penalty_recent)
-                .arg(&self.bans)
-                .arg(&mut self.work)
-                .arg(&mut self.out);
+                .arg(&self.bans);
+            if self.variant == Variant::Fast {
+                b.arg(&self.special_ids).arg(&self.special_info);
+            }
+            b.arg(&mut self.work).arg(&mut self.out);
             // SAFETY: the arguments match the kernel's signature (kernels/sampling.cu): logits
-            // of rows x vocab, 16 words of parameters per row, penalty and ban lists that the
-            // row ranges index, a work row and one output per row.
+            // of rows x vocab, 18 words of parameters per row, penalty and ban lists (and for
+            // the fast variant the merged list) that the row ranges index, a work row and one
+            // output per row.
             unsafe { b.launch(cfg) }.map_err(dev_err)?;
             Ok(())
         }
@@ -920,9 +984,9 @@ mod tests {
             want_ids.sort_unstable();
             assert_eq!(kept, want_ids, "case {case}: {params:?}");
             let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = kept
+            let sum: f64 = kept
                 .iter()
-                .map(|&i| ((logits[i as usize] - max) / params.temperature).exp())
+                .map(|&i| ((logits[i as usize] - max) / params.temperature).exp() as f64)
                 .sum();
             assert!(kept
                 .iter()
