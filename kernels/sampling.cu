@@ -414,7 +414,8 @@ constexpr int SEG = 256;                  // tokens per segment
 constexpr int MAX_SEGS = THREADS;         // so vocabularies up to 262,144
 constexpr int BUCKETS = 64;               // histogram buckets, half a nat each
 constexpr float BUCKETS_PER_NAT = 2.0f;
-constexpr int FIRST_BUCKETS = 14;         // first guess: within 7 nats (weights above 9e-4)
+constexpr int FIRST_BUCKETS = 14;
+constexpr int HIST_COPIES = 8;         // first guess: within 7 nats (weights above 9e-4)
 constexpr unsigned long long NO_KEY = 0xFFFFFFFFFFFFFFFFull;
 
 struct FastShared {
@@ -423,8 +424,8 @@ struct FastShared {
     unsigned bits[HASH_WORDS];
     unsigned long long key[CAND];
     double seg[MAX_SEGS];
-    unsigned hist_n[BUCKETS];
-    float hist_m[BUCKETS];
+    unsigned hist_n[HIST_COPIES][BUCKETS];  // a copy per group of 4 warps: fewer atomics collide
+    float hist_m[HIST_COPIES][BUCKETS];
     unsigned ncand;
     unsigned limit;     // bucket limit of the candidates
     int mode;           // 0: candidates, 1: segments, 2: general path
@@ -577,10 +578,11 @@ __device__ void sample_row_fast(const T* __restrict__ logits, unsigned vocab, co
     const float floor = p.min_p > 0.0f ? __fadd_rn(tmax, __fmul_rn(t, logf(p.min_p))) : -INFINITY;
 
     // Pass 2.
-    for (unsigned b = threadIdx.x; b < BUCKETS; b += THREADS) {
-        f.hist_n[b] = 0;
-        f.hist_m[b] = 0.0f;
+    for (unsigned b = threadIdx.x; b < HIST_COPIES * BUCKETS; b += THREADS) {
+        f.hist_n[b / BUCKETS][b % BUCKETS] = 0;
+        f.hist_m[b / BUCKETS][b % BUCKETS] = 0.0f;
     }
+    const unsigned copy = (threadIdx.x >> 5) % HIST_COPIES;
     f.key[threadIdx.x] = NO_KEY;
     if (threadIdx.x == 0) f.ncand = 0;
     __syncthreads();
@@ -595,8 +597,8 @@ __device__ void sample_row_fast(const T* __restrict__ logits, unsigned vocab, co
                   last = max(last, id + 1);
                   int b = bucket_of(x, tmax, t);
                   if (b < BUCKETS) {
-                      atomicAdd(&f.hist_n[b], 1u);
-                      atomicAdd(&f.hist_m[b], w);
+                      atomicAdd(&f.hist_n[copy][b], 1u);
+                      atomicAdd(&f.hist_m[copy][b], w);
                       if (b < FIRST_BUCKETS) {
                           unsigned slot = atomicAdd(&f.ncand, 1u);
                           if (slot < CAND)
@@ -637,8 +639,10 @@ __device__ void sample_row_fast(const T* __restrict__ logits, unsigned vocab, co
             double cm = 0.0;
             int b = 0;
             for (; b < BUCKETS; ++b) {
-                cn += f.hist_n[b];
-                cm += (double)f.hist_m[b];
+                for (int c = 0; c < HIST_COPIES; ++c) {
+                    cn += f.hist_n[c][b];
+                    cm += (double)f.hist_m[c][b];
+                }
                 if ((need_k ? cn >= need_k : cm >= want_m)) break;
             }
             if (b == BUCKETS || cn > CAND) {
