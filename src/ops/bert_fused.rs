@@ -7,10 +7,10 @@
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
-use candle_core::{DType, Device, Layout, Storage, Tensor};
+use candle_core::{DType, Layout, Storage, Tensor};
 use half::f16;
 
-use super::Result;
+use super::{cuda_device, dev_err, Result};
 use crate::error::OpsError;
 
 /// The PTX of `kernels/bert.cu`, compiled by build.rs.
@@ -30,23 +30,17 @@ pub enum Act {
 /// Whether the fused kernels take an encoder of this shape: head dims 32 or 64, a hidden size
 /// that is a multiple of 64 up to 1,024, an intermediate size that is a multiple of 8.
 pub fn supports(hidden: usize, heads: usize, intermediate: usize) -> bool {
+    attention_supports(hidden, heads) && intermediate.is_multiple_of(8)
+}
+
+/// Whether the attention and norm kernels take this width: head dims 32 or 64, a hidden size
+/// that is a multiple of 64 up to 1,024.
+fn attention_supports(hidden: usize, heads: usize) -> bool {
     heads > 0
         && hidden.is_multiple_of(heads)
         && matches!(hidden / heads, 32 | 64)
         && hidden.is_multiple_of(64)
         && hidden <= 1024
-        && intermediate.is_multiple_of(8)
-}
-
-fn dev_err(e: impl std::fmt::Display) -> OpsError {
-    OpsError::Device(e.to_string())
-}
-
-fn cuda_dev(t: &Tensor) -> Result<CudaDevice> {
-    match t.device() {
-        Device::Cuda(d) => Ok(d.clone()),
-        _ => Err(OpsError::Device("tensor is not on a CUDA device".into())),
-    }
 }
 
 /// The f16 elements of a contiguous tensor's storage.
@@ -104,7 +98,7 @@ pub fn attention(
     let seqs = starts.elem_count().saturating_sub(1);
     if width != 3 * hidden
         || bias.elem_count() != width
-        || !supports(hidden, heads, 8)
+        || !attention_supports(hidden, heads)
         || starts.dtype() != DType::U32
         || seqs == 0
     {
@@ -115,7 +109,7 @@ pub fn attention(
         )));
     }
     let hd = hidden / heads;
-    let dev = cuda_dev(qkv)?;
+    let dev = cuda_device(qkv, "tensor")?;
     let name = if hd == 32 {
         "cited_bert_attention_32"
     } else {
@@ -193,7 +187,7 @@ pub fn add_norm(
             residual.dims()
         )));
     }
-    let dev = cuda_dev(a)?;
+    let dev = cuda_device(a, "tensor")?;
     let func = dev.get_or_load_custom_func("cited_bert_add_norm", MODULE, PTX)?;
     let stream = dev.cuda_stream();
     // SAFETY: one warp writes each whole row.
@@ -244,7 +238,7 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, act: Act) -> Result<Tensor> {
             bias.dims()
         )));
     }
-    let dev = cuda_dev(x)?;
+    let dev = cuda_device(x, "tensor")?;
     let func = dev.get_or_load_custom_func("cited_bert_bias_act", MODULE, PTX)?;
     let stream = dev.cuda_stream();
     // SAFETY: the kernel writes every element (a grid-stride loop over all of them).

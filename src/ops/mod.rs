@@ -15,6 +15,26 @@ pub mod similarity_variants;
 /// Result type of the ops layer.
 pub type Result<T> = std::result::Result<T, crate::error::OpsError>;
 
+/// A CUDA driver error as an ops error.
+#[cfg(feature = "cuda")]
+pub(crate) fn dev_err(e: impl std::fmt::Display) -> crate::error::OpsError {
+    crate::error::OpsError::Device(e.to_string())
+}
+
+/// The CUDA device `t` lives on; `what` names it in the error when it is elsewhere.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_device(
+    t: &candle_core::Tensor,
+    what: &str,
+) -> Result<candle_core::cuda_backend::CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        _ => Err(crate::error::OpsError::Device(format!(
+            "{what} is not on a CUDA device"
+        ))),
+    }
+}
+
 /// A raw output pointer shared by the tasks of one parallel op, each writing its own disjoint
 /// elements.
 #[derive(Clone, Copy)]

@@ -410,10 +410,11 @@ pub mod gpu {
 
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::CudaDevice;
-    use candle_core::{DType, Device, Storage, Tensor};
+    use candle_core::{DType, Storage, Tensor};
 
     use super::{PagedGeometry, Result};
     use crate::error::OpsError;
+    use crate::ops::{cuda_device, dev_err};
 
     /// The PTX of `kernels/paged_attention.cu`, compiled by build.rs.
     pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
@@ -421,17 +422,6 @@ pub mod gpu {
     const THREADS: u32 = 128;
     /// Pages of one split the kernel stages in shared memory.
     const MAX_PAGES: usize = 1024;
-
-    fn dev_err(e: impl std::fmt::Display) -> OpsError {
-        OpsError::Device(e.to_string())
-    }
-
-    fn cuda_of(t: &Tensor) -> Result<CudaDevice> {
-        match t.device() {
-            Device::Cuda(d) => Ok(d.clone()),
-            _ => Err(OpsError::Device("tensor is not on a CUDA device".into())),
-        }
-    }
 
     /// A prepared decode attention: block tables and lengths uploaded, outputs allocated, so
     /// it can be launched repeatedly (benches) and read back when wanted.
@@ -514,7 +504,7 @@ pub mod gpu {
                     )));
                 }
             }
-            let dev = cuda_of(q)?;
+            let dev = cuda_device(q, "tensor")?;
             let bs = g.block_size as u32;
             let longest = lens.iter().copied().max().unwrap_or(0).max(1);
             let split_len = match split_len {

@@ -549,10 +549,11 @@ pub mod gpu {
 
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::CudaDevice;
-    use candle_core::{DType, Device, Storage, Tensor};
+    use candle_core::{DType, Storage, Tensor};
 
     use super::{PenaltyEntry, SamplingParams};
     use crate::error::OpsError;
+    use crate::ops::{cuda_device, dev_err};
 
     /// The PTX of `kernels/sampling.cu`, compiled by build.rs.
     pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sampling.ptx"));
@@ -572,10 +573,6 @@ pub mod gpu {
     pub enum Variant {
         General,
         Fast,
-    }
-
-    fn dev_err(e: impl std::fmt::Display) -> OpsError {
-        OpsError::Device(e.to_string())
     }
 
     /// One row's request: its settings, the step of its counter-based draw, its penalty
@@ -621,10 +618,7 @@ pub mod gpu {
                     "logits must be contiguous f32 or bf16".into(),
                 ));
             }
-            let dev = match logits.device() {
-                Device::Cuda(d) => d.clone(),
-                _ => return Err(OpsError::Device("logits are not on a CUDA device".into())),
-            };
+            let dev = cuda_device(logits, "logits")?;
             let mut words = Vec::with_capacity(n * ROW_WORDS);
             let (mut ids, mut counts, mut recent, mut bans) = (vec![], vec![], vec![], vec![]);
             let (mut special_ids, mut special_info) = (vec![], vec![]);

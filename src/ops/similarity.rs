@@ -286,7 +286,7 @@ pub mod gpu {
     };
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::CudaDevice;
-    use candle_core::{DType, Device, Storage, Tensor};
+    use candle_core::{DType, Storage, Tensor};
     use half::f16;
 
     use super::{Hit, Result};
@@ -294,14 +294,11 @@ pub mod gpu {
     use crate::ops::similarity_variants::{
         merge_smem_bytes, Variant, MERGE_KERNEL, MERGE_THREADS, VARIANTS,
     };
+    use crate::ops::{cuda_device, dev_err};
 
     /// The PTX of `kernels/similarity.cu`, compiled by build.rs.
     pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/similarity.ptx"));
     const MODULE: &str = "cited_similarity";
-
-    fn dev_err(e: impl std::fmt::Display) -> OpsError {
-        OpsError::Device(e.to_string())
-    }
 
     /// The variant the search uses by default for `nq` queries, `k` and width `d`: the fastest
     /// per shape in the H200 sweep of 2026-11-27 (gpu-results/, BENCHMARKS.md).
@@ -410,10 +407,7 @@ pub mod gpu {
             if k == 0 || k > 256 || n == 0 || nq == 0 || n > u32::MAX as usize {
                 return Err(OpsError::Shape(format!("k {k} (1..=256), n {n}, nq {nq}")));
             }
-            let dev = match corpus.device() {
-                Device::Cuda(d) => d.clone(),
-                _ => return Err(OpsError::Device("corpus is not on a CUDA device".into())),
-            };
+            let dev = cuda_device(corpus, "corpus")?;
             let variant = variant.unwrap_or_else(|| default_variant(nq, k, d));
             if k as u32 > variant.max_k || d as u32 > variant.max_d {
                 return Err(OpsError::Shape(format!(
