@@ -10,12 +10,19 @@
 //   cited_bert_add_norm(a, bias, residual, gamma, beta, out, rows, cols, eps)
 //       out = LayerNorm(a + bias + residual) * gamma + beta, one warp per row, cols a multiple
 //       of 64 up to 1024. `out` may be `residual` (a row is read whole before it is written).
+//   cited_bert_add_norm_v<VEC>(same arguments): the same with 16-byte loads, for cols = 8 VEC L,
+//       L a power of two up to 32 lanes per row (VEC 1..4; 384 = 8 x 3 x 16).
+//   cited_bert_embed_norm_v<VEC>(ids, pos, word, position, type_row, gamma, beta, out, rows,
+//       cols, eps): out = LayerNorm(word[ids] + position[pos] + type_row), the embedding stage.
+//   cited_bert_pool_norm(hidden, starts, out, cols): out (seqs, cols) f32 = the mean of each
+//       packed sequence's rows of hidden (tokens, cols) f16, scaled to unit L2 norm; cols even,
+//       up to 1024.
 //   cited_bert_bias_act(x, bias, out, rows, cols, act)
 //       out = act(x + bias); act 0 exact (erf) GELU, 1 tanh GELU, 2 ReLU; cols a multiple of 8.
 //
 // Attention follows the flash-attention order on tensor cores (mma.sync m16n8k16, f16 inputs,
 // f32 accumulators): each warp owns 16 queries; keys and values come through shared memory in
-// chunks of 64 (bias added on the way in, V stored transposed); scores stay in registers, an
+// chunks of 64 (cp.async, double-buffered, read back with ldmatrix); scores stay in registers, an
 // online softmax rescales the running output, and the probabilities feed the second product
 // straight from the score fragments (the accumulator layout of two 8-wide tiles is the operand
 // layout of one 16-deep step).
@@ -49,15 +56,50 @@ __device__ __forceinline__ void mma16816(float* d, const uint32_t* a, uint32_t b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 16 bytes global -> shared without passing through registers (sm_80+).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Four 8x8 f16 matrices from shared memory, lane L giving the row address of matrix L / 8;
+// with TRANS each lane receives a column pair instead of a row pair.
+template <bool TRANS>
+__device__ __forceinline__ void ldsm4(uint32_t* r, const void* p) {
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    if (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    }
+}
+
+// The key bias adds (q + b_q) . b_k to every score of a query, which the softmax cancels, so
+// keys are used without it; the value bias comes out of the weighted mean unchanged (the
+// weights sum to one), so it is added to the output. Keys and values therefore travel to
+// shared memory untouched, 16 bytes at a time with cp.async, two chunks in flight, and reach
+// the tensor cores through ldmatrix (transposed for V).
 template <int HD>
 __device__ void attention(const __half* __restrict__ qkv, const __half* __restrict__ bias,
                           const uint32_t* __restrict__ starts, __half* __restrict__ out,
                           int heads, float scale_log2) {
-    static_assert(HD % 16 == 0, "head dim must be a multiple of 16");
-    constexpr int KS = HD / 16;  // 16-deep steps over the head dim
-    constexpr int NT = HD / 8;   // 8-wide output tiles
-    __shared__ __align__(16) __half ks[kChunk][HD + kPad];   // keys, row per key
-    __shared__ __align__(16) __half vt[HD][kChunk + kPad];   // values, row per dimension
+    static_assert(HD % 32 == 0, "head dim must be a multiple of 32");
+    constexpr int KS = HD / 16;     // 16-deep steps over the head dim
+    constexpr int NT = HD / 8;      // 8-wide output tiles
+    constexpr int PIECES = HD / 8;  // 16-byte pieces of a key or value row
+    __shared__ __align__(16) __half ks[2][kChunk][HD + kPad];  // keys, row per key
+    __shared__ __align__(16) __half vs[2][kChunk][HD + kPad];  // values, row per key
 
     const int seq = blockIdx.z;
     const int head = blockIdx.y;
@@ -70,6 +112,27 @@ __device__ void attention(const __half* __restrict__ qkv, const __half* __restri
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int q0 = tile + warp * 16;  // this warp's first query (within the sequence)
+
+    // Stages keys and values c0 .. c0 + 63 into buffer `buf`; rows past the sequence are
+    // zeros (their scores are masked; their values must not be NaN).
+    auto stage = [&](int buf, int c0) {
+        for (int i = threadIdx.x; i < kChunk * PIECES; i += blockDim.x) {
+            const int key = i / PIECES, piece = i % PIECES;
+            __half* kd = &ks[buf][key][piece * 8];
+            __half* vd = &vs[buf][key][piece * 8];
+            if (c0 + key < len) {
+                const __half* row =
+                    qkv + (size_t)(begin + c0 + key) * row_stride + head * HD + piece * 8;
+                cp_async16(kd, row + hidden);
+                cp_async16(vd, row + 2 * hidden);
+            } else {
+                *reinterpret_cast<uint4*>(kd) = make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4*>(vd) = make_uint4(0, 0, 0, 0);
+            }
+        }
+        cp_async_commit();
+    };
+    stage(0, 0);
 
     // Q fragments with their bias: rows g and g + 8, dims 16 ks + 2t (+1) and + 8.
     uint32_t qa[KS][4];
@@ -99,104 +162,93 @@ __device__ void attention(const __half* __restrict__ qkv, const __half* __restri
     float m_lo = -INFINITY, m_hi = -INFINITY;  // running max (scaled, log2 units), rows g, g+8
     float l_lo = 0.f, l_hi = 0.f;              // this lane's share of the running sums
 
-    const __half* kb = bias + hidden + head * HD;
-    const __half* vb = bias + 2 * hidden + head * HD;
-    for (int c0 = 0; c0 < len; c0 += kChunk) {
-        __syncthreads();  // the previous chunk is no longer read
-        // Stage keys and values: each thread moves pairs of dims.
-        for (int i = threadIdx.x; i < kChunk * (HD / 2); i += blockDim.x) {
-            const int key = i / (HD / 2);
-            const int dim = 2 * (i % (HD / 2));
-            uint32_t kx = 0, vx = 0;
-            if (c0 + key < len) {
-                const __half* row = qkv + (size_t)(begin + c0 + key) * row_stride;
-                kx = add_bias2(*reinterpret_cast<const uint32_t*>(row + hidden + head * HD + dim),
-                               *reinterpret_cast<const uint32_t*>(kb + dim));
-                vx = add_bias2(
-                    *reinterpret_cast<const uint32_t*>(row + 2 * hidden + head * HD + dim),
-                    *reinterpret_cast<const uint32_t*>(vb + dim));
+    const int chunks = (len + kChunk - 1) / kChunk;
+    for (int c = 0; c < chunks; ++c) {
+        const int c0 = c * kChunk, buf = c & 1;
+        if (c + 1 < chunks) {
+            stage(buf ^ 1, c0 + kChunk);  // the buffer the last iteration finished reading
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();  // chunk c is in shared memory for every thread
+        if (q0 < len) {  // a warp without queries still stages
+            // Scores for 64 keys: 8 tiles of 8 keys; one ldmatrix gives two 16-deep steps.
+            float s[kChunk / 8][4];
+#pragma unroll
+            for (int n = 0; n < kChunk / 8; ++n) {
+                s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+                for (int k = 0; k < KS; k += 2) {
+                    uint32_t b[4];
+                    ldsm4<false>(b, &ks[buf][8 * n + (lane & 7)][16 * k + 8 * (lane >> 3)]);
+                    mma16816(s[n], qa[k], b[0], b[1]);
+                    mma16816(s[n], qa[k + 1], b[2], b[3]);
+                }
             }
-            *reinterpret_cast<uint32_t*>(&ks[key][dim]) = kx;
-            __half2 v2 = *reinterpret_cast<__half2*>(&vx);
-            vt[dim][key] = __low2half(v2);
-            vt[dim + 1][key] = __high2half(v2);
-        }
-        __syncthreads();
-        if (q0 >= len) continue;  // this warp has no queries (it still helped stage)
-
-        // Scores for 64 keys: 8 tiles of 8 keys.
-        float s[kChunk / 8][4];
+            // Mask keys past the sequence, scale, and take the chunk's row maxima.
+            float cm_lo = -INFINITY, cm_hi = -INFINITY;
 #pragma unroll
-        for (int n = 0; n < kChunk / 8; ++n) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+            for (int n = 0; n < kChunk / 8; ++n) {
 #pragma unroll
-            for (int k = 0; k < KS; ++k) {
-                const __half* kr = &ks[8 * n + g][16 * k + 2 * t];
-                uint32_t b0 = *reinterpret_cast<const uint32_t*>(kr);
-                uint32_t b1 = *reinterpret_cast<const uint32_t*>(kr + 8);
-                mma16816(s[n], qa[k], b0, b1);
+                for (int j = 0; j < 4; ++j) {
+                    const int key = c0 + 8 * n + 2 * t + (j & 1);
+                    s[n][j] = key < len ? s[n][j] * scale_log2 : -INFINITY;
+                }
+                cm_lo = fmaxf(cm_lo, fmaxf(s[n][0], s[n][1]));
+                cm_hi = fmaxf(cm_hi, fmaxf(s[n][2], s[n][3]));
             }
-        }
-        // Mask keys past the sequence, scale, and take the chunk's row maxima.
-        float cm_lo = -INFINITY, cm_hi = -INFINITY;
 #pragma unroll
-        for (int n = 0; n < kChunk / 8; ++n) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int key = c0 + 8 * n + 2 * t + (j & 1);
-                s[n][j] = key < len ? s[n][j] * scale_log2 : -INFINITY;
+            for (int off = 1; off < 4; off <<= 1) {
+                cm_lo = fmaxf(cm_lo, __shfl_xor_sync(0xffffffffu, cm_lo, off));
+                cm_hi = fmaxf(cm_hi, __shfl_xor_sync(0xffffffffu, cm_hi, off));
             }
-            cm_lo = fmaxf(cm_lo, fmaxf(s[n][0], s[n][1]));
-            cm_hi = fmaxf(cm_hi, fmaxf(s[n][2], s[n][3]));
-        }
+            // Every chunk holds at least one key of the sequence, so the new maxima are finite.
+            const float mn_lo = fmaxf(m_lo, cm_lo), mn_hi = fmaxf(m_hi, cm_hi);
+            const float corr_lo = exp2f(m_lo - mn_lo), corr_hi = exp2f(m_hi - mn_hi);
+            m_lo = mn_lo;
+            m_hi = mn_hi;
+            l_lo *= corr_lo;
+            l_hi *= corr_hi;
 #pragma unroll
-        for (int off = 1; off < 4; off <<= 1) {
-            cm_lo = fmaxf(cm_lo, __shfl_xor_sync(0xffffffffu, cm_lo, off));
-            cm_hi = fmaxf(cm_hi, __shfl_xor_sync(0xffffffffu, cm_hi, off));
-        }
-        // Every chunk holds at least one key of the sequence, so the new maxima are finite.
-        const float mn_lo = fmaxf(m_lo, cm_lo), mn_hi = fmaxf(m_hi, cm_hi);
-        const float corr_lo = exp2f(m_lo - mn_lo), corr_hi = exp2f(m_hi - mn_hi);
-        m_lo = mn_lo;
-        m_hi = mn_hi;
-        l_lo *= corr_lo;
-        l_hi *= corr_hi;
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-            o[n][0] *= corr_lo;
-            o[n][1] *= corr_lo;
-            o[n][2] *= corr_hi;
-            o[n][3] *= corr_hi;
-        }
-        // Probabilities, packed as the A operand of P * V (keys 16 j .. 16 j + 15).
-        uint32_t pa[kChunk / 16][4];
-#pragma unroll
-        for (int j = 0; j < kChunk / 16; ++j) {
-            float p[2][4];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                p[h][0] = exp2f(s[2 * j + h][0] - m_lo);
-                p[h][1] = exp2f(s[2 * j + h][1] - m_lo);
-                p[h][2] = exp2f(s[2 * j + h][2] - m_hi);
-                p[h][3] = exp2f(s[2 * j + h][3] - m_hi);
-                l_lo += p[h][0] + p[h][1];
-                l_hi += p[h][2] + p[h][3];
+            for (int n = 0; n < NT; ++n) {
+                o[n][0] *= corr_lo;
+                o[n][1] *= corr_lo;
+                o[n][2] *= corr_hi;
+                o[n][3] *= corr_hi;
             }
-            pa[j][0] = pack(p[0][0], p[0][1]);
-            pa[j][1] = pack(p[0][2], p[0][3]);
-            pa[j][2] = pack(p[1][0], p[1][1]);
-            pa[j][3] = pack(p[1][2], p[1][3]);
-        }
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
+            // Probabilities, packed as the A operand of P * V (keys 16 j .. 16 j + 15).
+            uint32_t pa[kChunk / 16][4];
 #pragma unroll
             for (int j = 0; j < kChunk / 16; ++j) {
-                const __half* vr = &vt[8 * n + g][16 * j + 2 * t];
-                uint32_t b0 = *reinterpret_cast<const uint32_t*>(vr);
-                uint32_t b1 = *reinterpret_cast<const uint32_t*>(vr + 8);
-                mma16816(o[n], pa[j], b0, b1);
+                float p[2][4];
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    p[h][0] = exp2f(s[2 * j + h][0] - m_lo);
+                    p[h][1] = exp2f(s[2 * j + h][1] - m_lo);
+                    p[h][2] = exp2f(s[2 * j + h][2] - m_hi);
+                    p[h][3] = exp2f(s[2 * j + h][3] - m_hi);
+                    l_lo += p[h][0] + p[h][1];
+                    l_hi += p[h][2] + p[h][3];
+                }
+                pa[j][0] = pack(p[0][0], p[0][1]);
+                pa[j][1] = pack(p[0][2], p[0][3]);
+                pa[j][2] = pack(p[1][0], p[1][1]);
+                pa[j][3] = pack(p[1][2], p[1][3]);
+            }
+            // P * V; one transposed ldmatrix gives two 8-wide output tiles of a 16-key step.
+#pragma unroll
+            for (int n = 0; n < NT; n += 2) {
+#pragma unroll
+                for (int j = 0; j < kChunk / 16; ++j) {
+                    uint32_t b[4];
+                    ldsm4<true>(b, &vs[buf][16 * j + (lane & 15)][8 * n + 8 * (lane >> 4)]);
+                    mma16816(o[n], pa[j], b[0], b[1]);
+                    mma16816(o[n + 1], pa[j], b[2], b[3]);
+                }
             }
         }
+        __syncthreads();  // buffer `buf` is read; the next iteration may stage into it
     }
     if (q0 >= len) return;
 #pragma unroll
@@ -206,15 +258,18 @@ __device__ void attention(const __half* __restrict__ qkv, const __half* __restri
     }
     const float inv_lo = 1.f / l_lo, inv_hi = 1.f / l_hi;
     const int row_lo = q0 + g, row_hi = q0 + g + 8;
+    const __half* vb = bias + 2 * hidden + head * HD;
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
-        const int dim = head * HD + 8 * n + 2 * t;
+        const int d = 8 * n + 2 * t;
+        const float2 bv = __half22float2(*reinterpret_cast<const __half2*>(vb + d));
+        const int dim = head * HD + d;
         if (row_lo < len)
             *reinterpret_cast<uint32_t*>(out + (size_t)(begin + row_lo) * hidden + dim) =
-                pack(o[n][0] * inv_lo, o[n][1] * inv_lo);
+                pack(o[n][0] * inv_lo + bv.x, o[n][1] * inv_lo + bv.y);
         if (row_hi < len)
             *reinterpret_cast<uint32_t*>(out + (size_t)(begin + row_hi) * hidden + dim) =
-                pack(o[n][2] * inv_hi, o[n][3] * inv_hi);
+                pack(o[n][2] * inv_hi + bv.x, o[n][3] * inv_hi + bv.y);
     }
 }
 
@@ -287,14 +342,167 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
+namespace {
+
+// LayerNorm(a + bias + residual) with 16-byte loads: L = cols / (8 VEC) lanes per row (a power
+// of two up to 32), VEC uint4 of each input per lane, 32 / L rows per warp. GATHER: `a` is
+// the word table row ids[r] and `residual` the position table row pos[r] (the embedding stage;
+// ids and positions checked in range by the host).
+template <int VEC, bool GATHER>
+__device__ void norm_rows(const __half* __restrict__ a, const __half* __restrict__ bias,
+                          const __half* residual, const uint32_t* __restrict__ ids,
+                          const uint32_t* __restrict__ pos, const __half* __restrict__ gamma,
+                          const __half* __restrict__ beta, __half* out, int rows, int cols,
+                          float eps) {
+    const int lanes = cols / (8 * VEC);
+    const int lane = threadIdx.x & 31;
+    const int row = (blockIdx.x * blockDim.x + threadIdx.x) / lanes;
+    const int li = lane % lanes;
+    // Lanes past the last row read the last row and write nothing: every lane of the warp
+    // stays for the shuffles.
+    const bool valid = row < rows;
+    const int rw = valid ? row : rows - 1;
+    const size_t ra = GATHER ? (size_t)ids[rw] : (size_t)rw;
+    const size_t rr = GATHER ? (size_t)pos[rw] : (size_t)rw;
+    const uint4* a4 = reinterpret_cast<const uint4*>(a + ra * cols);
+    const uint4* r4 = reinterpret_cast<const uint4*>(residual + rr * cols);
+    const uint4* b4 = reinterpret_cast<const uint4*>(bias);
+    float x[VEC][8];
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+        const int c = j * lanes + li;
+        const uint4 va = a4[c], vb = b4[c], vr = r4[c];
+        const __half2* ha = reinterpret_cast<const __half2*>(&va);
+        const __half2* hb = reinterpret_cast<const __half2*>(&vb);
+        const __half2* hr = reinterpret_cast<const __half2*>(&vr);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 fa = __half22float2(ha[e]), fb = __half22float2(hb[e]),
+                         fr = __half22float2(hr[e]);
+            x[j][2 * e] = fa.x + fb.x + fr.x;
+            x[j][2 * e + 1] = fa.y + fb.y + fr.y;
+            sum += x[j][2 * e] + x[j][2 * e + 1];
+        }
+    }
+    // The lanes of a row are an aligned group of `lanes` within the warp.
+    for (int off = lanes / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    const float mean = sum / cols;
+    float var = 0.f;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float d = x[j][e] - mean;
+            var += d * d;
+        }
+    }
+    for (int off = lanes / 2; off > 0; off >>= 1) var += __shfl_xor_sync(0xffffffffu, var, off);
+    const float inv = rsqrtf(var / cols + eps);
+    const uint4* g4 = reinterpret_cast<const uint4*>(gamma);
+    const uint4* e4 = reinterpret_cast<const uint4*>(beta);
+    uint4* o4 = reinterpret_cast<uint4*>(out + (size_t)row * cols);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+        const int c = j * lanes + li;
+        const uint4 vg = g4[c], ve = e4[c];
+        const __half2* hg = reinterpret_cast<const __half2*>(&vg);
+        const __half2* he = reinterpret_cast<const __half2*>(&ve);
+        uint4 res;
+        __half2* ho = reinterpret_cast<__half2*>(&res);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 fg = __half22float2(hg[e]), fe = __half22float2(he[e]);
+            ho[e] = __floats2half2_rn((x[j][2 * e] - mean) * inv * fg.x + fe.x,
+                                      (x[j][2 * e + 1] - mean) * inv * fg.y + fe.y);
+        }
+        if (valid) o4[c] = res;
+    }
+}
+
+}  // namespace
+
+#define CITED_NORM(VEC)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) cited_bert_add_norm_v##VEC(           \
+        const __half* __restrict__ a, const __half* __restrict__ bias, const __half* residual, \
+        const __half* __restrict__ gamma, const __half* __restrict__ beta, __half* out,      \
+        int rows, int cols, float eps) {                                                     \
+        norm_rows<VEC, false>(a, bias, residual, nullptr, nullptr, gamma, beta, out, rows,   \
+                              cols, eps);                                                    \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256) cited_bert_embed_norm_v##VEC(         \
+        const uint32_t* __restrict__ ids, const uint32_t* __restrict__ pos,                  \
+        const __half* __restrict__ word, const __half* __restrict__ position,                \
+        const __half* __restrict__ type_row, const __half* __restrict__ gamma,               \
+        const __half* __restrict__ beta, __half* out, int rows, int cols, float eps) {       \
+        norm_rows<VEC, true>(word, type_row, position, ids, pos, gamma, beta, out, rows, cols, \
+                             eps);                                                           \
+    }
+CITED_NORM(1)
+CITED_NORM(2)
+CITED_NORM(3)
+CITED_NORM(4)
+
+// Mean over each packed sequence's rows, then scaled to unit L2 norm (f32 out): one block of
+// 256 threads per sequence, each thread two columns at a time; the sequence must be non-empty.
+extern "C" __global__ void __launch_bounds__(256)
+    cited_bert_pool_norm(const __half* __restrict__ hidden, const uint32_t* __restrict__ starts,
+                         float* __restrict__ out, int cols) {
+    constexpr int kMaxPairs = 2;  // column pairs per thread: cols up to 1024
+    __shared__ float part[8];
+    const int seq = blockIdx.x;
+    const int begin = starts[seq], len = starts[seq + 1] - begin;
+    const int pairs = cols / 2;
+    float2 acc[kMaxPairs];
+#pragma unroll
+    for (int j = 0; j < kMaxPairs; ++j) acc[j] = make_float2(0.f, 0.f);
+    const __half2* h2 = reinterpret_cast<const __half2*>(hidden + (size_t)begin * cols);
+#pragma unroll 4
+    for (int r = 0; r < len; ++r) {
+#pragma unroll
+        for (int j = 0; j < kMaxPairs; ++j) {
+            const int c = threadIdx.x + j * 256;
+            if (c < pairs) {
+                const float2 v = __half22float2(h2[(size_t)r * pairs + c]);
+                acc[j].x += v.x;
+                acc[j].y += v.y;
+            }
+        }
+    }
+    float sq = 0.f;
+#pragma unroll
+    for (int j = 0; j < kMaxPairs; ++j) {
+        acc[j].x /= len;
+        acc[j].y /= len;
+        if (threadIdx.x + j * 256 < pairs) sq += acc[j].x * acc[j].x + acc[j].y * acc[j].y;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = sq;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) total += part[w];
+    const float inv = 1.f / fmaxf(sqrtf(total), 1e-12f);
+    float2* o2 = reinterpret_cast<float2*>(out + (size_t)seq * cols);
+#pragma unroll
+    for (int j = 0; j < kMaxPairs; ++j) {
+        const int c = threadIdx.x + j * 256;
+        if (c < pairs) o2[c] = make_float2(acc[j].x * inv, acc[j].y * inv);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(256)
     cited_bert_bias_act(const __half* __restrict__ x, const __half* __restrict__ bias,
                         __half* __restrict__ out, int rows, int cols, int act) {
     const size_t groups = (size_t)rows * cols / 8;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < groups;
-         i += (size_t)gridDim.x * blockDim.x) {
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    // The column advances by a fixed amount per step: one 64-bit division, not one a step.
+    int c = (int)((i * 8) % cols);
+    const int c_step = (int)((stride * 8) % cols);
+    for (; i < groups; i += stride, c = c + c_step >= cols ? c + c_step - cols : c + c_step) {
         uint4 raw = reinterpret_cast<const uint4*>(x)[i];
-        const int c = (int)((i * 8) % cols);
         const uint4 braw = *reinterpret_cast<const uint4*>(bias + c);
         __half2* h = reinterpret_cast<__half2*>(&raw);
         const __half2* b = reinterpret_cast<const __half2*>(&braw);

@@ -5,15 +5,19 @@
 // sequence's block table lists its blocks in position order. One block of threads per
 // (sequence, KV head, split): it reads each key and value of that head once and serves every
 // query head of the group (grouped-query attention). The split's page indices are staged in
-// shared memory; each warp takes whole positions in turn, each lane 16 bytes (8 halves) of a
-// key or value row, so a 128-wide head is read by 16 lanes and a warp handles two positions at
-// a time. Every warp keeps an online softmax per query head (running max, sum and its share of
-// the output); warps are merged in shared memory. With several splits (long contexts), each
-// split writes its (max, sum, unnormalised output) and `cited_paged_merge` combines them with a
-// log-sum-exp.
+// shared memory. Each lane holds 16 bytes (8 halves) of a key or value row, so a 128-wide head
+// is read by 16 lanes and a warp covers two positions side by side; a warp takes U such steps
+// at once (U x 32 bytes of K and V in flight per lane before any arithmetic), scores them, and
+// rescales its online softmax once per U steps. The group size G and U are template
+// parameters, one kernel per pair (`cited_paged_decode_g{G}_u{U}`), so the per-head loops
+// unroll fully and the scaled query lives in registers. Every warp keeps a running max, sum
+// and output share per query head; warps are merged in shared memory. With several splits
+// (long contexts), each split writes its (max, sum, unnormalised output) and
+// `cited_paged_merge` combines them with a log-sum-exp.
 //
-// Shapes: head_dim a power of two from 8 to 256; group (query heads per KV head) at most 8; a
-// split covers at most 1024 pages and starts on a page.
+// Shapes: head_dim a power of two from 8 to 256; G from 1 to 8; a split covers at most 1024
+// pages and starts on a page. Dynamic shared memory: (G * head_dim + WARPS * G * (head_dim + 2)
+// + pages of a split) x 4 bytes, sized by the host.
 
 #include <cstdint>
 #include <cuda_fp16.h>
@@ -22,159 +26,253 @@ namespace {
 
 constexpr int THREADS = 128;
 constexpr int WARPS = THREADS / 32;
-constexpr int MAX_GROUP = 8;
-constexpr int MAX_HEAD_DIM = 256;
-constexpr int MAX_PAGES = 1024;  // pages of one split staged in shared memory
 
-struct Acc {
-    float m[MAX_GROUP];
-    float l[MAX_GROUP];
-};
+// 16 bytes global -> shared without passing through registers; `live` false zero-fills.
+__device__ __forceinline__ void cp_async16(uint4* dst, const __half* src, bool live) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                 "r"(live ? 16 : 0));
+}
 
-}  // namespace
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void unpack8(const uint4& r, float f[8]) {
+    const __half2* h = reinterpret_cast<const __half2*>(&r);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 a = __half22float2(h[j]);
+        f[2 * j] = a.x;
+        f[2 * j + 1] = a.y;
+    }
+}
 
 // q: (seqs, q_stride) f32, head h of sequence s at q[s * q_stride + h * head_dim];
 // k, v: paged f16 storage; tables: (seqs, max_blocks) u32; lens: positions per sequence (the
 // current token included); out: (seqs, heads * head_dim) f32 when splits == 1; otherwise
 // part_max / part_sum: (seqs, heads, splits), part_out: (seqs, heads, splits, head_dim).
-extern "C" __global__ void __launch_bounds__(THREADS)
-    cited_paged_decode(const float* __restrict__ q, unsigned q_stride,
-                       const __half* __restrict__ k, const __half* __restrict__ v,
-                       const unsigned* __restrict__ tables, unsigned max_blocks,
-                       const unsigned* __restrict__ lens, unsigned heads, unsigned kv_heads,
-                       unsigned head_dim, unsigned block_size, unsigned split_len, float scale,
-                       float* __restrict__ out, float* __restrict__ part_max,
-                       float* __restrict__ part_sum, float* __restrict__ part_out) {
+template <int G, int U, int S>
+__device__ __forceinline__ void decode(const float* __restrict__ q, unsigned q_stride,
+                                       const __half* __restrict__ k,
+                                       const __half* __restrict__ v,
+                                       const unsigned* __restrict__ tables, unsigned max_blocks,
+                                       const unsigned* __restrict__ lens, unsigned kv_heads,
+                                       unsigned head_dim, unsigned block_size,
+                                       unsigned split_len, float scale, float* __restrict__ out,
+                                       float* __restrict__ part_max,
+                                       float* __restrict__ part_sum,
+                                       float* __restrict__ part_out) {
     const unsigned seq = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
     const unsigned splits = gridDim.z;
-    const unsigned group = heads / kv_heads;
+    const unsigned heads = kv_heads * G;
     const unsigned len = lens[seq];
     const unsigned begin = split * split_len;
     const unsigned end = min(len, begin + split_len);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 
-    __shared__ float qs[MAX_GROUP][MAX_HEAD_DIM];
-    __shared__ unsigned pages[MAX_PAGES];
-    __shared__ float wm[WARPS][MAX_GROUP], wl[WARPS][MAX_GROUP];
-    __shared__ float wacc[WARPS][MAX_GROUP][MAX_HEAD_DIM];
+    // Shared memory: the split's page indices, then either the ring of K/V copies in flight
+    // (main loop, S > 1) or the warps' partial results (merge), which reuse the same bytes.
+    extern __shared__ __align__(16) unsigned char smem[];
+    unsigned* pages = reinterpret_cast<unsigned*>(smem);
+    unsigned char* after_pages = smem + ((split_len / block_size) * 4 + 15) / 16 * 16;
+    uint4* ring = reinterpret_cast<uint4*>(after_pages);   // [WARPS][S][U][2][32]
+    float* wacc = reinterpret_cast<float*>(after_pages);  // [WARPS][G][head_dim]
+    float* wm = wacc + WARPS * G * head_dim;              // [WARPS][G]
+    float* wl = wm + WARPS * G;                           // [WARPS][G]
 
-    for (unsigned i = threadIdx.x; i < group * head_dim; i += THREADS) {
-        unsigned g = i / head_dim, d = i % head_dim;
-        qs[g][d] = q[(size_t)seq * q_stride + (kvh * group + g) * head_dim + d] * scale;
-    }
     const unsigned first_page = begin / block_size;
     const unsigned last_page = end > begin ? (end - 1) / block_size : first_page;
-    for (unsigned i = threadIdx.x; end > begin && first_page + i <= last_page && i < MAX_PAGES;
-         i += THREADS) {
+    for (unsigned i = threadIdx.x; end > begin && first_page + i <= last_page; i += THREADS) {
         pages[i] = tables[(size_t)seq * max_blocks + first_page + i];
     }
-    __syncthreads();
 
     // Lanes per position: 8 halves (16 bytes) each.
-    const unsigned lanes_per_pos = head_dim / 8;               // 1..32
-    const unsigned pos_per_warp = 32 / lanes_per_pos >= 1 ? 32 / lanes_per_pos : 1;
-    const unsigned sub = lane / lanes_per_pos;                 // which position of the warp
-    const unsigned piece = lane % lanes_per_pos;               // which 8 dims of it
-    const bool active_lane = sub < pos_per_warp;
+    const unsigned lanes_per_pos = head_dim / 8;  // 1..32
+    const unsigned pos_per_warp = 32 / lanes_per_pos;
+    const unsigned sub = lane / lanes_per_pos;    // which position of the warp step
+    const unsigned piece = lane % lanes_per_pos;  // which 8 dims of it
 
-    float m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][8];
+    // This lane's 8 dims of every query head of the group, scaled.
+    float qr[G][8];
 #pragma unroll
-    for (int g = 0; g < MAX_GROUP; g++) {
+    for (int g = 0; g < G; g++) {
+        const float* src =
+            q + (size_t)seq * q_stride + (kvh * G + g) * head_dim + piece * 8;
+#pragma unroll
+        for (int j = 0; j < 8; j++) qr[g][j] = src[j] * scale;
+    }
+    float m[G], l[G], acc[G][8];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
 #pragma unroll
         for (int j = 0; j < 8; j++) acc[g][j] = 0.0f;
     }
+    __syncthreads();
 
-    const unsigned step = WARPS * pos_per_warp;
-    for (unsigned base = begin + warp * pos_per_warp; base < end; base += step) {
-        const unsigned pos = base + sub;
-        const bool live = active_lane && pos < end;
-        float kf[8], vf[8];
-        if (live) {
-            const unsigned page = pages[pos / block_size - first_page];
-            const size_t off =
-                (((size_t)page * kv_heads + kvh) * block_size + pos % block_size) * head_dim +
-                piece * 8;
-            const uint4 kr = *reinterpret_cast<const uint4*>(k + off);
-            const uint4 vr = *reinterpret_cast<const uint4*>(v + off);
-            const __half2* kh = reinterpret_cast<const __half2*>(&kr);
-            const __half2* vh = reinterpret_cast<const __half2*>(&vr);
-            for (int j = 0; j < 4; j++) {
-                float2 a = __half22float2(kh[j]);
-                float2 b = __half22float2(vh[j]);
-                kf[2 * j] = a.x;
-                kf[2 * j + 1] = a.y;
-                vf[2 * j] = b.x;
-                vf[2 * j + 1] = b.y;
+    const unsigned warp_span = pos_per_warp * U;  // positions one warp takes per iteration
+    const size_t head_off = (size_t)kvh * block_size * head_dim + piece * 8;
+    const size_t page_elems = (size_t)kv_heads * block_size * head_dim;
+    // Iterations of this warp: base(it) = begin + (warp + it * WARPS) * warp_span.
+    const unsigned first = begin + warp * warp_span;
+    const unsigned iters = first < end ? (end - first + WARPS * warp_span - 1) / (WARPS * warp_span) : 0;
+    // Element offset of position `pos` of this lane's piece.
+    auto offset = [&](unsigned pos) {
+        const unsigned page = pages[pos / block_size - first_page];
+        return page * page_elems + head_off + (size_t)(pos % block_size) * head_dim;
+    };
+    // S > 1: every lane copies its own 16 bytes of U keys and values per iteration into its
+    // slots of a ring S iterations deep (cp.async; positions past the end are zero-filled) and
+    // reads back only what it copied, so no barrier is needed, only the lane's own waits.
+    uint4* my_ring = ring + (size_t)warp * S * U * 2 * 32 + lane;
+    auto issue = [&](unsigned it) {
+        if (it < iters) {
+            const unsigned base = first + it * WARPS * warp_span;
+            uint4* slot = my_ring + (size_t)(it % S) * U * 2 * 32;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const unsigned pos = base + u * pos_per_warp + sub;
+                const bool live = pos < end;
+                const size_t off = live ? offset(pos) : 0;
+                cp_async16(slot + (u * 2) * 32, k + off, live);
+                cp_async16(slot + (u * 2 + 1) * 32, v + off, live);
+            }
+        }
+        cp_async_commit();  // an empty group past the end keeps the counting uniform
+    };
+    if (S > 1) {
+#pragma unroll
+        for (int i = 0; i < S - 1; i++) issue(i);
+    }
+    for (unsigned it = 0; it < iters; it++) {
+        const unsigned base = first + it * WARPS * warp_span;
+        uint4 kr[U], vr[U];
+        bool live[U];
+        if (S > 1) {
+            issue(it + S - 1);
+            cp_async_wait<S - 1>();  // iteration `it`'s group has landed
+            const uint4* slot = my_ring + (size_t)(it % S) * U * 2 * 32;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                live[u] = base + u * pos_per_warp + sub < end;
+                kr[u] = slot[(u * 2) * 32];
+                vr[u] = slot[(u * 2 + 1) * 32];
             }
         } else {
 #pragma unroll
-            for (int j = 0; j < 8; j++) kf[j] = vf[j] = 0.0f;
+            for (int u = 0; u < U; u++) {
+                const unsigned pos = base + u * pos_per_warp + sub;
+                live[u] = pos < end;
+                if (live[u]) {
+                    const size_t off = offset(pos);
+                    kr[u] = __ldg(reinterpret_cast<const uint4*>(k + off));
+                    vr[u] = __ldg(reinterpret_cast<const uint4*>(v + off));
+                } else {
+                    kr[u] = make_uint4(0, 0, 0, 0);
+                    vr[u] = make_uint4(0, 0, 0, 0);
+                }
+            }
+        }
+        // Scores: each key unpacked once and dotted with every query head of the group.
+        float s[G][U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            float kf[8];
+            unpack8(kr[u], kf);
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                float t = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 8; j++) t = fmaf(qr[g][j], kf[j], t);
+                s[g][u] = t;
+            }
+        }
+        // Sum over the lanes of each position (a power of two, aligned); the G x U sums
+        // interleave so the shuffles overlap.
+        for (unsigned o = lanes_per_pos / 2; o > 0; o >>= 1) {
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+#pragma unroll
+                for (int u = 0; u < U; u++) s[g][u] += __shfl_xor_sync(0xFFFFFFFFu, s[g][u], o);
+            }
+        }
+        // One rescale per head for the U positions this lane saw (a lane's positions of a
+        // warp are merged at the end like warps are); s becomes the weights.
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float nm = m[g];
+#pragma unroll
+            for (int u = 0; u < U; u++) nm = live[u] ? fmaxf(nm, s[g][u]) : nm;
+            const float c = nm == -INFINITY ? 1.0f : __expf(m[g] - nm);
+            l[g] *= c;
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[g][j] *= c;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                s[g][u] = live[u] ? __expf(s[g][u] - nm) : 0.0f;
+                l[g] += s[g][u];
+            }
+            m[g] = nm;
         }
 #pragma unroll
-        for (int g = 0; g < MAX_GROUP; g++) {
-            if (g >= (int)group) break;
-            float s = 0.0f;
+        for (int u = 0; u < U; u++) {
+            float vf[8];
+            unpack8(vr[u], vf);
 #pragma unroll
-            for (int j = 0; j < 8; j++) s += qs[g][piece * 8 + j] * kf[j];
-            // Sum over the lanes of this position (a power of two, aligned).
-            for (unsigned o = lanes_per_pos / 2; o > 0; o >>= 1) {
-                s += __shfl_xor_sync(0xFFFFFFFFu, s, o);
-            }
-            // Each position's lanes update the running softmax with their own score; the
-            // positions of a warp are merged at the end like warps are.
-            if (live) {
-                float nm = fmaxf(m[g], s);
-                float c = __expf(m[g] - nm);
-                float p = __expf(s - nm);
-                l[g] = l[g] * c + p;
+            for (int g = 0; g < G; g++) {
 #pragma unroll
-                for (int j = 0; j < 8; j++) acc[g][j] = acc[g][j] * c + p * vf[j];
-                m[g] = nm;
+                for (int j = 0; j < 8; j++) acc[g][j] = fmaf(s[g][u], vf[j], acc[g][j]);
             }
         }
     }
 
+    if (S > 1) cp_async_wait<0>();  // only empty groups remain; nothing may land later
+    __syncthreads();                 // every warp is done with the ring the merge reuses
+
     // Merge the positions of a warp (lanes with the same piece), then the warps.
 #pragma unroll
-    for (int g = 0; g < MAX_GROUP; g++) {
-        if (g >= (int)group) break;
+    for (int g = 0; g < G; g++) {
         for (unsigned o = lanes_per_pos; o < 32; o <<= 1) {
-            float om = __shfl_xor_sync(0xFFFFFFFFu, m[g], o);
-            float ol = __shfl_xor_sync(0xFFFFFFFFu, l[g], o);
-            float nm = fmaxf(m[g], om);
-            float c = nm == -INFINITY ? 0.0f : __expf(m[g] - nm);
-            float oc = nm == -INFINITY ? 0.0f : __expf(om - nm);
+            const float om = __shfl_xor_sync(0xFFFFFFFFu, m[g], o);
+            const float ol = __shfl_xor_sync(0xFFFFFFFFu, l[g], o);
+            const float nm = fmaxf(m[g], om);
+            const float c = nm == -INFINITY ? 0.0f : __expf(m[g] - nm);
+            const float oc = nm == -INFINITY ? 0.0f : __expf(om - nm);
             l[g] = l[g] * c + ol * oc;
 #pragma unroll
             for (int j = 0; j < 8; j++) {
-                float oa = __shfl_xor_sync(0xFFFFFFFFu, acc[g][j], o);
+                const float oa = __shfl_xor_sync(0xFFFFFFFFu, acc[g][j], o);
                 acc[g][j] = acc[g][j] * c + oa * oc;
             }
             m[g] = nm;
         }
         if (lane < (int)lanes_per_pos) {
             if (piece == 0) {
-                wm[warp][g] = m[g];
-                wl[warp][g] = l[g];
+                wm[warp * G + g] = m[g];
+                wl[warp * G + g] = l[g];
             }
+            float* dst = wacc + ((size_t)warp * G + g) * head_dim + piece * 8;
 #pragma unroll
-            for (int j = 0; j < 8; j++) wacc[warp][g][piece * 8 + j] = acc[g][j];
+            for (int j = 0; j < 8; j++) dst[j] = acc[g][j];
         }
     }
     __syncthreads();
-    for (unsigned i = threadIdx.x; i < group * head_dim; i += THREADS) {
-        unsigned g = i / head_dim, d = i % head_dim;
+    for (unsigned i = threadIdx.x; i < G * head_dim; i += THREADS) {
+        const unsigned g = i / head_dim, d = i % head_dim;
         float mm = -INFINITY;
-        for (int w = 0; w < WARPS; w++) mm = fmaxf(mm, wm[w][g]);
+        for (int w = 0; w < WARPS; w++) mm = fmaxf(mm, wm[w * G + g]);
         float sum = 0.0f, o = 0.0f;
         for (int w = 0; w < WARPS; w++) {
-            float c = mm == -INFINITY ? 0.0f : __expf(wm[w][g] - mm);
-            sum += wl[w][g] * c;
-            o += wacc[w][g][d] * c;
+            const float c = mm == -INFINITY ? 0.0f : __expf(wm[w * G + g] - mm);
+            sum += wl[w * G + g] * c;
+            o += wacc[((size_t)w * G + g) * head_dim + d] * c;
         }
-        const unsigned h = kvh * group + g;
+        const unsigned h = kvh * G + g;
         if (splits == 1) {
             out[((size_t)seq * heads + h) * head_dim + d] = sum > 0.0f ? o / sum : 0.0f;
         } else {
@@ -187,6 +285,39 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         }
     }
 }
+
+}  // namespace
+
+#define CITED_PAGED_DECODE(G, U, S)                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                   \
+        cited_paged_decode_g##G##_u##U##_s##S(                                                 \
+            const float* __restrict__ q, unsigned q_stride, const __half* __restrict__ k,     \
+            const __half* __restrict__ v, const unsigned* __restrict__ tables,                \
+            unsigned max_blocks, const unsigned* __restrict__ lens, unsigned kv_heads,        \
+            unsigned head_dim, unsigned block_size, unsigned split_len, float scale,          \
+            float* __restrict__ out, float* __restrict__ part_max,                            \
+            float* __restrict__ part_sum, float* __restrict__ part_out) {                     \
+        decode<G, U, S>(q, q_stride, k, v, tables, max_blocks, lens, kv_heads, head_dim,       \
+                        block_size, split_len, scale, out, part_max, part_sum, part_out);     \
+    }
+// Variants (U positions per warp step, S steps in flight): direct loads U = 2, 4; a cp.async
+// ring of U x S = 8 steps (U = 2, S = 4 and U = 4, S = 2: 32 KiB) and 16 steps (U = 4, S = 4:
+// 64 KiB, past the 48 KiB default, which the host raises for these).
+#define CITED_PAGED_DECODE_ALL(G) \
+    CITED_PAGED_DECODE(G, 2, 1)   \
+    CITED_PAGED_DECODE(G, 4, 1)   \
+    CITED_PAGED_DECODE(G, 2, 4)   \
+    CITED_PAGED_DECODE(G, 4, 2)   \
+    CITED_PAGED_DECODE(G, 4, 4)
+
+CITED_PAGED_DECODE_ALL(1)
+CITED_PAGED_DECODE_ALL(2)
+CITED_PAGED_DECODE_ALL(3)
+CITED_PAGED_DECODE_ALL(4)
+CITED_PAGED_DECODE_ALL(5)
+CITED_PAGED_DECODE_ALL(6)
+CITED_PAGED_DECODE_ALL(7)
+CITED_PAGED_DECODE_ALL(8)
 
 // Combines the splits of each (sequence, head): out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s.
 extern "C" __global__ void cited_paged_merge(const float* __restrict__ part_max,

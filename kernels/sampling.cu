@@ -398,14 +398,18 @@ __device__ void sample_row(const T* __restrict__ logits, unsigned vocab, const R
 //           tokens less than FIRST_BUCKETS buckets below the top (a rank-order prefix, since the
 //           bucket falls as the logit rises);
 //   pass 3 (only when needed): the candidates again with the bucket limit the histogram
-//           says holds top-k's k tokens or top-p's mass, within 1,024.
+//           says holds top-k's k tokens or top-p's mass, within 1,024; or, for top-p alone
+//           when that prefix is longer, the mass above the bucket holding the cut (per
+//           segment) and that bucket's tokens as the candidates, so only the cut's own
+//           bucket is sorted and the draw walks the segments.
 // Then the candidates are sorted in rank order (bitonic, one per thread): top-k is a prefix,
 // top-p the first prefix whose mass (double) reaches top_p of the kept mass; the kept prefix is
 // sorted again by id and walked for the draw. Without top-k and top-p the draw walks the
 // segment masses, then one segment. Penalised and banned tokens (sorted per row on the host)
 // are looked up through a hashed bitmap and a binary search. Rows the fast path cannot take
-// (over 1,024 such tokens, a vocabulary over 262,144, k over 1,024, a top-p prefix past the
-// histogram) run the general path above, so every row gets the reference's answer.
+// (over 1,024 such tokens, a vocabulary over 262,144, k over 1,024, a top-p cut past the
+// histogram or in a bucket of over 1,024 tokens) run the general path above, so every row gets
+// the reference's answer.
 
 constexpr int CAND = THREADS;             // candidates, one per thread
 constexpr int SPECIAL = 1024;             // penalised or banned tokens per row
@@ -427,8 +431,8 @@ struct FastShared {
     unsigned hist_n[HIST_COPIES][BUCKETS];  // a copy per group of 4 warps: fewer atomics collide
     float hist_m[HIST_COPIES][BUCKETS];
     unsigned ncand;
-    unsigned limit;     // bucket limit of the candidates
-    int mode;           // 0: candidates, 1: segments, 2: general path
+    unsigned limit;     // bucket limit of the candidates (mode 3: the bucket of the cut)
+    int mode;           // 0: candidates, 1: segments, 2: general path, 3: top-p bucket cut
     double dq;
 };
 
@@ -449,6 +453,50 @@ __device__ __forceinline__ float fast_value(const FastShared& f, unsigned nsp, u
 __device__ __forceinline__ int bucket_of(float x, float tmax, float t) {
     float d = (tmax - x) / t * BUCKETS_PER_NAT;
     return d < (float)BUCKETS ? (int)d : BUCKETS;
+}
+
+// Adds token `id` (value x) to the candidates when there is room (the count still grows, so an
+// overflow is seen).
+__device__ __forceinline__ void push_candidate(FastShared& f, float x, unsigned id) {
+    unsigned slot = atomicAdd(&f.ncand, 1u);
+    if (slot < CAND) f.key[slot] = ((unsigned long long)desc_key(x) << 32) | id;
+}
+
+// Stores a segment's mass (the warp's lanes' shares, summed in double) and clears the share.
+__device__ __forceinline__ void store_segment(FastShared& f, float& share, unsigned sg,
+                                              unsigned lane) {
+    double m = share;
+    for (int o = 16; o > 0; o >>= 1) m += __shfl_down_sync(0xFFFFFFFFu, m, o);
+    if (lane == 0) f.seg[sg] = m;
+    share = 0.0f;
+}
+
+// The first histogram bucket at which the running mass, from `start`, reaches `target`, with its
+// count in `count`; -1 when none does. Read by one thread (it sums the copies).
+__device__ int crossing_bucket(const FastShared& f, double start, double target,
+                               unsigned& count) {
+    double m = start;
+    for (int b = 0; b < BUCKETS; ++b) {
+        unsigned n = 0;
+        for (int c = 0; c < HIST_COPIES; ++c) {
+            n += f.hist_n[c][b];
+            m += (double)f.hist_m[c][b];
+        }
+        if (m >= target) {
+            count = n;
+            return b;
+        }
+    }
+    count = 0;
+    return -1;
+}
+
+// The sub-bucket (of BUCKETS) of a value in bucket `b`: the same float steps as bucket_of, so
+// the two agree, and monotone in x within the bucket.
+__device__ __forceinline__ int sub_bucket(float x, float tmax, float t, int b) {
+    float d = (tmax - x) / t * BUCKETS_PER_NAT;
+    int sb = (int)((d - (float)b) * (float)BUCKETS);
+    return sb < 0 ? 0 : (sb >= BUCKETS ? BUCKETS - 1 : sb);
 }
 
 // Ascending bitonic sort of the block's CAND keys (one per thread).
@@ -508,6 +556,177 @@ __device__ __noinline__ void general_row(const T* __restrict__ logits, unsigned 
                                          const unsigned* __restrict__ bans,
                                          float* __restrict__ row, unsigned* __restrict__ out) {
     sample_row<T>(logits, vocab, p, penalty_ids, penalty_counts, penalty_recent, bans, row, out);
+}
+
+// The draw over a kept set in id order by its segment masses (f.seg, double): the first segment
+// whose running mass passes `target`, then that segment's tokens walked by warp 0. `keep(id, x)`
+// says whether a token (value x) is kept and `weight(x)` its weight, as the masses were summed.
+// When rounding leaves the target past the last segment: `last` when given, otherwise the last
+// kept token of the last segment with mass.
+template <typename T, typename K, typename W>
+__device__ __noinline__ void segment_draw(const T* __restrict__ logits, unsigned vocab, FastShared& f,
+                             Shared& s, unsigned nsp, double target, unsigned last, K keep,
+                             W weight, unsigned* __restrict__ out) {
+    const unsigned nseg = (vocab + SEG - 1) / SEG;
+    const double v = threadIdx.x < nseg ? f.seg[threadIdx.x] : 0.0;
+    double sum;
+    const double incl = block_scan<double>(v, sum, s.d, &s.bd);
+    unsigned hit = (threadIdx.x < nseg && target < incl) ? threadIdx.x : NONE;
+    float hv = 0.0f;
+    block_argmax(hv, hit, s);
+    if (hit == NONE) {
+        if (last != NONE) {
+            if (threadIdx.x == 0) *out = last;
+            return;
+        }
+        // The last segment with mass, walked to its end.
+        float at = threadIdx.x < nseg && v > 0.0 ? (float)threadIdx.x : -1.0f;
+        unsigned idx = threadIdx.x;
+        block_argmax(at, idx, s);
+        hit = at < 0.0f ? 0u : (unsigned)at;
+        target = INFINITY;
+    }
+    // The segment's tokens in id order, by warp 0.
+    __syncthreads();
+    if (threadIdx.x == hit) f.dq = target == INFINITY ? 0.0 : incl - v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        const unsigned lane = threadIdx.x;
+        double carry = f.dq;
+        unsigned found = NONE, prev = NONE;
+        for (int j = 0; j < SEG / 32 && found == NONE; ++j) {
+            unsigned id = hit * SEG + j * 32 + lane;
+            float x = id < vocab ? fast_value(f, nsp, id, load(logits + id)) : -INFINITY;
+            bool k = id < vocab && keep(id, x);
+            double w = k ? (double)weight(x) : 0.0;
+            double c = w;
+            for (int o = 1; o < 32; o <<= 1) {
+                double n = __shfl_up_sync(0xFFFFFFFFu, c, o);
+                if (lane >= o) c += n;
+            }
+            unsigned ball = __ballot_sync(0xFFFFFFFFu, k && target < carry + c);
+            if (ball) found = hit * SEG + j * 32 + (__ffs(ball) - 1);
+            unsigned kb = __ballot_sync(0xFFFFFFFFu, k);
+            if (kb) prev = hit * SEG + j * 32 + (31 - __clz(kb));
+            carry += __shfl_sync(0xFFFFFFFFu, c, 31);
+        }
+        // Rounding between the segment sums and this walk: the segment's last kept token.
+        if (lane == 0) *out = found != NONE ? found : prev;
+    }
+}
+
+// Mode 3 of the fast path (top-p alone, the cut past the candidates' first reach), a call of
+// its own so its registers do not add to the fast path's.
+template <typename T>
+__device__ __noinline__ void topp_bucket_cut(const T* __restrict__ logits, unsigned vocab,
+                                             const RowParams& p,
+                                             const unsigned* __restrict__ penalty_ids,
+                                             const unsigned* __restrict__ penalty_counts,
+                                             const unsigned* __restrict__ penalty_recent,
+                                             const unsigned* __restrict__ bans, FastShared& f,
+                                             Shared& s, unsigned nsp, float tmax, float t,
+                                             float floor, double total, double u,
+                                             float* __restrict__ row,
+                                             unsigned* __restrict__ out) {
+    const unsigned nseg = (vocab + SEG - 1) / SEG;
+    // Top-p alone with a cut past the candidates' reach: the histogram bucket holding the
+    // cut is refined. Pass 3 sums the mass of the tokens above that bucket per segment
+    // (exactly as pass 2 did) and gathers the bucket's own tokens as the candidates; they
+    // are sorted in rank order and the cut found on them, starting from the mass above.
+    // Level 0 refines the histogram bucket holding the cut; when that bucket holds more than
+    // 1,024 tokens, level 1 (a fourth pass) refines the sub-bucket (1/64 of it) holding the cut,
+    // from a sub-histogram level 0 gathered on the way.
+    const int cut_bucket = (int)f.limit;
+    int cut_sub = -1;  // the sub-bucket at level 1
+    // -1: ranks above the cut's (sub-)bucket, 0: in it, 1: below.
+    auto cls = [&](float x, int b) {
+        if (b != cut_bucket) return b < cut_bucket ? -1 : 1;
+        if (cut_sub < 0) return 0;
+        const int sb = sub_bucket(x, tmax, t, b);
+        return sb < cut_sub ? -1 : (sb > cut_sub ? 1 : 0);
+    };
+    const unsigned copy = (threadIdx.x >> 5) % HIST_COPIES;
+    const double need = (double)p.top_p * total;
+    double above = 0.0;
+    unsigned ncand = 0;
+    for (int level = 0; level < 2; ++level) {
+        f.key[threadIdx.x] = NO_KEY;
+        if (threadIdx.x == 0) f.ncand = 0;
+        if (level == 0) {
+            for (unsigned b = threadIdx.x; b < HIST_COPIES * BUCKETS; b += THREADS) {
+                f.hist_n[b / BUCKETS][b % BUCKETS] = 0;
+                f.hist_m[b / BUCKETS][b % BUCKETS] = 0.0f;
+            }
+        }
+        __syncthreads();
+        float above_seg = 0.0f;
+        fast_pass(logits, vocab, f, nsp,
+                  [&](unsigned id, float x, unsigned) {
+                      if (!finite(x) || x < floor) return;
+                      const int b = bucket_of(x, tmax, t);
+                      const int c = cls(x, b);
+                      if (c < 0) {
+                          above_seg += expf((x - tmax) / t);
+                      } else if (c == 0) {
+                          if (level == 0) {
+                              const int sb = sub_bucket(x, tmax, t, b);
+                              atomicAdd(&f.hist_n[copy][sb], 1u);
+                              atomicAdd(&f.hist_m[copy][sb], expf((x - tmax) / t));
+                          }
+                          push_candidate(f, x, id);
+                      }
+                  },
+                  [&](unsigned sg, unsigned lane) { store_segment(f, above_seg, sg, lane); });
+        __syncthreads();
+        above = block_add<double>(threadIdx.x < nseg ? f.seg[threadIdx.x] : 0.0, s.d, &s.bd);
+        ncand = f.ncand;
+        if (ncand <= CAND || level == 1) break;
+        // Too many tokens in the bucket: the sub-bucket where the mass crosses the need.
+        if (threadIdx.x == 0) {
+            unsigned n = 0;
+            int found = crossing_bucket(f, above, need, n);
+            if (n == 0 || n > CAND) found = -1;
+            f.limit = (unsigned)found;
+        }
+        __syncthreads();
+        cut_sub = (int)f.limit;
+        if (cut_sub < 0) break;  // the general path below
+    }
+    if (ncand > CAND || ncand == 0 || above >= need) {
+        // The float histogram put the cut in the wrong bucket, or the bucket overflowed.
+        general_row<T>(logits, vocab, p, penalty_ids, penalty_counts, penalty_recent, bans,
+                      row, out);
+        return;
+    }
+    bitonic(f.key);  // rank order: value descending, then id
+    const unsigned i = threadIdx.x;
+    const float xi = i < ncand ? key_value((unsigned)(f.key[i] >> 32)) : -INFINITY;
+    const double wi = i < ncand ? (double)expf((xi - tmax) / t) : 0.0;
+    double sum;
+    const double cum = above + block_scan<double>(wi, sum, s.d, &s.bd);
+    unsigned hit = (i < ncand && cum >= need) ? i : NONE;
+    float hv = 0.0f;
+    block_argmax(hv, hit, s);
+    if (hit == NONE) {
+        general_row<T>(logits, vocab, p, penalty_ids, penalty_counts, penalty_recent, bans,
+                      row, out);
+        return;
+    }
+    const unsigned m = hit + 1;
+    const double kept_mass = above + block_add<double>(i < m ? wi : 0.0, s.d, &s.bd);
+    // The kept part of the cut's (sub-)bucket joins its segments' masses; a token of it is
+    // kept when it ranks at or before the cut.
+    const unsigned long long cut = f.key[m - 1];
+    if (i < m) atomicAdd(&f.seg[(unsigned)(f.key[i] & 0xFFFFFFFFull) / SEG], wi);
+    __syncthreads();
+    segment_draw(logits, vocab, f, s, nsp, u * kept_mass, NONE,
+                 [&](unsigned id, float x) {
+                     if (!finite(x) || x < floor) return false;
+                     const int c = cls(x, bucket_of(x, tmax, t));
+                     return c < 0 ||
+                            (c == 0 && (((unsigned long long)desc_key(x) << 32) | id) <= cut);
+                 },
+                 [&](float x) { return expf((x - tmax) / t); }, out);
 }
 
 template <typename T>
@@ -600,18 +819,11 @@ __device__ void sample_row_fast(const T* __restrict__ logits, unsigned vocab, co
                       atomicAdd(&f.hist_n[copy][b], 1u);
                       atomicAdd(&f.hist_m[copy][b], w);
                       if (b < FIRST_BUCKETS) {
-                          unsigned slot = atomicAdd(&f.ncand, 1u);
-                          if (slot < CAND)
-                              f.key[slot] = ((unsigned long long)desc_key(x) << 32) | id;
+                          push_candidate(f, x, id);
                       }
                   }
               },
-              [&](unsigned sg, unsigned lane) {
-                  double m = seg_mass;
-                  for (int o = 16; o > 0; o >>= 1) m += __shfl_down_sync(0xFFFFFFFFu, m, o);
-                  if (lane == 0) f.seg[sg] = m;
-                  seg_mass = 0.0f;
-              });
+              [&](unsigned sg, unsigned lane) { store_segment(f, seg_mass, sg, lane); });
     const unsigned kept_n = block_add<unsigned>(kept, s.u, &s.bu);
     // The kept mass, summed in double over the segments (a float running sum would drop the
     // long tail of small weights).
@@ -647,6 +859,17 @@ __device__ void sample_row_fast(const T* __restrict__ logits, unsigned vocab, co
             }
             if (b == BUCKETS || cn > CAND) {
                 mode = 2;
+                if (top_p && !need_k) {
+                    // The bucket where the histogram's mass crosses top_p: refined in pass 3
+                    // (and a fourth when its own tokens do not fit the candidates).
+                    unsigned n2 = 0;
+                    const int c2 = crossing_bucket(f, 0.0, (double)p.top_p * total, n2);
+                    // Over 1,024 tokens in it: refined once more on the way.
+                    if (c2 >= 0 && n2 > 0) {
+                        mode = 3;
+                        limit = (unsigned)c2;
+                    }
+                }
             } else {
                 limit = (unsigned)(b + 1);
                 // The first guess holds what is needed: keep it when it fits.
@@ -665,45 +888,14 @@ __device__ void sample_row_fast(const T* __restrict__ logits, unsigned vocab, co
     }
     const double u = (double)unit_at(p.seed, p.step);
     if (mode == 1) {
-        // Segments in id order: the first whose running mass passes the target.
-        const double target = u * total;
-        double v = threadIdx.x < nseg ? f.seg[threadIdx.x] : 0.0;
-        double sum;
-        double incl = block_scan<double>(v, sum, s.d, &s.bd);
-        unsigned hit = (threadIdx.x < nseg && target < incl) ? threadIdx.x : NONE;
-        float hv = 0.0f;
-        block_argmax(hv, hit, s);
-        if (hit == NONE) {
-            if (threadIdx.x == 0) *out = last_kept;
-            return;
-        }
-        // The segment's tokens in id order, by warp 0.
-        __syncthreads();
-        if (threadIdx.x == hit) f.dq = incl - v;
-        __syncthreads();
-        if (threadIdx.x < 32) {
-            const unsigned lane = threadIdx.x;
-            double carry = f.dq;
-            unsigned found = NONE, prev = NONE;
-            for (int j = 0; j < SEG / 32 && found == NONE; ++j) {
-                unsigned id = hit * SEG + j * 32 + lane;
-                float x = id < vocab ? fast_value(f, nsp, id, load(logits + id)) : -INFINITY;
-                bool k = finite(x) && x >= floor;
-                double w = k ? (double)expf((x - tmax) / t) : 0.0;
-                double c = w;
-                for (int o = 1; o < 32; o <<= 1) {
-                    double n = __shfl_up_sync(0xFFFFFFFFu, c, o);
-                    if (lane >= o) c += n;
-                }
-                unsigned ball = __ballot_sync(0xFFFFFFFFu, k && target < carry + c);
-                if (ball) found = hit * SEG + j * 32 + (__ffs(ball) - 1);
-                unsigned kb = __ballot_sync(0xFFFFFFFFu, k);
-                if (kb) prev = hit * SEG + j * 32 + (31 - __clz(kb));
-                carry += __shfl_sync(0xFFFFFFFFu, c, 31);
-            }
-            // Rounding between the segment sums and this walk: the segment's last kept token.
-            if (lane == 0) *out = found != NONE ? found : prev;
-        }
+        segment_draw(logits, vocab, f, s, nsp, u * total, last_kept,
+                     [&](unsigned, float x) { return finite(x) && x >= floor; },
+                     [&](float x) { return expf((x - tmax) / t); }, out);
+        return;
+    }
+    if (mode == 3) {
+        topp_bucket_cut<T>(logits, vocab, p, penalty_ids, penalty_counts, penalty_recent, bans,
+                           f, s, nsp, tmax, t, floor, total, u, row, out);
         return;
     }
 
@@ -718,9 +910,7 @@ __device__ void sample_row_fast(const T* __restrict__ logits, unsigned vocab, co
                   [&](unsigned id, float x, unsigned) {
                       if (!finite(x) || x < floor) return;
                       if (bucket_of(x, tmax, t) < limit) {
-                          unsigned slot = atomicAdd(&f.ncand, 1u);
-                          if (slot < CAND)
-                              f.key[slot] = ((unsigned long long)desc_key(x) << 32) | id;
+                          push_candidate(f, x, id);
                       }
                   },
                   [](unsigned, unsigned) {});

@@ -22,6 +22,7 @@ if grep -q stub "$out/NEEDED"; then
     echo "gpu-build: the binary names a stub library" >&2
     exit 1
 fi
-git rev-parse --short HEAD > "$out/COMMIT" 2>/dev/null || true
+# The commit built, marked -dirty when the working tree had changes on top of it.
+git describe --always --dirty --abbrev=7 > "$out/COMMIT" 2>/dev/null || true
 du -b "$out/gpu-check" | awk '{printf "gpu-build: gpu-check/gpu-check is %.1f MiB\n", $1 / 1048576}'
 echo "gpu-build: needs $(tr '\n' ' ' < "$out/NEEDED")"

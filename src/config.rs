@@ -486,7 +486,13 @@ impl DeviceSpec {
                 Err(ConfigError::NoCuda(format!("cuda:{n}")))
             }
             Self::Cuda(n) => {
-                Device::new_cuda(n).map_err(|e| ConfigError::CudaUnavailable(n, e.to_string()))
+                let dev = Device::new_cuda(n)
+                    .map_err(|e| ConfigError::CudaUnavailable(n, e.to_string()))?;
+                // Steps of the same shapes reuse the last step's buffers.
+                #[cfg(feature = "cuda")]
+                crate::ops::keep_freed_memory(&dev, true)
+                    .map_err(|e| ConfigError::CudaUnavailable(n, e.to_string()))?;
+                Ok(dev)
             }
         }
     }

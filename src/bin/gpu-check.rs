@@ -14,10 +14,9 @@ use candle_nn::VarBuilder;
 use clap::{Parser, Subcommand};
 use half::f16;
 
-use cited::models::bert::{l2_normalize, mean_pool, Bert, BertConfig};
+use cited::models::bert::{pooled, Bert, BertConfig};
 use cited::models::Batch;
-use cited::ops::bert_fused;
-use cited::ops::paged_attention::gpu::Decode;
+use cited::ops::paged_attention::gpu::{Decode, VARIANTS as DECODE_VARIANTS};
 use cited::ops::paged_attention::{paged_attention, PagedGeometry, SeqView};
 use cited::ops::rng::SplitMix64;
 use cited::ops::sampling::gpu::{Row, Step, Variant as SampleVariant};
@@ -27,6 +26,7 @@ use cited::ops::sampling::{
 use cited::ops::similarity::gpu::Search;
 use cited::ops::similarity::{compare_hits, topk_cpu};
 use cited::ops::similarity_variants::{Variant, VARIANTS};
+use cited::ops::{bert_fused, keep_freed_memory};
 
 #[derive(Parser)]
 #[command(name = "gpu-check", about = "CUDA parity checks and benches of cited")]
@@ -42,8 +42,12 @@ struct Args {
 enum Cmd {
     /// Similarity top-k and embeddings against the CPU references.
     Parity,
-    /// Tiny similarity runs of every variant, for compute-sanitizer.
-    Memcheck,
+    /// Small runs of every kernel against its reference, for compute-sanitizer.
+    Memcheck {
+        /// Parts to run (similarity, embeddings, sampling, paged); all when empty.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
     /// Time every similarity variant over the benchmark shapes.
     Sweep {
         /// Corpus sizes.
@@ -173,24 +177,38 @@ fn similarity_parity(dev: &Device, cases: &[(usize, usize, usize, usize)]) -> Re
 }
 
 /// MiniLM-shaped BERT config (all-MiniLM-L6-v2's shape).
-fn minilm_config() -> BertConfig {
+/// An encoder config: vocabulary, hidden size, layers, heads, intermediate size, activation;
+/// 512 positions, 2 token types.
+fn bert_config(
+    vocab: usize,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    intermediate: usize,
+    act: &str,
+) -> BertConfig {
     serde_json::from_value(serde_json::json!({
-        "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
-        "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
+        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "intermediate_size": intermediate, "hidden_act": act,
         "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12
     }))
     .expect("valid config")
 }
 
+fn minilm_config() -> BertConfig {
+    bert_config(30522, 384, 6, 12, 1536, "gelu")
+}
+
 /// A second encoder shape for parity: head dim 64 (the other attention kernel), tanh GELU,
 /// hidden 256 (4 heads), 2 layers.
 fn wide_head_config() -> BertConfig {
-    serde_json::from_value(serde_json::json!({
-        "vocab_size": 1000, "hidden_size": 256, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "intermediate_size": 1024, "hidden_act": "gelu_new",
-        "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12
-    }))
-    .expect("valid config")
+    bert_config(1000, 256, 2, 4, 1024, "gelu_new")
+}
+
+/// A third shape: hidden 320 (10 heads of 32, ReLU), a width the 16-byte norm kernels do not
+/// take, so the embedding stage and the norms run their other path.
+fn odd_width_config() -> BertConfig {
+    bert_config(1000, 320, 2, 10, 640, "relu")
 }
 
 /// Writes seeded MiniLM-shaped weights as `model.safetensors` in `dir`.
@@ -298,16 +316,19 @@ fn load_bert(dir: &Path, cfg: &BertConfig, dev: &Device, dtype: DType) -> Result
 
 fn embed(model: &Bert, seqs: &[Vec<u32>]) -> Result<Tensor> {
     let batch = Batch::from_sequences(seqs);
-    let hidden = model.forward(&batch)?.to_dtype(DType::F32)?;
-    Ok(l2_normalize(&mean_pool(&hidden, &batch)?)?)
+    Ok(pooled(&model.forward(&batch)?, &batch)?)
 }
 
-fn embedding_parity(dev: &Device) -> Result<bool> {
+/// `small` (for compute-sanitizer): a few short texts (one and two key chunks, partial query
+/// tiles) through the fused path only.
+fn embedding_parity(dev: &Device, small: bool) -> Result<bool> {
     let mut ok = true;
     for (name, cfg, gain, max_len) in [
         ("minilm", minilm_config(), 1.0, 256),
         ("head-dim-64 gelu-tanh", wide_head_config(), 3.0, 512),
+        ("hidden-320 relu", odd_width_config(), 1.0, 256),
     ] {
+        let max_len = if small { 130 } else { max_len };
         let dir = tempfile::tempdir()?;
         let cfg = write_bert(dir.path(), cfg, gain)?;
         let cpu = load_bert(dir.path(), &cfg, &Device::Cpu, DType::F32)?;
@@ -316,7 +337,9 @@ fn embedding_parity(dev: &Device) -> Result<bool> {
         let mut lengths = vec![
             128usize, 128, 7, 256, 3, 100, 100, 100, 55, 1, 200, 31, 31, 64, 2, 129,
         ];
-        if max_len > 256 {
+        if small {
+            lengths = vec![1, 7, 64, 65, 130, 3];
+        } else if max_len > 256 {
             lengths.extend([512, 300, 65, 63, 511]);
         }
         let seqs: Vec<Vec<u32>> = lengths
@@ -329,6 +352,9 @@ fn embedding_parity(dev: &Device) -> Result<bool> {
             .collect();
         let a = embed(&cpu, &seqs)?.to_vec2::<f32>()?;
         for fused in [true, false] {
+            if small && !fused {
+                continue;
+            }
             gpu.set_fused(fused);
             let b = embed(&gpu, &seqs)?
                 .to_device(&Device::Cpu)?
@@ -360,8 +386,11 @@ fn embed_bench(dev: &Device, batches: &[usize]) -> Result<()> {
         let seqs: Vec<Vec<u32>> = (0..b)
             .map(|_| (0..128).map(|_| (rng.next() % 30522) as u32).collect())
             .collect();
-        for fused in [true, false] {
+        // The fused path with freed memory kept in the pool (the server's setting) and handed
+        // back at each synchronisation (the driver's default), then the candle path.
+        for (fused, keep) in [(true, true), (true, false), (false, true)] {
             model.set_fused(fused);
+            keep_freed_memory(dev, keep)?;
             embed(&model, &seqs)?; // warm-up
             dev.synchronize()?;
             let mut times = Vec::new();
@@ -375,8 +404,9 @@ fn embed_bench(dev: &Device, batches: &[usize]) -> Result<()> {
             }
             let med = median(times);
             println!(
-                "EMBED\tcited f16 {}\tbatch={b}\t{:.3} ms\t{:.0} texts/s",
+                "EMBED\tcited f16 {}{}\tbatch={b}\t{:.3} ms\t{:.0} texts/s",
                 if fused { "fused" } else { "unfused" },
+                if keep { "" } else { ", pool released" },
                 med * 1e3,
                 b as f64 / med
             );
@@ -689,39 +719,42 @@ fn paged_parity(dev: &Device, small: bool) -> Result<bool> {
         let vt = Tensor::from_vec(v, n, dev)?;
         let table_refs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
         let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
-        let run = || -> Result<(u32, Vec<f32>)> {
-            let mut d = Decode::new(&g, &qt, &kt, &vt, &table_refs, &lens32, scale, split)?;
-            d.poison()?;
-            d.launch()?;
-            Ok((d.splits(), d.read()?))
-        };
-        let (verdict, splits) = match run() {
-            Ok((splits, got)) => {
-                let diff = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, |m, d| {
-                        if d.is_nan() || m.is_nan() {
-                            f32::NAN
-                        } else {
-                            m.max(d)
-                        }
-                    });
-                // f16 K/V read exactly on both sides; f32 sums in another order and __expf.
-                if diff <= 2e-3 {
-                    (format!("ok (max diff {diff:.2e})"), splits.to_string())
-                } else {
-                    (format!("FAIL (max diff {diff:.2e})"), splits.to_string())
+        for variant in DECODE_VARIANTS {
+            let run = || -> Result<(u32, Vec<f32>)> {
+                let mut d = Decode::new(&g, &qt, &kt, &vt, &table_refs, &lens32, scale, split)?
+                    .with_variant(variant)?;
+                d.poison()?;
+                d.launch()?;
+                Ok((d.splits(), d.read()?))
+            };
+            let (verdict, splits) = match run() {
+                Ok((splits, got)) => {
+                    let diff =
+                        got.iter()
+                            .zip(&want)
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0f32, |m, d| {
+                                if d.is_nan() || m.is_nan() {
+                                    f32::NAN
+                                } else {
+                                    m.max(d)
+                                }
+                            });
+                    // f16 K/V read exactly on both sides; f32 sums in another order and __expf.
+                    if diff <= 2e-3 {
+                        (format!("ok (max diff {diff:.2e})"), splits.to_string())
+                    } else {
+                        (format!("FAIL (max diff {diff:.2e})"), splits.to_string())
+                    }
                 }
-            }
-            Err(e) => (format!("FAIL error {e}"), "?".into()),
-        };
-        all_ok &= verdict.starts_with("ok");
-        println!(
-            "PARITY\tpaged decode\theads={} kv={} dim={} block={} lens={lens:?} splits={splits}\t-\t{verdict}",
+                Err(e) => (format!("FAIL error {e}"), "?".into()),
+            };
+            all_ok &= verdict.starts_with("ok");
+            println!(
+            "PARITY\tpaged decode\theads={} kv={} dim={} block={} lens={lens:?} splits={splits} unroll,stages={variant:?}\t-\t{verdict}",
             g.heads, g.kv_heads, g.head_dim, g.block_size
         );
+        }
     }
     Ok(all_ok)
 }
@@ -759,16 +792,23 @@ fn attention_bench(dev: &Device, peak_tbs: f64) -> Result<()> {
         let table_refs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
         let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
         let scale = 1.0 / (g.head_dim as f32).sqrt();
-        let mut d = Decode::new(&g, &qt, &kt, &vt, &table_refs, &lens32, scale, None)?;
-        let stream = d.stream();
-        let ms = time_launches(&stream, 1.0, || Ok(d.launch()?))?;
-        let bytes = (batch * ctx * g.kv_heads * g.head_dim * 2 * 2) as f64;
-        let tbs = bytes / (ms * 1e-3) / 1e12;
-        println!(
-            "ATTN\t{name}\tbatch={batch} ctx={ctx} splits={}\t{ms:.3} ms\t{tbs:.2} TB/s\t{:.0}% of {peak_tbs} TB/s",
-            d.splits(),
-            100.0 * tbs / peak_tbs
-        );
+        // Every variant at the default split length and at 256 and 1,024 positions per split.
+        for variant in DECODE_VARIANTS {
+            for split in [None, Some(256), Some(1024)] {
+                let mut d = Decode::new(&g, &qt, &kt, &vt, &table_refs, &lens32, scale, split)?
+                    .with_variant(variant)?;
+                let stream = d.stream();
+                let ms = time_launches(&stream, 1.0, || Ok(d.launch()?))?;
+                let bytes = (batch * ctx * g.kv_heads * g.head_dim * 2 * 2) as f64;
+                let tbs = bytes / (ms * 1e-3) / 1e12;
+                let label = if split.is_none() { " (default)" } else { "" };
+                println!(
+                    "ATTN\t{name}\tbatch={batch} ctx={ctx} splits={}{label} unroll,stages={variant:?}\t{ms:.3} ms\t{tbs:.2} TB/s\t{:.0}% of {peak_tbs} TB/s",
+                    d.splits(),
+                    100.0 * tbs / peak_tbs
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -1032,6 +1072,7 @@ fn sampling_bench(dev: &Device, batch: usize, vocabs: &[usize], peak_tbs: f64) -
 fn main() -> Result<()> {
     let args = Args::parse();
     let dev = Device::new_cuda(args.device).context("opening the CUDA device")?;
+    keep_freed_memory(&dev, true)?;
     match args.command {
         Cmd::Parity => {
             let cases = [
@@ -1050,19 +1091,29 @@ fn main() -> Result<()> {
                 (33, 4_000, 1024, 256),
             ];
             let a = similarity_parity(&dev, &cases)?;
-            let b = embedding_parity(&dev)?;
+            let b = embedding_parity(&dev, false)?;
             let c = sampling_parity(&dev, false)?;
             let d = paged_parity(&dev, false)?;
             if !(a && b && c && d) {
                 bail!("parity failed");
             }
         }
-        Cmd::Memcheck => {
-            if !similarity_parity(&dev, &[(3, 1000, 64, 10), (40, 3000, 128, 50)])?
-                || !embedding_parity(&dev)?
-                || !sampling_parity(&dev, true)?
-                || !paged_parity(&dev, true)?
-            {
+        Cmd::Memcheck { only } => {
+            let part = |p: &str| only.is_empty() || only.iter().any(|o| o == p);
+            let mut ok = true;
+            if part("similarity") {
+                ok &= similarity_parity(&dev, &[(3, 1000, 64, 10), (40, 3000, 128, 50)])?;
+            }
+            if part("embeddings") {
+                ok &= embedding_parity(&dev, true)?;
+            }
+            if part("sampling") {
+                ok &= sampling_parity(&dev, true)?;
+            }
+            if part("paged") {
+                ok &= paged_parity(&dev, true)?;
+            }
+            if !ok {
                 bail!("parity failed under memcheck");
             }
         }

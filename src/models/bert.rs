@@ -201,14 +201,14 @@ impl Bert {
         let heads = self.cfg.num_attention_heads;
         let hd = self.cfg.hidden_size / heads;
         let scale = 1.0 / (hd as f64).sqrt();
-        let ids = Tensor::new(batch.input_ids(), dev)?;
-        let pos = Tensor::new(batch.positions(), dev)?;
         #[cfg(feature = "cuda")]
         if types.is_none() {
-            if let Some(x) = self.forward_fused(batch, &ids, &pos)? {
+            if let Some(x) = self.forward_fused(batch)? {
                 return Ok(x);
             }
         }
+        let ids = Tensor::new(batch.input_ids(), dev)?;
+        let pos = Tensor::new(batch.positions(), dev)?;
         // (n, hidden)
         let x = self
             .word
@@ -282,7 +282,7 @@ impl Bert {
     /// straight from the QKV projection, bias + residual + LayerNorm and bias + activation each
     /// in one pass (8 launches a layer). `None` where they do not apply (not f16 on CUDA, a
     /// shape the kernels do not take, turned off).
-    fn forward_fused(&self, batch: &Batch, ids: &Tensor, pos: &Tensor) -> Result<Option<Tensor>> {
+    fn forward_fused(&self, batch: &Batch) -> Result<Option<Tensor>> {
         use crate::ops::bert_fused::{self as fused, Act};
         let cfg = &self.cfg;
         let dtype = self.token_type.dtype();
@@ -315,10 +315,27 @@ impl Bert {
             .map(|i| batch.seq_range(i).len())
             .max()
             .unwrap_or(0);
-        // Word + segment A (as a bias row) + position, normalised.
-        let word = self.word.forward(ids)?;
-        let position = self.position.forward(pos)?;
-        let mut x = fused::add_norm(&word, &self.token_type, &position, eg, eb, eps)?;
+        // Word + segment A (as a bias row) + position, normalised: in one pass where the width
+        // allows, else gathered by candle and normalised by the fused norm.
+        let mut x = if fused::embed_norm_fits(cfg.hidden_size) {
+            fused::embed_norm(
+                batch.input_ids(),
+                batch.positions(),
+                self.word.embeddings(),
+                self.position.embeddings(),
+                &self.token_type,
+                eg,
+                eb,
+                eps,
+            )?
+        } else {
+            let dev = self.device();
+            let word = self.word.forward(&Tensor::new(batch.input_ids(), dev)?)?;
+            let position = self
+                .position
+                .forward(&Tensor::new(batch.positions(), dev)?)?;
+            fused::add_norm(&word, &self.token_type, &position, eg, eb, eps)?
+        };
         for layer in &self.layers {
             let (Some(bqkv), Some(bo), Some(bi), Some(bf), Some((ag, ab)), Some((og, ob))) = (
                 layer.qkv.bias(),
@@ -370,6 +387,18 @@ pub fn mean_pool(hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// Unit-norm mean-pooled embeddings (num_seqs, hidden) f32 of an encoder's packed output: one
+/// fused kernel for f16 on CUDA, else [`mean_pool`] in f32 and [`l2_normalize`] (the reference).
+pub fn pooled(hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if hidden.device().is_cuda() && hidden.dtype() == DType::F16 && hidden.dim(1)? <= 1024 {
+        let starts: Vec<u32> = batch.cu_seqlens().iter().map(|&s| s as u32).collect();
+        return Ok(crate::ops::bert_fused::pool_normalize(hidden, &starts)?);
+    }
+    let hidden = hidden.to_dtype(DType::F32)?;
+    l2_normalize(&mean_pool(&hidden, batch)?)
 }
 
 /// Scales each row to unit L2 norm.
@@ -533,8 +562,7 @@ impl Embedder {
             )));
         }
         let batch = Batch::from_sequences(sequences);
-        let hidden = self.model.forward(&batch)?.to_dtype(DType::F32)?;
-        l2_normalize(&mean_pool(&hidden, &batch)?)
+        pooled(&self.model.forward(&batch)?, &batch)
     }
 
     /// Unit-norm embeddings `(n, dim)` of `texts`, all in one forward.

@@ -1,7 +1,7 @@
 //! The fused pieces of an f16 BERT layer on the GPU (`kernels/bert.cu`), around cuBLAS's GEMMs:
 //! attention over packed sequences straight from the QKV projection (bias added on load, no
-//! head regrouping, no score matrix in memory), bias + residual + LayerNorm in one pass, and
-//! bias + activation in one pass. [`crate::models::bert::Bert`] uses them for f16 on CUDA; its
+//! head regrouping, no score matrix in memory), bias + residual + LayerNorm in one pass, the
+//! embedding lookups + LayerNorm in one pass, and bias + activation in one pass. [`crate::models::bert::Bert`] uses them for f16 on CUDA; its
 //! unfused candle path (the CPU path) is the reference they are checked against.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
@@ -58,6 +58,21 @@ fn view<'a>(s: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, f16>>
         )));
     }
     Ok(c.as_cuda_slice::<f16>()?.slice(start..end))
+}
+
+/// Runs `f` on the f16 views of `ts` (each named for its error), holding their storage for the
+/// call.
+fn with_views<R>(
+    ts: &[(&Tensor, &str)],
+    f: impl FnOnce(&[CudaView<'_, f16>]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = ts.iter().map(|(t, _)| t.storage_and_layout()).collect();
+    let views = guards
+        .iter()
+        .zip(ts)
+        .map(|((s, l), (_, what))| view(s, l, what))
+        .collect::<Result<Vec<_>>>()?;
+    f(&views)
 }
 
 fn check_f16(ts: &[(&Tensor, &str)]) -> Result<()> {
@@ -188,43 +203,205 @@ pub fn add_norm(
         )));
     }
     let dev = cuda_device(a, "tensor")?;
-    let func = dev.get_or_load_custom_func("cited_bert_add_norm", MODULE, PTX)?;
     let stream = dev.cuda_stream();
-    // SAFETY: one warp writes each whole row.
+    // SAFETY: the kernel writes each whole row (one warp, or a power-of-two group of lanes).
     let mut out = unsafe { stream.alloc::<f16>(rows * cols) }.map_err(dev_err)?;
-    {
-        let (s_a, l_a) = a.storage_and_layout();
-        let (s_b, l_b) = bias.storage_and_layout();
-        let (s_r, l_r) = residual.storage_and_layout();
-        let (s_g, l_g) = gamma.storage_and_layout();
-        let (s_e, l_e) = beta.storage_and_layout();
-        let (va, vb, vr, vg, ve) = (
-            view(&s_a, l_a, "input")?,
-            view(&s_b, l_b, "bias")?,
-            view(&s_r, l_r, "residual")?,
-            view(&s_g, l_g, "gamma")?,
-            view(&s_e, l_e, "beta")?,
-        );
+    let inputs = [
+        (a, "input"),
+        (bias, "bias"),
+        (residual, "residual"),
+        (gamma, "gamma"),
+        (beta, "beta"),
+    ];
+    with_views(&inputs, |v| {
         let (rows32, cols32, eps32) = (rows as i32, cols as i32, eps as f32);
+        // 16-byte loads where the width splits into a power-of-two group of lanes.
+        let (name, cfg) = match norm_vec(cols) {
+            Some(vec) => (
+                format!("cited_bert_add_norm_v{vec}"),
+                norm_launch(rows, cols, vec),
+            ),
+            None => (
+                "cited_bert_add_norm".to_string(),
+                LaunchConfig {
+                    grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            ),
+        };
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let mut l = func.builder();
+        for x in v {
+            l.arg(x);
+        }
+        l.arg(&mut out).arg(&rows32).arg(&cols32).arg(&eps32);
+        // SAFETY: the arguments match `cited_bert_add_norm` and `cited_bert_add_norm_v*`
+        // (a, bias, residual, gamma, beta, out, rows, cols, eps); shapes (and, for the latter,
+        // the lane grouping) checked above.
+        unsafe { l.launch(cfg) }.map_err(dev_err)?;
+        Ok(())
+    })?;
+    Ok(wrap(dev, out, (rows, cols)))
+}
+
+/// Whether [`embed_norm`] takes this hidden size (it splits into a power-of-two group of lanes,
+/// as 384 and 768 do).
+pub fn embed_norm_fits(cols: usize) -> bool {
+    norm_vec(cols).is_some()
+}
+
+/// The uint4 loads per lane of `cited_bert_*_norm_v*` for this width: the first VEC in 1..=4
+/// that leaves a power-of-two group of at most 32 lanes per row (384 columns: 3 x 16 lanes).
+fn norm_vec(cols: usize) -> Option<usize> {
+    (1..=4).find(|&vec| {
+        let lanes = cols / (8 * vec);
+        cols == 8 * vec * lanes && lanes.is_power_of_two() && lanes <= 32
+    })
+}
+
+/// Grid of the `_v*` norm kernels: one group of `cols / (8 vec)` lanes per row, 256 threads a
+/// block.
+fn norm_launch(rows: usize, cols: usize, vec: usize) -> LaunchConfig {
+    let lanes = cols / (8 * vec);
+    LaunchConfig {
+        grid_dim: ((rows * lanes).div_ceil(256).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The embedding stage in one pass: `LayerNorm(word[ids] + position[pos] + type_row) * gamma +
+/// beta` for token ids and positions given on the host (checked against the tables here, so
+/// the kernel's gathers stay in range). `word` (vocab, cols), `position` (max positions, cols),
+/// `type_row`, `gamma`, `beta` (cols), all f16; cols must split into a power-of-two group of
+/// lanes (see `norm_vec`).
+#[allow(clippy::too_many_arguments)]
+pub fn embed_norm(
+    ids: &[u32],
+    positions: &[u32],
+    word: &Tensor,
+    position: &Tensor,
+    type_row: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    check_f16(&[
+        (word, "word table"),
+        (position, "position table"),
+        (type_row, "token type row"),
+        (gamma, "gamma"),
+        (beta, "beta"),
+    ])?;
+    let (vocab, cols) = word.dims2()?;
+    let (max_pos, pcols) = position.dims2()?;
+    let rows = ids.len();
+    let vec = norm_vec(cols);
+    if pcols != cols
+        || [type_row, gamma, beta]
+            .iter()
+            .any(|t| t.elem_count() != cols)
+        || positions.len() != rows
+        || rows == 0
+        || vec.is_none()
+    {
+        return Err(OpsError::Shape(format!(
+            "embedding stage of {rows} ids, {} positions, tables {:?} and {:?}",
+            positions.len(),
+            word.dims(),
+            position.dims()
+        )));
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        return Err(OpsError::Shape(format!(
+            "token id {bad} beyond the {vocab}-token table"
+        )));
+    }
+    if let Some(&bad) = positions.iter().find(|&&p| p as usize >= max_pos) {
+        return Err(OpsError::Shape(format!(
+            "position {bad} beyond the {max_pos}-position table"
+        )));
+    }
+    let vec = vec.unwrap_or(1);
+    let dev = cuda_device(word, "word table")?;
+    let stream = dev.cuda_stream();
+    let ids_d = stream.clone_htod(ids).map_err(dev_err)?;
+    let pos_d = stream.clone_htod(positions).map_err(dev_err)?;
+    // SAFETY: the kernel writes each whole row.
+    let mut out = unsafe { stream.alloc::<f16>(rows * cols) }.map_err(dev_err)?;
+    let tables = [
+        (word, "word table"),
+        (position, "position table"),
+        (type_row, "token type row"),
+        (gamma, "gamma"),
+        (beta, "beta"),
+    ];
+    with_views(&tables, |v| {
+        let (rows32, cols32, eps32) = (rows as i32, cols as i32, eps as f32);
+        let func =
+            dev.get_or_load_custom_func(&format!("cited_bert_embed_norm_v{vec}"), MODULE, PTX)?;
+        let mut l = func.builder();
+        l.arg(&ids_d).arg(&pos_d);
+        for x in v {
+            l.arg(x);
+        }
+        l.arg(&mut out).arg(&rows32).arg(&cols32).arg(&eps32);
+        // SAFETY: the arguments match `cited_bert_embed_norm_v*` (ids, pos, word, position,
+        // type row, gamma, beta, out, rows, cols, eps); every id and position was checked
+        // against its table above, the widths and the lane grouping too.
+        unsafe { l.launch(norm_launch(rows, cols, vec)) }.map_err(dev_err)?;
+        Ok(())
+    })?;
+    Ok(wrap(dev, out, (rows, cols)))
+}
+
+/// Mean of each packed sequence's rows of `hidden` (tokens, cols) f16, scaled to unit L2 norm:
+/// (seqs, cols) f32. `starts`: the sequences' token offsets and the total (seqs + 1, from 0,
+/// non-decreasing, each sequence non-empty).
+pub fn pool_normalize(hidden: &Tensor, starts: &[u32]) -> Result<Tensor> {
+    check_f16(&[(hidden, "hidden states")])?;
+    let (tokens, cols) = hidden.dims2()?;
+    let seqs = starts.len().saturating_sub(1);
+    if seqs == 0
+        || starts[0] != 0
+        || starts[seqs] as usize != tokens
+        || starts.windows(2).any(|w| w[1] <= w[0])
+        || !cols.is_multiple_of(2)
+        || cols > 1024
+    {
+        return Err(OpsError::Shape(format!(
+            "pooling {tokens} rows of {cols} columns into {seqs} sequences"
+        )));
+    }
+    let dev = cuda_device(hidden, "hidden states")?;
+    let stream = dev.cuda_stream();
+    let starts_d = stream.clone_htod(starts).map_err(dev_err)?;
+    // SAFETY: one block writes each sequence's whole row.
+    let mut out = unsafe { stream.alloc::<f32>(seqs * cols) }.map_err(dev_err)?;
+    {
+        let (s_h, l_h) = hidden.storage_and_layout();
+        let vh = view(&s_h, l_h, "hidden states")?;
+        let cols32 = cols as i32;
+        let func = dev.get_or_load_custom_func("cited_bert_pool_norm", MODULE, PTX)?;
+        let mut l = func.builder();
+        l.arg(&vh).arg(&starts_d).arg(&mut out).arg(&cols32);
         let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1),
+            grid_dim: (seqs as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = func.builder();
-        l.arg(&va)
-            .arg(&vb)
-            .arg(&vr)
-            .arg(&vg)
-            .arg(&ve)
-            .arg(&mut out)
-            .arg(&rows32)
-            .arg(&cols32)
-            .arg(&eps32);
-        // SAFETY: the arguments match `cited_bert_add_norm`; shapes checked above.
+        // SAFETY: the arguments match `cited_bert_pool_norm`; the offsets cover the rows in
+        // order with no empty sequence, the width is even and at most 1,024.
         unsafe { l.launch(cfg) }.map_err(dev_err)?;
     }
-    Ok(wrap(dev, out, (rows, cols)))
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev));
+    Ok(Tensor::from_storage(
+        storage,
+        (seqs, cols),
+        BackpropOp::none(),
+        false,
+    ))
 }
 
 /// `act(x + bias)` for (rows, cols) `x` and (cols) `bias`.

@@ -35,6 +35,31 @@ pub(crate) fn cuda_device(
     }
 }
 
+/// Whether the device's stream-ordered memory pool keeps freed memory (`keep`) or hands it back
+/// to the driver at every synchronisation (the driver's default). Kept, a forward pass reuses
+/// the buffers of the last one instead of mapping fresh memory each time; the pool grows to the
+/// largest working set seen. A no-op on the CPU.
+#[cfg(feature = "cuda")]
+pub fn keep_freed_memory(dev: &candle_core::Device, keep: bool) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let candle_core::Device::Cuda(d) = dev else {
+        return Ok(());
+    };
+    let mut threshold: u64 = if keep { u64::MAX } else { 0 };
+    // SAFETY: the device handle comes from a live context; the release threshold attribute
+    // takes a u64, which `threshold` is.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(d.cuda_stream().context().cu_device())
+            .map_err(dev_err)?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .map_err(dev_err)
+    }
+}
+
 /// A raw output pointer shared by the tasks of one parallel op, each writing its own disjoint
 /// elements.
 #[derive(Clone, Copy)]

@@ -408,6 +408,9 @@ pub mod gpu {
     //! The CUDA twin for decode steps (one query token per sequence):
     //! `kernels/paged_attention.cu`, loaded once per device.
 
+    use candle_core::cuda_backend::cudarc::driver::sys::{
+        CUdevice_attribute, CUfunction_attribute,
+    };
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::CudaDevice;
     use candle_core::{DType, Storage, Tensor};
@@ -422,6 +425,13 @@ pub mod gpu {
     const THREADS: u32 = 128;
     /// Pages of one split the kernel stages in shared memory.
     const MAX_PAGES: usize = 1024;
+    /// Warps per block of the decode kernel.
+    const WARPS: usize = THREADS as usize / 32;
+
+    /// Variants of the decode kernel, `(unroll, stages)`: positions a warp reads per step
+    /// (its K/V loads in flight before any arithmetic) and, above 1, the depth of the cp.async
+    /// ring that keeps the next steps' copies in flight while one is computed.
+    pub const VARIANTS: [(u32, u32); 5] = [(2, 1), (4, 1), (2, 4), (4, 2), (4, 4)];
 
     /// A prepared decode attention: block tables and lengths uploaded, outputs allocated, so
     /// it can be launched repeatedly (benches) and read back when wanted.
@@ -436,6 +446,7 @@ pub mod gpu {
         max_blocks: u32,
         split_len: u32,
         splits: u32,
+        variant: (u32, u32),
         scale: f32,
         tables: CudaSlice<u32>,
         lens: CudaSlice<u32>,
@@ -449,8 +460,9 @@ pub mod gpu {
         /// `q`: (seqs, q_stride) f32 with each sequence's query heads first in its row; `k`,
         /// `v`: one layer's paged f16 storage (flat); `tables[s]` the blocks of sequence `s`,
         /// covering its `lens[s]` positions (the current token included). `split_len`:
-        /// positions per split (a multiple of the block size; default: one split up to 1,024
-        /// positions, more for longer contexts so the grid fills the device).
+        /// positions per split (a multiple of the block size; default: 128 to 1,024, so the
+        /// grid holds about four blocks per multiprocessor). The kernel variant is
+        /// `(4, 2)` unless [`Decode::with_variant`] picks another.
         #[allow(clippy::too_many_arguments)]
         pub fn new(
             g: &PagedGeometry,
@@ -509,8 +521,20 @@ pub mod gpu {
             let longest = lens.iter().copied().max().unwrap_or(0).max(1);
             let split_len = match split_len {
                 Some(s) => s.div_ceil(bs).max(1) * bs,
-                None if longest <= 1024 => longest.div_ceil(bs) * bs,
-                None => 512u32.div_ceil(bs) * bs,
+                None => {
+                    // About four blocks per multiprocessor in all (three fit at once), each
+                    // taking 128 to 1,024 positions: long splits amortise a block's set-up and
+                    // merge, short ones fill the device when the batch is small.
+                    let sms = dev
+                        .cuda_stream()
+                        .context()
+                        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                        .map_err(dev_err)?
+                        .max(1) as u64;
+                    let work: u64 = lens.iter().map(|&l| l as u64).sum::<u64>() * g.kv_heads as u64;
+                    let per_block = work.div_ceil(4 * sms).clamp(128, 1024) as u32;
+                    per_block.min(longest).div_ceil(bs) * bs
+                }
             }
             .min((MAX_PAGES as u32) * bs);
             let splits = longest.div_ceil(split_len);
@@ -542,12 +566,29 @@ pub mod gpu {
                 max_blocks: max_blocks as u32,
                 split_len,
                 splits,
+                variant: (4, 2),
                 scale,
             })
         }
 
         pub fn splits(&self) -> u32 {
             self.splits
+        }
+
+        /// `(unroll, stages)` of the kernel variant this decode launches.
+        pub fn variant(&self) -> (u32, u32) {
+            self.variant
+        }
+
+        /// Picks the kernel variant, one of [`VARIANTS`].
+        pub fn with_variant(mut self, variant: (u32, u32)) -> Result<Self> {
+            if !VARIANTS.contains(&variant) {
+                return Err(OpsError::Shape(format!(
+                    "decode attention variant {variant:?}: one of {VARIANTS:?}"
+                )));
+            }
+            self.variant = variant;
+            Ok(self)
         }
 
         /// Fills the output with NaN, so a value the kernels forget cannot pass for a result.
@@ -561,9 +602,13 @@ pub mod gpu {
 
         /// Enqueues the decode kernel (and the merge when split) on the device's stream.
         pub fn launch(&mut self) -> Result<()> {
-            let func = self
-                .dev
-                .get_or_load_custom_func("cited_paged_decode", MODULE, PTX)?;
+            let group = self.g.heads / self.g.kv_heads;
+            let (unroll, stages) = self.variant;
+            let func = self.dev.get_or_load_custom_func(
+                &format!("cited_paged_decode_g{group}_u{unroll}_s{stages}"),
+                MODULE,
+                PTX,
+            )?;
             let (qs, ql) = self.q.storage_and_layout();
             let (ks, kl) = self.k.storage_and_layout();
             let (vs, vl) = self.v.storage_and_layout();
@@ -587,10 +632,29 @@ pub mod gpu {
                 g.head_dim as u32,
                 g.block_size as u32,
             );
+            // The split's page indices (16-byte aligned), then the larger of the copy ring
+            // (16 bytes per lane, K and V, per position step in flight) and the warps'
+            // partials (output share, max, sum per head), which share those bytes.
+            let pages = (self.split_len as usize / g.block_size * 4).div_ceil(16) * 16;
+            let ring = if stages > 1 {
+                WARPS * 32 * 16 * 2 * (unroll * stages) as usize
+            } else {
+                0
+            };
+            let merge = WARPS * group * (g.head_dim + 2) * 4;
+            let smem = pages + ring.max(merge);
+            if smem > 48 * 1024 {
+                // Past the default: the kernel must be allowed this much dynamic shared memory.
+                func.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(dev_err)?;
+            }
             let cfg = LaunchConfig {
                 grid_dim: (self.seqs, kv_heads, self.splits),
                 block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: smem as u32,
             };
             let mut b = func.builder();
             b.arg(&qv)
@@ -600,7 +664,6 @@ pub mod gpu {
                 .arg(&self.tables)
                 .arg(&self.max_blocks)
                 .arg(&self.lens)
-                .arg(&heads)
                 .arg(&kv_heads)
                 .arg(&hd)
                 .arg(&bs)
@@ -610,9 +673,12 @@ pub mod gpu {
                 .arg(&mut self.part_max)
                 .arg(&mut self.part_sum)
                 .arg(&mut self.part_out);
-            // SAFETY: the arguments match `cited_paged_decode` (kernels/paged_attention.cu);
-            // shapes, block tables (in range, covering every position) and the split length
-            // (whole pages, at most 1,024 of them) were checked in `new`.
+            // SAFETY: the arguments match `cited_paged_decode_g*_u*_s*`
+            // (kernels/paged_attention.cu) for this group size; shapes, block tables (in range,
+            // covering every position), the split length (whole pages, at most 1,024 of them)
+            // and the variant were checked in `new` and `with_variant`; the shared memory holds
+            // what the kernel lays out (at most 4 KiB of pages + max(64 KiB ring, 4 x 8 x 258
+            // words)), allowed above when past the 48 KiB default (Hopper allows 227 KiB).
             unsafe { b.launch(cfg) }.map_err(dev_err)?;
             if self.splits > 1 {
                 let merge = self
