@@ -8,16 +8,20 @@
 // shared memory. Each lane holds 16 bytes (8 halves) of a key or value row, so a 128-wide head
 // is read by 16 lanes and a warp covers two positions side by side; a warp takes U such steps
 // at once (U x 32 bytes of K and V in flight per lane before any arithmetic), scores them, and
-// rescales its online softmax once per U steps. The group size G and U are template
-// parameters, one kernel per pair (`cited_paged_decode_g{G}_u{U}`), so the per-head loops
-// unroll fully and the scaled query lives in registers. Every warp keeps a running max, sum
-// and output share per query head; warps are merged in shared memory. With several splits
+// rescales its online softmax once per U steps; with S > 1 the loads go through a per-lane
+// cp.async ring S steps deep, so the next steps' copies are in flight while one is computed.
+// G, U and S are template parameters, one kernel per triple
+// (`cited_paged_decode_g{G}_u{U}_s{S}`), so the per-head loops unroll fully and the scaled
+// query lives in registers. Every warp keeps a running max, sum and output share per query
+// head; warps are merged in shared memory. With several splits
 // (long contexts), each split writes its (max, sum, unnormalised output) and
 // `cited_paged_merge` combines them with a log-sum-exp.
 //
-// Shapes: head_dim a power of two from 8 to 256; G from 1 to 8; a split covers at most 1024
-// pages and starts on a page. Dynamic shared memory: (G * head_dim + WARPS * G * (head_dim + 2)
-// + pages of a split) x 4 bytes, sized by the host.
+// Shapes: head_dim a power of two from 8 to 256; block_size a power of two; G from 1 to 8; a
+// split covers at most 1024 pages and starts on a page. Dynamic shared memory, sized by the
+// host: the split's page indices (16-byte aligned), then the larger of the copy ring
+// (WARPS x 32 lanes x S x U x 2 x 16 bytes, when S > 1) and the warps' partial results
+// (WARPS x G x (head_dim + 2) floats).
 
 #include <cstdint>
 #include <cuda_fp16.h>
@@ -120,11 +124,14 @@ __device__ __forceinline__ void decode(const float* __restrict__ q, unsigned q_s
     const size_t page_elems = (size_t)kv_heads * block_size * head_dim;
     // Iterations of this warp: base(it) = begin + (warp + it * WARPS) * warp_span.
     const unsigned first = begin + warp * warp_span;
-    const unsigned iters = first < end ? (end - first + WARPS * warp_span - 1) / (WARPS * warp_span) : 0;
-    // Element offset of position `pos` of this lane's piece.
+    const unsigned iters =
+        first < end ? (end - first + WARPS * warp_span - 1) / (WARPS * warp_span) : 0;
+    // Element offset of position `pos` of this lane's piece. Page sizes are powers of two
+    // (checked by the host): a shift and a mask per position, not a division.
+    const unsigned page_shift = __ffs(block_size) - 1, slot_mask = block_size - 1;
     auto offset = [&](unsigned pos) {
-        const unsigned page = pages[pos / block_size - first_page];
-        return page * page_elems + head_off + (size_t)(pos % block_size) * head_dim;
+        const unsigned page = pages[(pos >> page_shift) - first_page];
+        return page * page_elems + head_off + (size_t)(pos & slot_mask) * head_dim;
     };
     // S > 1: every lane copies its own 16 bytes of U keys and values per iteration into its
     // slots of a ring S iterations deep (cp.async; positions past the end are zero-filled) and

@@ -278,10 +278,11 @@ impl Bert {
 
 #[cfg(feature = "cuda")]
 impl Bert {
-    /// The encoder through the fused CUDA kernels: cuBLAS GEMMs without their bias, attention
-    /// straight from the QKV projection, bias + residual + LayerNorm and bias + activation each
-    /// in one pass (8 launches a layer). `None` where they do not apply (not f16 on CUDA, a
-    /// shape the kernels do not take, turned off).
+    /// The encoder through the fused CUDA kernels: the embedding lookups and their norm in one
+    /// pass, then per layer cuBLAS GEMMs without their bias, attention straight from the QKV
+    /// projection, bias + residual + LayerNorm and bias + activation each in one pass (8
+    /// launches a layer). `None` where they do not apply (not f16 on CUDA, a shape the kernels
+    /// do not take, turned off).
     fn forward_fused(&self, batch: &Batch) -> Result<Option<Tensor>> {
         use crate::ops::bert_fused::{self as fused, Act};
         let cfg = &self.cfg;
@@ -393,7 +394,11 @@ pub fn mean_pool(hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
 /// fused kernel for f16 on CUDA, else [`mean_pool`] in f32 and [`l2_normalize`] (the reference).
 pub fn pooled(hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if hidden.device().is_cuda() && hidden.dtype() == DType::F16 && hidden.dim(1)? <= 1024 {
+    if hidden.device().is_cuda()
+        && hidden.dtype() == DType::F16
+        && hidden.dim(1)? <= 1024
+        && hidden.dim(1)?.is_multiple_of(2)
+    {
         let starts: Vec<u32> = batch.cu_seqlens().iter().map(|&s| s as u32).collect();
         return Ok(crate::ops::bert_fused::pool_normalize(hidden, &starts)?);
     }

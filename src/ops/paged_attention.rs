@@ -481,10 +481,11 @@ pub mod gpu {
                 || group > 8
                 || !g.head_dim.is_power_of_two()
                 || !(8..=256).contains(&g.head_dim)
+                || !g.block_size.is_power_of_two()
                 || q_stride < g.heads * g.head_dim
             {
                 return Err(OpsError::Shape(format!(
-                    "decode attention on the GPU takes head_dim a power of two in 8..=256 and at most 8 query heads per KV head: {g:?}, q stride {q_stride}"
+                    "decode attention on the GPU takes head_dim a power of two in 8..=256, pages of a power-of-two size and at most 8 query heads per KV head: {g:?}, q stride {q_stride}"
                 )));
             }
             if q.dtype() != DType::F32
