@@ -30,59 +30,20 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "tile.cuh"
+
 namespace {
+
+using namespace tile;
 
 constexpr int kWarps = 4;
 constexpr int kQueries = 16 * kWarps;  // queries per block
 constexpr int kChunk = 64;             // keys per shared-memory chunk
 constexpr int kPad = 8;                // halves of padding per shared row (no bank conflicts)
 
-__device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-}
-
 __device__ __forceinline__ uint32_t add_bias2(uint32_t x, uint32_t b) {
     __half2 r = __hadd2(*reinterpret_cast<__half2*>(&x), *reinterpret_cast<__half2*>(&b));
     return *reinterpret_cast<uint32_t*>(&r);
-}
-
-// D = A (16x16, row) * B (16x8, col) + D, f16 operands, f32 accumulators.
-__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// 16 bytes global -> shared without passing through registers (sm_80+).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-    const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Four 8x8 f16 matrices from shared memory, lane L giving the row address of matrix L / 8;
-// with TRANS each lane receives a column pair instead of a row pair.
-template <bool TRANS>
-__device__ __forceinline__ void ldsm4(uint32_t* r, const void* p) {
-    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-    if (TRANS) {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(a));
-    } else {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(a));
-    }
 }
 
 // The key bias adds (q + b_q) . b_k to every score of a query, which the softmax cancels, so
@@ -186,8 +147,8 @@ __device__ void attention(const __half* __restrict__ qkv, const __half* __restri
                     mma16816(s[n], qa[k + 1], b[2], b[3]);
                 }
             }
-            // Mask keys past the sequence, scale, and take the chunk's row maxima.
-            float cm_lo = -INFINITY, cm_hi = -INFINITY;
+            // Mask keys past the sequence and scale; every chunk holds at least one key of the
+            // sequence, so each row has a finite score.
 #pragma unroll
             for (int n = 0; n < kChunk / 8; ++n) {
 #pragma unroll
@@ -195,46 +156,16 @@ __device__ void attention(const __half* __restrict__ qkv, const __half* __restri
                     const int key = c0 + 8 * n + 2 * t + (j & 1);
                     s[n][j] = key < len ? s[n][j] * scale_log2 : -INFINITY;
                 }
-                cm_lo = fmaxf(cm_lo, fmaxf(s[n][0], s[n][1]));
-                cm_hi = fmaxf(cm_hi, fmaxf(s[n][2], s[n][3]));
             }
-#pragma unroll
-            for (int off = 1; off < 4; off <<= 1) {
-                cm_lo = fmaxf(cm_lo, __shfl_xor_sync(0xffffffffu, cm_lo, off));
-                cm_hi = fmaxf(cm_hi, __shfl_xor_sync(0xffffffffu, cm_hi, off));
-            }
-            // Every chunk holds at least one key of the sequence, so the new maxima are finite.
-            const float mn_lo = fmaxf(m_lo, cm_lo), mn_hi = fmaxf(m_hi, cm_hi);
-            const float corr_lo = exp2f(m_lo - mn_lo), corr_hi = exp2f(m_hi - mn_hi);
-            m_lo = mn_lo;
-            m_hi = mn_hi;
-            l_lo *= corr_lo;
-            l_hi *= corr_hi;
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                o[n][0] *= corr_lo;
-                o[n][1] *= corr_lo;
-                o[n][2] *= corr_hi;
-                o[n][3] *= corr_hi;
-            }
+            softmax_step(s, m_lo, m_hi, l_lo, l_hi, o);
             // Probabilities, packed as the A operand of P * V (keys 16 j .. 16 j + 15).
             uint32_t pa[kChunk / 16][4];
 #pragma unroll
             for (int j = 0; j < kChunk / 16; ++j) {
-                float p[2][4];
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    p[h][0] = exp2f(s[2 * j + h][0] - m_lo);
-                    p[h][1] = exp2f(s[2 * j + h][1] - m_lo);
-                    p[h][2] = exp2f(s[2 * j + h][2] - m_hi);
-                    p[h][3] = exp2f(s[2 * j + h][3] - m_hi);
-                    l_lo += p[h][0] + p[h][1];
-                    l_hi += p[h][2] + p[h][3];
-                }
-                pa[j][0] = pack(p[0][0], p[0][1]);
-                pa[j][1] = pack(p[0][2], p[0][3]);
-                pa[j][2] = pack(p[1][0], p[1][1]);
-                pa[j][3] = pack(p[1][2], p[1][3]);
+                pa[j][0] = pack(s[2 * j][0], s[2 * j][1]);
+                pa[j][1] = pack(s[2 * j][2], s[2 * j][3]);
+                pa[j][2] = pack(s[2 * j + 1][0], s[2 * j + 1][1]);
+                pa[j][3] = pack(s[2 * j + 1][2], s[2 * j + 1][3]);
             }
             // P * V; one transposed ldmatrix gives two 8-wide output tiles of a 16-key step.
 #pragma unroll

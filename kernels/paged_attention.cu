@@ -26,24 +26,14 @@
 #include <cstdint>
 #include <cuda_fp16.h>
 
+#include "tile.cuh"
+
 namespace {
+
+using namespace tile;
 
 constexpr int THREADS = 128;
 constexpr int WARPS = THREADS / 32;
-
-// 16 bytes global -> shared without passing through registers; `live` false zero-fills.
-__device__ __forceinline__ void cp_async16(uint4* dst, const __half* src, bool live) {
-    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
-                 "r"(live ? 16 : 0));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
 __device__ __forceinline__ void unpack8(const uint4& r, float f[8]) {
     const __half2* h = reinterpret_cast<const __half2*>(&r);
@@ -52,6 +42,41 @@ __device__ __forceinline__ void unpack8(const uint4& r, float f[8]) {
         const float2 a = __half22float2(h[j]);
         f[2 * j] = a.x;
         f[2 * j + 1] = a.y;
+    }
+}
+
+// The warps' partial results (wacc: [WARPS][G][head_dim] unnormalised outputs, wm / wl: their
+// maxima (natural-log units) and sums) merged into the block's output: normalised when the
+// grid has one split, else the split's (max, sum, output) for cited_paged_merge.
+template <int G>
+__device__ __forceinline__ void finish(const float* wacc, const float* wm, const float* wl,
+                                       unsigned head_dim, unsigned kv_heads,
+                                       float* __restrict__ out, float* __restrict__ part_max,
+                                       float* __restrict__ part_sum,
+                                       float* __restrict__ part_out) {
+    const unsigned seq = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const unsigned splits = gridDim.z, heads = kv_heads * G;
+    for (unsigned i = threadIdx.x; i < G * head_dim; i += THREADS) {
+        const unsigned g = i / head_dim, d = i % head_dim;
+        float mm = -INFINITY;
+        for (int w = 0; w < WARPS; w++) mm = fmaxf(mm, wm[w * G + g]);
+        float sum = 0.0f, o = 0.0f;
+        for (int w = 0; w < WARPS; w++) {
+            const float c = mm == -INFINITY ? 0.0f : __expf(wm[w * G + g] - mm);
+            sum += wl[w * G + g] * c;
+            o += wacc[((size_t)w * G + g) * head_dim + d] * c;
+        }
+        const unsigned h = kvh * G + g;
+        if (splits == 1) {
+            out[((size_t)seq * heads + h) * head_dim + d] = sum > 0.0f ? o / sum : 0.0f;
+        } else {
+            const size_t ps = ((size_t)seq * heads + h) * splits + split;
+            part_out[ps * head_dim + d] = o;
+            if (d == 0) {
+                part_max[ps] = mm;
+                part_sum[ps] = sum;
+            }
+        }
     }
 }
 
@@ -71,8 +96,6 @@ __device__ __forceinline__ void decode(const float* __restrict__ q, unsigned q_s
                                        float* __restrict__ part_sum,
                                        float* __restrict__ part_out) {
     const unsigned seq = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-    const unsigned splits = gridDim.z;
-    const unsigned heads = kv_heads * G;
     const unsigned len = lens[seq];
     const unsigned begin = split * split_len;
     const unsigned end = min(len, begin + split_len);
@@ -269,28 +292,185 @@ __device__ __forceinline__ void decode(const float* __restrict__ q, unsigned q_s
         }
     }
     __syncthreads();
-    for (unsigned i = threadIdx.x; i < G * head_dim; i += THREADS) {
-        const unsigned g = i / head_dim, d = i % head_dim;
-        float mm = -INFINITY;
-        for (int w = 0; w < WARPS; w++) mm = fmaxf(mm, wm[w * G + g]);
-        float sum = 0.0f, o = 0.0f;
-        for (int w = 0; w < WARPS; w++) {
-            const float c = mm == -INFINITY ? 0.0f : __expf(wm[w * G + g] - mm);
-            sum += wl[w * G + g] * c;
-            o += wacc[((size_t)w * G + g) * head_dim + d] * c;
-        }
-        const unsigned h = kvh * G + g;
-        if (splits == 1) {
-            out[((size_t)seq * heads + h) * head_dim + d] = sum > 0.0f ? o / sum : 0.0f;
-        } else {
-            const size_t ps = ((size_t)seq * heads + h) * splits + split;
-            part_out[ps * head_dim + d] = o;
-            if (d == 0) {
-                part_max[ps] = mm;
-                part_sum[ps] = sum;
+    finish<G>(wacc, wm, wl, head_dim, kv_heads, out, part_max, part_sum, part_out);
+}
+
+
+// The tensor-core variant: the group's query heads are the rows of one 16-row mma tile (G <= 8
+// real rows, the rest zero), so a page of 16 positions costs a few mma.sync instead of per-lane
+// dot products and shuffle reductions. Each warp takes whole pages (block_size 16) in turn and
+// copies a page's keys and values (one contiguous 16 x HD run each) into its own slots of a
+// cp.async ring S pages deep; scores (Q K^T) and output (P V) run on tensor cores from ldmatrix
+// loads (transposed for V). Q and P enter as f16 split in a high and a low half (x = hi + lo),
+// two mma per product, so they keep about f32 accuracy. The online softmax runs in log2 units;
+// a warp's maxima are handed to `finish` in natural units.
+template <int HD>
+struct TcTile {
+    static constexpr int kPitch = HD + 8;             // halves per shared row (no conflicts)
+    static constexpr int kHalves = 16 * kPitch;       // one page of K or of V
+};
+
+template <int G, int HD, int S>
+__device__ __forceinline__ void decode_tc(const float* __restrict__ q, unsigned q_stride,
+                                          const __half* __restrict__ k,
+                                          const __half* __restrict__ v,
+                                          const unsigned* __restrict__ tables,
+                                          unsigned max_blocks, const unsigned* __restrict__ lens,
+                                          unsigned kv_heads, unsigned split_len, float scale,
+                                          float* __restrict__ out, float* __restrict__ part_max,
+                                          float* __restrict__ part_sum,
+                                          float* __restrict__ part_out) {
+    static_assert(G >= 1 && G <= 8 && HD % 32 == 0, "rows of one tile, pairs of 16-deep steps");
+    using Tile = TcTile<HD>;
+    constexpr int KS = HD / 16;      // 16-deep steps over the head dim
+    constexpr int NT = HD / 8;       // 8-wide output tiles
+    constexpr int PIECES = HD / 8;   // 16-byte pieces of a row
+    constexpr int PAGE = 16;         // positions per page
+    const unsigned seq = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const unsigned len = lens[seq];
+    const unsigned begin = split * split_len;
+    const unsigned end = min(len, begin + split_len);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+
+    // Shared memory: the split's page indices, then the copy ring ([WARPS][S][K, V][16][pitch]
+    // halves) or, for the merge, the warps' partial results in the same bytes.
+    extern __shared__ __align__(16) unsigned char smem[];
+    unsigned* pages = reinterpret_cast<unsigned*>(smem);
+    unsigned char* after_pages = smem + ((split_len / PAGE) * 4 + 15) / 16 * 16;
+    __half* ring = reinterpret_cast<__half*>(after_pages);
+    float* wacc = reinterpret_cast<float*>(after_pages);  // [WARPS][G][HD]
+    float* wm = wacc + WARPS * G * HD;                    // [WARPS][G]
+    float* wl = wm + WARPS * G;                           // [WARPS][G]
+
+    const unsigned first_page = begin / PAGE;
+    const unsigned npages = end > begin ? (end - 1) / PAGE - first_page + 1 : 0;
+    for (unsigned i = threadIdx.x; i < npages; i += THREADS) {
+        pages[i] = tables[(size_t)seq * max_blocks + first_page + i];
+    }
+
+    // Q fragments: rows g and g + 8 are query heads g and g + 8 of the group (zero past G),
+    // dims 16 s + 2t (+1) and + 8, scaled into log2 units, as hi + lo.
+    uint32_t qh[KS][4], ql[KS][4];
+    const float qscale = scale * 1.4426950408889634f;
+#pragma unroll
+    for (int s = 0; s < KS; ++s) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int row = g + ((r & 1) ? 8 : 0);
+            const int dim = 16 * s + 2 * t + ((r & 2) ? 8 : 0);
+            float a = 0.f, b = 0.f;
+            if (row < G) {
+                const float* src = q + (size_t)seq * q_stride + (kvh * G + row) * HD + dim;
+                a = src[0] * qscale;
+                b = src[1] * qscale;
             }
+            split_pack(a, b, qh[s][r], ql[s][r]);
         }
     }
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m_lo = -INFINITY, m_hi = -INFINITY;  // running maxima (log2 units), rows g, g + 8
+    float l_lo = 0.f, l_hi = 0.f;              // this lane's share of the running sums
+    __syncthreads();                           // the page indices are staged
+
+    // This warp's pages: warp, warp + WARPS, ... of the split's npages.
+    const unsigned iters = (unsigned)warp < npages ? (npages - warp + WARPS - 1) / WARPS : 0;
+    __half* my_ring = ring + (size_t)warp * S * 2 * Tile::kHalves;
+    const size_t page_elems = (size_t)kv_heads * PAGE * HD;
+    auto issue = [&](unsigned it) {
+        if (it < iters) {
+            const unsigned i = warp + it * WARPS;
+            const unsigned p0 = (first_page + i) * PAGE;
+            const size_t base = pages[i] * page_elems + (size_t)kvh * PAGE * HD;
+            __half* slot = my_ring + (size_t)(it % S) * 2 * Tile::kHalves;
+#pragma unroll
+            for (int c = lane; c < PAGE * PIECES; c += 32) {
+                const int r = c / PIECES, piece = c % PIECES;
+                const bool live = p0 + r < end;  // rows past the end are zero-filled
+                const size_t off = live ? base + (size_t)r * HD + piece * 8 : 0;
+                __half* dk = slot + r * Tile::kPitch + piece * 8;
+                cp_async16(dk, k + off, live);
+                cp_async16(dk + Tile::kHalves, v + off, live);
+            }
+        }
+        cp_async_commit();  // an empty group past the end keeps the counting uniform
+    };
+#pragma unroll
+    for (int i = 0; i < S - 1; i++) issue(i);
+    for (unsigned it = 0; it < iters; it++) {
+        issue(it + S - 1);
+        cp_async_wait<S - 1>();  // this lane's copies of page `it` have landed
+        __syncwarp();            // and every other lane's
+        const __half* ks = my_ring + (size_t)(it % S) * 2 * Tile::kHalves;
+        const __half* vs = ks + Tile::kHalves;
+        const unsigned p0 = (first_page + warp + it * WARPS) * PAGE;
+
+        // Scores of the page's 16 positions: two 8-wide tiles; one ldmatrix gives two steps.
+        float s[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; kk += 2) {
+                uint32_t b[4];
+                ldsm4<false>(b, ks + (8 * j + (lane & 7)) * Tile::kPitch + 16 * kk +
+                                    8 * (lane >> 3));
+                mma16816(s[j], qh[kk], b[0], b[1]);
+                mma16816(s[j], ql[kk], b[0], b[1]);
+                mma16816(s[j], qh[kk + 1], b[2], b[3]);
+                mma16816(s[j], ql[kk + 1], b[2], b[3]);
+            }
+        }
+        // Positions past the end masked (the page's first is always live), then one softmax
+        // step: s becomes the weights.
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                if (p0 + 8 * j + 2 * t + (e & 1) >= end) s[j][e] = -INFINITY;
+            }
+        }
+        softmax_step(s, m_lo, m_hi, l_lo, l_hi, o);
+        // P as the A operand of one 16-deep step (keys 0-7 in tile 0, 8-15 in tile 1).
+        uint32_t ph[4], pl[4];
+        split_pack(s[0][0], s[0][1], ph[0], pl[0]);
+        split_pack(s[0][2], s[0][3], ph[1], pl[1]);
+        split_pack(s[1][0], s[1][1], ph[2], pl[2]);
+        split_pack(s[1][2], s[1][3], ph[3], pl[3]);
+        // P V: one transposed ldmatrix gives two 8-wide output tiles.
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {
+            uint32_t b[4];
+            ldsm4<true>(b, vs + (lane & 15) * Tile::kPitch + 8 * n + 8 * (lane >> 4));
+            mma16816(o[n], ph, b[0], b[1]);
+            mma16816(o[n], pl, b[0], b[1]);
+            mma16816(o[n + 1], ph, b[2], b[3]);
+            mma16816(o[n + 1], pl, b[2], b[3]);
+        }
+        __syncwarp();  // the slot is read before a later issue overwrites it
+    }
+    cp_async_wait<0>();  // only empty groups remain; nothing may land later
+    __syncthreads();     // every warp is done with the ring the merge reuses
+
+    // Row g's sum over its quad; rows past G are padding.
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+    if (g < G) {
+        float* dst = wacc + ((size_t)warp * G + g) * HD;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            dst[8 * n + 2 * t] = o[n][0];
+            dst[8 * n + 2 * t + 1] = o[n][1];
+        }
+        if (t == 0) {
+            wm[warp * G + g] = m_lo == -INFINITY ? -INFINITY : m_lo * 0.6931471805599453f;
+            wl[warp * G + g] = l_lo;
+        }
+    }
+    __syncthreads();
+    finish<G>(wacc, wm, wl, HD, kv_heads, out, part_max, part_sum, part_out);
 }
 
 }  // namespace
@@ -325,6 +505,33 @@ CITED_PAGED_DECODE_ALL(5)
 CITED_PAGED_DECODE_ALL(6)
 CITED_PAGED_DECODE_ALL(7)
 CITED_PAGED_DECODE_ALL(8)
+
+// The tensor-core variant (pages of 16 positions, head dims 64 and 128, a ring 3 pages deep).
+#define CITED_PAGED_DECODE_TC(G, HD)                                                           \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) cited_paged_decode_tc_g##G##_h##HD( \
+        const float* __restrict__ q, unsigned q_stride, const __half* __restrict__ k,         \
+        const __half* __restrict__ v, const unsigned* __restrict__ tables,                    \
+        unsigned max_blocks, const unsigned* __restrict__ lens, unsigned kv_heads,            \
+        unsigned head_dim, unsigned block_size, unsigned split_len, float scale,              \
+        float* __restrict__ out, float* __restrict__ part_max, float* __restrict__ part_sum,  \
+        float* __restrict__ part_out) {                                                       \
+        (void)head_dim;                                                                       \
+        (void)block_size;                                                                     \
+        decode_tc<G, HD, 3>(q, q_stride, k, v, tables, max_blocks, lens, kv_heads, split_len,  \
+                            scale, out, part_max, part_sum, part_out);                        \
+    }
+#define CITED_PAGED_DECODE_TC_HD(G) \
+    CITED_PAGED_DECODE_TC(G, 64)    \
+    CITED_PAGED_DECODE_TC(G, 128)
+
+CITED_PAGED_DECODE_TC_HD(1)
+CITED_PAGED_DECODE_TC_HD(2)
+CITED_PAGED_DECODE_TC_HD(3)
+CITED_PAGED_DECODE_TC_HD(4)
+CITED_PAGED_DECODE_TC_HD(5)
+CITED_PAGED_DECODE_TC_HD(6)
+CITED_PAGED_DECODE_TC_HD(7)
+CITED_PAGED_DECODE_TC_HD(8)
 
 // Combines the splits of each (sequence, head): out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s.
 extern "C" __global__ void cited_paged_merge(const float* __restrict__ part_max,

@@ -720,6 +720,9 @@ fn paged_parity(dev: &Device, small: bool) -> Result<bool> {
         let table_refs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
         let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
         for variant in DECODE_VARIANTS {
+            if !variant.supports(&g) {
+                continue;
+            }
             let run = || -> Result<(u32, Vec<f32>)> {
                 let mut d = Decode::new(&g, &qt, &kt, &vt, &table_refs, &lens32, scale, split)?
                     .with_variant(variant)?;
@@ -751,7 +754,7 @@ fn paged_parity(dev: &Device, small: bool) -> Result<bool> {
             };
             all_ok &= verdict.starts_with("ok");
             println!(
-            "PARITY\tpaged decode\theads={} kv={} dim={} block={} lens={lens:?} splits={splits} unroll,stages={variant:?}\t-\t{verdict}",
+            "PARITY\tpaged decode\theads={} kv={} dim={} block={} lens={lens:?} splits={splits} {variant:?}\t-\t{verdict}",
             g.heads, g.kv_heads, g.head_dim, g.block_size
         );
         }
@@ -793,7 +796,7 @@ fn attention_bench(dev: &Device, peak_tbs: f64) -> Result<()> {
         let lens32: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
         let scale = 1.0 / (g.head_dim as f32).sqrt();
         // Every variant at the default split length and at 256 and 1,024 positions per split.
-        for variant in DECODE_VARIANTS {
+        for variant in DECODE_VARIANTS.into_iter().filter(|v| v.supports(&g)) {
             for split in [None, Some(256), Some(1024)] {
                 let mut d = Decode::new(&g, &qt, &kt, &vt, &table_refs, &lens32, scale, split)?
                     .with_variant(variant)?;
@@ -803,7 +806,7 @@ fn attention_bench(dev: &Device, peak_tbs: f64) -> Result<()> {
                 let tbs = bytes / (ms * 1e-3) / 1e12;
                 let label = if split.is_none() { " (default)" } else { "" };
                 println!(
-                    "ATTN\t{name}\tbatch={batch} ctx={ctx} splits={}{label} unroll,stages={variant:?}\t{ms:.3} ms\t{tbs:.2} TB/s\t{:.0}% of {peak_tbs} TB/s",
+                    "ATTN\t{name}\tbatch={batch} ctx={ctx} splits={}{label} {variant:?}\t{ms:.3} ms\t{tbs:.2} TB/s\t{:.0}% of {peak_tbs} TB/s",
                     d.splits(),
                     100.0 * tbs / peak_tbs
                 );

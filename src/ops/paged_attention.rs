@@ -428,10 +428,55 @@ pub mod gpu {
     /// Warps per block of the decode kernel.
     const WARPS: usize = THREADS as usize / 32;
 
-    /// Variants of the decode kernel, `(unroll, stages)`: positions a warp reads per step
-    /// (its K/V loads in flight before any arithmetic) and, above 1, the depth of the cp.async
-    /// ring that keeps the next steps' copies in flight while one is computed.
-    pub const VARIANTS: [(u32, u32); 5] = [(2, 1), (4, 1), (2, 4), (4, 2), (4, 4)];
+    /// A variant of the decode kernel.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Variant {
+        /// Each lane scores a 16-byte piece of a position: `unroll` positions a warp reads per
+        /// step (its K/V loads in flight before any arithmetic) and, above 1, `stages` deep a
+        /// cp.async ring keeps the next steps' copies in flight while one is computed.
+        Lanes { unroll: u32, stages: u32 },
+        /// The group's query heads as the rows of a tensor-core tile, pages of 16 positions
+        /// through a cp.async ring 3 pages deep (head dims 64 and 128, pages of 16).
+        TensorCores,
+    }
+
+    impl Variant {
+        /// Whether this variant takes the geometry (every variant takes what
+        /// [`Decode::new`] accepts, except the tensor-core one's narrower shapes).
+        pub fn supports(self, g: &PagedGeometry) -> bool {
+            match self {
+                Variant::Lanes { .. } => true,
+                Variant::TensorCores => g.block_size == 16 && matches!(g.head_dim, 64 | 128),
+            }
+        }
+    }
+
+    /// Every variant, for sweeps; the default is `Lanes { unroll: 4, stages: 2 }`.
+    pub const VARIANTS: [Variant; 6] = [
+        Variant::Lanes {
+            unroll: 2,
+            stages: 1,
+        },
+        Variant::Lanes {
+            unroll: 4,
+            stages: 1,
+        },
+        Variant::Lanes {
+            unroll: 2,
+            stages: 4,
+        },
+        Variant::Lanes {
+            unroll: 4,
+            stages: 2,
+        },
+        Variant::Lanes {
+            unroll: 4,
+            stages: 4,
+        },
+        Variant::TensorCores,
+    ];
+    /// Pages the tensor-core variant keeps in flight per warp.
+    const TC_STAGES: usize = 3;
 
     /// A prepared decode attention: block tables and lengths uploaded, outputs allocated, so
     /// it can be launched repeatedly (benches) and read back when wanted.
@@ -446,7 +491,7 @@ pub mod gpu {
         max_blocks: u32,
         split_len: u32,
         splits: u32,
-        variant: (u32, u32),
+        variant: Variant,
         scale: f32,
         tables: CudaSlice<u32>,
         lens: CudaSlice<u32>,
@@ -567,7 +612,10 @@ pub mod gpu {
                 max_blocks: max_blocks as u32,
                 split_len,
                 splits,
-                variant: (4, 2),
+                variant: Variant::Lanes {
+                    unroll: 4,
+                    stages: 2,
+                },
                 scale,
             })
         }
@@ -576,16 +624,17 @@ pub mod gpu {
             self.splits
         }
 
-        /// `(unroll, stages)` of the kernel variant this decode launches.
-        pub fn variant(&self) -> (u32, u32) {
+        /// The kernel variant this decode launches.
+        pub fn variant(&self) -> Variant {
             self.variant
         }
 
-        /// Picks the kernel variant, one of [`VARIANTS`].
-        pub fn with_variant(mut self, variant: (u32, u32)) -> Result<Self> {
-            if !VARIANTS.contains(&variant) {
+        /// Picks the kernel variant, one of [`VARIANTS`] that takes this geometry.
+        pub fn with_variant(mut self, variant: Variant) -> Result<Self> {
+            if !VARIANTS.contains(&variant) || !variant.supports(&self.g) {
                 return Err(OpsError::Shape(format!(
-                    "decode attention variant {variant:?}: one of {VARIANTS:?}"
+                    "decode attention variant {variant:?} for {:?}: one of {VARIANTS:?} that takes it",
+                    self.g
                 )));
             }
             self.variant = variant;
@@ -604,12 +653,23 @@ pub mod gpu {
         /// Enqueues the decode kernel (and the merge when split) on the device's stream.
         pub fn launch(&mut self) -> Result<()> {
             let group = self.g.heads / self.g.kv_heads;
-            let (unroll, stages) = self.variant;
-            let func = self.dev.get_or_load_custom_func(
-                &format!("cited_paged_decode_g{group}_u{unroll}_s{stages}"),
-                MODULE,
-                PTX,
-            )?;
+            let (name, ring) = match self.variant {
+                Variant::Lanes { unroll, stages } => (
+                    format!("cited_paged_decode_g{group}_u{unroll}_s{stages}"),
+                    // 16 bytes per lane, K and V, per position step in flight.
+                    if stages > 1 {
+                        WARPS * 32 * 16 * 2 * (unroll * stages) as usize
+                    } else {
+                        0
+                    },
+                ),
+                Variant::TensorCores => (
+                    format!("cited_paged_decode_tc_g{group}_h{}", self.g.head_dim),
+                    // Per warp and stage a page of K and one of V, rows padded by 8 halves.
+                    WARPS * TC_STAGES * 2 * 16 * (self.g.head_dim + 8) * 2,
+                ),
+            };
+            let func = self.dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let (qs, ql) = self.q.storage_and_layout();
             let (ks, kl) = self.k.storage_and_layout();
             let (vs, vl) = self.v.storage_and_layout();
@@ -633,15 +693,9 @@ pub mod gpu {
                 g.head_dim as u32,
                 g.block_size as u32,
             );
-            // The split's page indices (16-byte aligned), then the larger of the copy ring
-            // (16 bytes per lane, K and V, per position step in flight) and the warps'
-            // partials (output share, max, sum per head), which share those bytes.
+            // The split's page indices (16-byte aligned), then the larger of the copy ring and
+            // the warps' partials (output share, max, sum per head), which share those bytes.
             let pages = (self.split_len as usize / g.block_size * 4).div_ceil(16) * 16;
-            let ring = if stages > 1 {
-                WARPS * 32 * 16 * 2 * (unroll * stages) as usize
-            } else {
-                0
-            };
             let merge = WARPS * group * (g.head_dim + 2) * 4;
             let smem = pages + ring.max(merge);
             if smem > 48 * 1024 {
@@ -674,12 +728,14 @@ pub mod gpu {
                 .arg(&mut self.part_max)
                 .arg(&mut self.part_sum)
                 .arg(&mut self.part_out);
-            // SAFETY: the arguments match `cited_paged_decode_g*_u*_s*`
-            // (kernels/paged_attention.cu) for this group size; shapes, block tables (in range,
-            // covering every position), the split length (whole pages, at most 1,024 of them)
-            // and the variant were checked in `new` and `with_variant`; the shared memory holds
-            // what the kernel lays out (at most 4 KiB of pages + max(64 KiB ring, 4 x 8 x 258
-            // words)), allowed above when past the 48 KiB default (Hopper allows 227 KiB).
+            // SAFETY: the arguments match `cited_paged_decode_g*_u*_s*` and
+            // `cited_paged_decode_tc_g*_h*` (kernels/paged_attention.cu) for this group size;
+            // shapes, block tables (in range, covering every position), the split length (whole
+            // pages, at most 1,024 of them) and the variant (for this geometry) were checked in
+            // `new` and `with_variant`; the shared memory holds what the kernel lays out (at
+            // most 4 KiB of pages + max(ring: 64 KiB, or 102 KiB for tensor cores at head dim
+            // 128; 4 x 8 x 258 words)), allowed above when past the 48 KiB default (Hopper
+            // allows 227 KiB).
             unsafe { b.launch(cfg) }.map_err(dev_err)?;
             if self.splits > 1 {
                 let merge = self
