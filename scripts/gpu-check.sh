@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Second half of the GPU check, on the GPU machine (Python with PyTorch, no Rust, no network):
 # parity tests, compute-sanitizer memcheck on small sizes, the similarity variant sweep, the
-# sampling and decode-attention benches, the embedding bench and the PyTorch anchors, then a
-# short table last. Full log: $OUT/gpu-check.log
+# sampling and decode-attention benches, the embedding bench, the generator's greedy parity and
+# decode rate (SmolLM2 shape, dummy weights) and the PyTorch anchors, then a short table last. Full log: $OUT/gpu-check.log
 # (or ./gpu-check.log without $OUT).
 #
 #   scripts/gpu-check.sh            # on the GPU machine, after scripts/gpu-build.sh here
 #   scripts/gpu-check.sh --dry-run  # anywhere: library resolution, arguments, anchors on CPU
 #   scripts/gpu-check.sh --quick    # parity and memcheck only
-#   scripts/gpu-check.sh --decode   # parity, memcheck, then the sampling, attention and
-#                                   # embedding benches with their anchors (no similarity sweep)
+#   scripts/gpu-check.sh --decode   # parity, memcheck, then the sampling, attention,
+#                                   # embedding and generator benches with their anchors (no
+#                                   # similarity sweep)
 #
 # Each step has a time limit (STEP_LIMIT seconds, default 150) so one hung step cannot spend
 # the whole device call; what it printed stays in the log.
@@ -122,6 +123,7 @@ if [ "$mode" != quick ]; then
     run check attention --peak-tbs "$peak" || status=1
     run check embed || status=1
     run check profile || status=1
+    run check generate || status=1
 fi
 if [ "$mode" = full ]; then
     run "$python" scripts/gpu_anchors.py --device cuda --peak-tbs "$peak" || status=1
@@ -138,5 +140,5 @@ grep -E "^SWEEP" "$log" | awk -F'\t' '$7 ~ / ms$/ {
     key=$2" "$3" "$4; ms=$7+0
     if (!(key in best) || ms < best[key]) { best[key]=ms; line[key]=$0 }
 } END { for (k in line) print line[k] }' | sort -t$'\t' -k2,2V -k3,3V -k4,4V | tee -a "$log"
-grep -E "^(SAMPLE|ATTN|EMBED|PROFILE|ANCHOR)" "$log" | tee -a "$log"
+grep -E "^(SAMPLE|ATTN|EMBED|PROFILE|GENERATE|ANCHOR)" "$log" | tee -a "$log"
 exit $status

@@ -15,7 +15,9 @@ use clap::{Parser, Subcommand};
 use half::f16;
 
 use cited::models::bert::{pooled, Bert, BertConfig};
-use cited::models::Batch;
+use cited::models::kv_cache::KvCache;
+use cited::models::llama::{Llama, QuantMode};
+use cited::models::{Batch, LogitsAt};
 use cited::ops::paged_attention::gpu::{Decode, VARIANTS as DECODE_VARIANTS};
 use cited::ops::paged_attention::{paged_attention, PagedGeometry, SeqView};
 use cited::ops::rng::SplitMix64;
@@ -68,6 +70,25 @@ enum Cmd {
     Profile {
         #[arg(long, default_value_t = 256)]
         batch: usize,
+    },
+    /// The generator end to end on the GPU with seeded dummy weights of real model shapes
+    /// (`models/configs/`): greedy tokens against the CPU path (f32 weights on both, equal up
+    /// to the first near-tie), then decode tokens per second at the given batch sizes (Q4_1
+    /// weights, as `--load-format dummy` serves them). The generator still runs its attention
+    /// on the host, so this is the baseline the GPU decode path is measured against.
+    Generate {
+        /// Shapes from `models/configs/` (building Llama-3.2-1B's random weights takes about
+        /// half a minute of CPU per copy, so it is not in the default).
+        #[arg(long, value_delimiter = ',', default_value = "smollm2-135m")]
+        models: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "1,32")]
+        batch: Vec<usize>,
+        /// Prompt tokens of each timed sequence.
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        /// Timed decode steps.
+        #[arg(long, default_value_t = 16)]
+        steps: usize,
     },
     /// The sampling kernel against the CPU reference (f32 and bf16 logits, mixed settings,
     /// penalties and bans), then its time per step at the benchmark shapes.
@@ -816,6 +837,125 @@ fn attention_bench(dev: &Device, peak_tbs: f64) -> Result<()> {
     Ok(())
 }
 
+/// Greedy tokens of one sequence: `steps` tokens after `prompt` (prefilled in one batch), with
+/// each step's top-2 logit margin.
+fn greedy_run(model: &Llama, prompt: &[u32], steps: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+    let mut cache = KvCache::with_tokens(model.config(), prompt.len() + steps + 16);
+    let mut batch = Batch::new();
+    batch.push(0, prompt, 0);
+    let mut logits = model.forward(&batch, &mut cache, LogitsAt::LastOfEach)?;
+    let (mut tokens, mut margins) = (Vec::new(), Vec::new());
+    for i in 0..steps {
+        let row = logits
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (best, margin) = top2(&row);
+        tokens.push(best);
+        margins.push(margin);
+        let mut b = Batch::new();
+        b.push(0, &[best], prompt.len() + i);
+        logits = model.forward(&b, &mut cache, LogitsAt::LastOfEach)?;
+    }
+    Ok((tokens, margins))
+}
+
+/// The largest logit's id (lower id on ties) and its margin over the second largest.
+fn top2(row: &[f32]) -> (u32, f32) {
+    let (mut best, mut first, mut second) = (0usize, f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (i, &x) in row.iter().enumerate() {
+        if x > first {
+            second = first;
+            first = x;
+            best = i;
+        } else if x > second {
+            second = x;
+        }
+    }
+    (best as u32, first - second)
+}
+
+/// Decode tokens per second of `batch` sequences of `prompt` tokens each (prefilled first,
+/// untimed), over `steps` greedy steps of the whole batch.
+fn decode_rate(
+    model: &Llama,
+    dev: &Device,
+    batch: usize,
+    prompt: usize,
+    steps: usize,
+) -> Result<f64> {
+    let cfg = model.config();
+    let mut cache = KvCache::with_tokens(cfg, batch * (prompt + steps + 16));
+    let mut rng = Rng(SplitMix64::new(41));
+    let mut last = Vec::with_capacity(batch);
+    for s in 0..batch {
+        let toks: Vec<u32> = (0..prompt)
+            .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
+            .collect();
+        let mut b = Batch::new();
+        b.push(s as u64, &toks, 0);
+        let logits = model.forward(&b, &mut cache, LogitsAt::LastOfEach)?;
+        last.push(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?[0]);
+    }
+    dev.synchronize()?;
+    let started = Instant::now();
+    for i in 0..steps {
+        let mut b = Batch::new();
+        for (s, &t) in last.iter().enumerate() {
+            b.push(s as u64, &[t], prompt + i);
+        }
+        let logits = model.forward(&b, &mut cache, LogitsAt::LastOfEach)?;
+        last = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+    }
+    dev.synchronize()?;
+    Ok((batch * steps) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The generator on the GPU: greedy parity with the CPU path, then decode rates.
+fn generate_check(
+    dev: &Device,
+    models: &[String],
+    batches: &[usize],
+    prompt: usize,
+    steps: usize,
+) -> Result<bool> {
+    let mut ok = true;
+    for name in models {
+        let cfg = Llama::read_hf_config(Path::new(&format!("models/configs/{name}.json")))?;
+        // Parity: f32 weights on both sides (the CPU's 8-bit activation products and candle's
+        // CUDA quantized products round differently); equal up to the first step whose top-2
+        // margin is within the tolerance of f32 sums in another order.
+        let mut rng = Rng(SplitMix64::new(43));
+        let toks: Vec<u32> = (0..64)
+            .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
+            .collect();
+        let cpu = Llama::dummy(&cfg, &Device::Cpu, QuantMode::Dequantized, 7)?;
+        let (want, margins) = greedy_run(&cpu, &toks, 24)?;
+        drop(cpu);
+        let gpu = Llama::dummy(&cfg, dev, QuantMode::Dequantized, 7)?;
+        let (got, _) = greedy_run(&gpu, &toks, 24)?;
+        drop(gpu);
+        const TIE: f32 = 1e-3;
+        let limit = margins.iter().position(|&m| m < TIE).unwrap_or(want.len());
+        let first_diff = want.iter().zip(&got).position(|(a, b)| a != b);
+        let pass = want[..limit] == got[..limit];
+        ok &= pass;
+        println!(
+            "PARITY\tgenerate {name}\tgreedy, f32 weights, 64-token prompt, 24 steps\tfirst near-tie {limit}, first difference {first_diff:?}\t{}",
+            if pass { "ok" } else { "FAIL" }
+        );
+        // Rates with Q4_1 weights (the output projection Q8_0).
+        let model = Llama::dummy(&cfg, dev, QuantMode::Quantized, 7)?;
+        for &b in batches {
+            let rate = decode_rate(&model, dev, b, prompt, steps)?;
+            println!(
+                "GENERATE\t{name} dummy Q4_1\tbatch={b} prompt={prompt} steps={steps}\t{rate:.1} tok/s"
+            );
+        }
+    }
+    Ok(ok)
+}
+
 /// Settings of parity row `i`: greedy, and every filter alone and together.
 fn sampling_params(i: usize, seed: u64) -> SamplingParams {
     let base = SamplingParams {
@@ -1144,6 +1284,16 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Profile { batch } => profile(&dev, batch)?,
+        Cmd::Generate {
+            models,
+            batch,
+            prompt,
+            steps,
+        } => {
+            if !generate_check(&dev, &models, &batch, prompt, steps)? {
+                bail!("generation parity failed");
+            }
+        }
     }
     Ok(())
 }
