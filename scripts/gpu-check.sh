@@ -85,7 +85,11 @@ if [ "$mode" = dry ]; then
         run check --help || exit 1
     fi
     run "$python" scripts/gpu_anchors.py --device cpu --n 20000 --nq 1,4 --k 10 --batch 1,2 \
-        --sample-batch 4 --vocab 1000 || exit 1
+        --sample-batch 4 --vocab 1000
+    rc=$?
+    # 3: arguments accepted, no PyTorch on this machine (the GPU machine has it).
+    [ $rc -eq 3 ] && say "(dry run: PyTorch not installed here, anchors not run)"
+    [ $rc -eq 0 ] || [ $rc -eq 3 ] || exit 1
     say "dry run finished"
     exit 0
 fi

@@ -10,9 +10,10 @@
 """
 import argparse
 import statistics
+import sys
 import time
 
-import torch
+torch = None  # imported in main, after the arguments are checked
 
 
 def ints(s):
@@ -56,6 +57,15 @@ def main():
                     default={"similarity", "sampling", "bert"},
                     help="sections to run: similarity, sampling, bert")
     args = ap.parse_args()
+    global torch
+    try:
+        import torch as torch_module
+    except ImportError:
+        # Exit code 3: the arguments are fine, PyTorch is not here (a dry run on a machine
+        # without it); gpu-check.sh tells this apart from a failure.
+        print("ANCHOR\tskipped: PyTorch is not installed here")
+        sys.exit(3)
+    torch = torch_module
     dev = args.device
     half = torch.float16 if dev == "cuda" else torch.float32
     torch.manual_seed(0)
