@@ -616,18 +616,13 @@ __device__ __noinline__ void segment_draw(const T* __restrict__ logits, unsigned
 }
 
 // Mode 3 of the fast path (top-p alone, the cut past the candidates' first reach), a call of
-// its own so its registers do not add to the fast path's.
+// its own so its registers do not add to the fast path's. False (the same in every thread)
+// when it cannot give the reference's answer and the row needs the general path.
 template <typename T>
-__device__ __noinline__ void topp_bucket_cut(const T* __restrict__ logits, unsigned vocab,
-                                             const RowParams& p,
-                                             const unsigned* __restrict__ penalty_ids,
-                                             const unsigned* __restrict__ penalty_counts,
-                                             const unsigned* __restrict__ penalty_recent,
-                                             const unsigned* __restrict__ bans, FastShared& f,
-                                             Shared& s, unsigned nsp, float tmax, float t,
-                                             float floor, double total, double u,
-                                             float* __restrict__ row,
-                                             unsigned* __restrict__ out) {
+__device__ __noinline__ bool topp_bucket_cut(const T* __restrict__ logits, unsigned vocab,
+                                             const RowParams& p, FastShared& f, Shared& s,
+                                             unsigned nsp, float tmax, float t, float floor,
+                                             double total, double u, unsigned* __restrict__ out) {
     const unsigned nseg = (vocab + SEG - 1) / SEG;
     // Top-p alone with a cut past the candidates' reach: the histogram bucket holding the
     // cut is refined. Pass 3 sums the mass of the tokens above that bucket per segment
@@ -692,12 +687,8 @@ __device__ __noinline__ void topp_bucket_cut(const T* __restrict__ logits, unsig
         cut_sub = (int)f.limit;
         if (cut_sub < 0) break;  // the general path below
     }
-    if (ncand > CAND || ncand == 0 || above >= need) {
-        // The float histogram put the cut in the wrong bucket, or the bucket overflowed.
-        general_row<T>(logits, vocab, p, penalty_ids, penalty_counts, penalty_recent, bans,
-                      row, out);
-        return;
-    }
+    // The float histogram put the cut in the wrong bucket, or the bucket overflowed.
+    if (ncand > CAND || ncand == 0 || above >= need) return false;
     bitonic(f.key);  // rank order: value descending, then id
     const unsigned i = threadIdx.x;
     const float xi = i < ncand ? key_value((unsigned)(f.key[i] >> 32)) : -INFINITY;
@@ -707,11 +698,7 @@ __device__ __noinline__ void topp_bucket_cut(const T* __restrict__ logits, unsig
     unsigned hit = (i < ncand && cum >= need) ? i : NONE;
     float hv = 0.0f;
     block_argmax(hv, hit, s);
-    if (hit == NONE) {
-        general_row<T>(logits, vocab, p, penalty_ids, penalty_counts, penalty_recent, bans,
-                      row, out);
-        return;
-    }
+    if (hit == NONE) return false;
     const unsigned m = hit + 1;
     const double kept_mass = above + block_add<double>(i < m ? wi : 0.0, s.d, &s.bd);
     // The kept part of the cut's (sub-)bucket joins its segments' masses; a token of it is
@@ -727,6 +714,7 @@ __device__ __noinline__ void topp_bucket_cut(const T* __restrict__ logits, unsig
                             (c == 0 && (((unsigned long long)desc_key(x) << 32) | id) <= cut);
                  },
                  [&](float x) { return expf((x - tmax) / t); }, out);
+    return true;
 }
 
 template <typename T>
@@ -894,8 +882,10 @@ __device__ void sample_row_fast(const T* __restrict__ logits, unsigned vocab, co
         return;
     }
     if (mode == 3) {
-        topp_bucket_cut<T>(logits, vocab, p, penalty_ids, penalty_counts, penalty_recent, bans,
-                           f, s, nsp, tmax, t, floor, total, u, row, out);
+        if (!topp_bucket_cut<T>(logits, vocab, p, f, s, nsp, tmax, t, floor, total, u, out)) {
+            general_row<T>(logits, vocab, p, penalty_ids, penalty_counts, penalty_recent, bans,
+                          row, out);
+        }
         return;
     }
 

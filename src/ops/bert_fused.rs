@@ -87,9 +87,9 @@ fn check_f16(ts: &[(&Tensor, &str)]) -> Result<()> {
     Ok(())
 }
 
-fn wrap(
+fn wrap<T: candle_core::cuda_backend::CudaDType>(
     dev: CudaDevice,
-    out: candle_core::cuda_backend::cudarc::driver::CudaSlice<f16>,
+    out: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
     shape: (usize, usize),
 ) -> Tensor {
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev));
@@ -183,13 +183,14 @@ pub fn add_norm(
     beta: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    check_f16(&[
+    let inputs = [
         (a, "input"),
         (bias, "bias"),
         (residual, "residual"),
         (gamma, "gamma"),
         (beta, "beta"),
-    ])?;
+    ];
+    check_f16(&inputs)?;
     let (rows, cols) = a.dims2()?;
     if residual.dims() != a.dims()
         || [bias, gamma, beta].iter().any(|t| t.elem_count() != cols)
@@ -206,13 +207,6 @@ pub fn add_norm(
     let stream = dev.cuda_stream();
     // SAFETY: the kernel writes each whole row (one warp, or a power-of-two group of lanes).
     let mut out = unsafe { stream.alloc::<f16>(rows * cols) }.map_err(dev_err)?;
-    let inputs = [
-        (a, "input"),
-        (bias, "bias"),
-        (residual, "residual"),
-        (gamma, "gamma"),
-        (beta, "beta"),
-    ];
     with_views(&inputs, |v| {
         let (rows32, cols32, eps32) = (rows as i32, cols as i32, eps as f32);
         // 16-byte loads where the width splits into a power-of-two group of lanes.
@@ -287,13 +281,14 @@ pub fn embed_norm(
     beta: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    check_f16(&[
+    let tables = [
         (word, "word table"),
         (position, "position table"),
         (type_row, "token type row"),
         (gamma, "gamma"),
         (beta, "beta"),
-    ])?;
+    ];
+    check_f16(&tables)?;
     let (vocab, cols) = word.dims2()?;
     let (max_pos, pcols) = position.dims2()?;
     let rows = ids.len();
@@ -330,13 +325,6 @@ pub fn embed_norm(
     let pos_d = stream.clone_htod(positions).map_err(dev_err)?;
     // SAFETY: the kernel writes each whole row.
     let mut out = unsafe { stream.alloc::<f16>(rows * cols) }.map_err(dev_err)?;
-    let tables = [
-        (word, "word table"),
-        (position, "position table"),
-        (type_row, "token type row"),
-        (gamma, "gamma"),
-        (beta, "beta"),
-    ];
     with_views(&tables, |v| {
         let (rows32, cols32, eps32) = (rows as i32, cols as i32, eps as f32);
         let func =
@@ -395,13 +383,7 @@ pub fn pool_normalize(hidden: &Tensor, starts: &[u32]) -> Result<Tensor> {
         // order with no empty sequence, the width is even and at most 1,024.
         unsafe { l.launch(cfg) }.map_err(dev_err)?;
     }
-    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev));
-    Ok(Tensor::from_storage(
-        storage,
-        (seqs, cols),
-        BackpropOp::none(),
-        false,
-    ))
+    Ok(wrap(dev, out, (seqs, cols)))
 }
 
 /// `act(x + bias)` for (rows, cols) `x` and (cols) `bias`.
