@@ -2,7 +2,8 @@
 # Second half of the GPU check, on the GPU machine (Python with PyTorch, no Rust, no network):
 # parity tests, compute-sanitizer memcheck on small sizes, the similarity variant sweep, the
 # sampling and decode-attention benches, the embedding bench, the generator's greedy parity and
-# decode rate (SmolLM2 shape, dummy weights) and the PyTorch anchors, then a short table last. Full log: $OUT/gpu-check.log
+# generation rates (SmolLM2 and Llama-3.2-1B shapes, dummy weights) and the PyTorch anchors
+# (transformers' generate among them), then a short table last. Full log: $OUT/gpu-check.log
 # (or ./gpu-check.log without $OUT).
 #
 #   scripts/gpu-check.sh            # on the GPU machine, after scripts/gpu-build.sh here
@@ -12,8 +13,9 @@
 #                                   # embedding and generator benches with their anchors (no
 #                                   # similarity sweep)
 #
-# Each step has a time limit (STEP_LIMIT seconds, default 150) so one hung step cannot spend
-# the whole device call; what it printed stays in the log.
+# Each step has a time limit (STEP_LIMIT seconds, default 150; the generation steps GEN_LIMIT,
+# default 400) so one hung step cannot spend the whole device call; what it printed stays in
+# the log.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -29,7 +31,6 @@ out=${OUT:-$root}
 log=$out/gpu-check.log
 : > "$log"
 python=${PYTHON:-python3}
-bin=$root/gpu-check/gpu-check
 limit=${STEP_LIMIT:-150}
 say() { echo "$*" | tee -a "$log"; }
 run() {
@@ -44,7 +45,14 @@ run() {
     return $rc
 }
 
-[ -x "$bin" ] || { say "missing $bin: run scripts/gpu-build.sh first and carry gpu-check/"; exit 1; }
+# gpu-build.sh leaves the binary gzipped; it is unpacked outside the carried folder (which would
+# otherwise grow past what may travel).
+packed=$root/gpu-check/gpu-check.gz
+[ -f "$packed" ] || { say "missing $packed: run scripts/gpu-build.sh first and carry gpu-check/"; exit 1; }
+unpacked=$(mktemp -d)
+trap 'rm -rf "$unpacked"' EXIT
+bin=$unpacked/gpu-check
+gunzip -c "$packed" > "$bin" && chmod +x "$bin" || { say "cannot unpack $packed"; exit 1; }
 
 # CUDA libraries: PyTorch's nvidia wheels, then the driver's folder.
 libdirs=$("$python" - <<'PY' 2>/dev/null
@@ -85,7 +93,8 @@ if [ "$mode" = dry ]; then
         run check --help || exit 1
     fi
     run "$python" scripts/gpu_anchors.py --device cpu --n 20000 --nq 1,4 --k 10 --batch 1,2 \
-        --sample-batch 4 --vocab 1000
+        --sample-batch 4 --vocab 1000 --gen-models smollm2-135m --gen-batch 1,2 --gen-prompt 8 \
+        --gen-out 4
     rc=$?
     # 3: arguments accepted, no PyTorch on this machine (the GPU machine has it).
     [ $rc -eq 3 ] && say "(dry run: PyTorch not installed here, anchors not run)"
@@ -106,7 +115,7 @@ run check parity || status=1
 if command -v compute-sanitizer >/dev/null; then
     run env LD_LIBRARY_PATH="$cuda_ld" compute-sanitizer --tool memcheck --error-exitcode 9 "$bin" memcheck || status=1
     race_from=$(($(wc -l < "$log") + 1))
-    run env LD_LIBRARY_PATH="$cuda_ld" compute-sanitizer --tool racecheck "$bin" memcheck --only embeddings,sampling,paged || status=1
+    run env LD_LIBRARY_PATH="$cuda_ld" compute-sanitizer --tool racecheck "$bin" memcheck --only embeddings,sampling,paged,decoder || status=1
     # cuBLAS's Hopper GEMMs (nvjet_*) synchronise through hardware barriers racecheck does not
     # follow, and it reports them as hazards; only hazards in our kernels (cited_*) count.
     ours=$(tail -n +"$race_from" "$log" | grep -A1 "Race reported" | grep -c "cited_" || true)
@@ -127,12 +136,14 @@ if [ "$mode" != quick ]; then
     run check attention --peak-tbs "$peak" || status=1
     run check embed || status=1
     run check profile || status=1
-    run check generate || status=1
+    # Building Llama-3.2-1B's random weights takes CPU time: this step gets a longer limit.
+    # Forward-pass loop and the engine's scheduler (ENGINE lines) on the same weights.
+    limit=${GEN_LIMIT:-400} run check generate --peak-tbs "$peak" || status=1
 fi
 if [ "$mode" = full ]; then
-    run "$python" scripts/gpu_anchors.py --device cuda --peak-tbs "$peak" || status=1
+    limit=${GEN_LIMIT:-400} run "$python" scripts/gpu_anchors.py --device cuda --peak-tbs "$peak" || status=1
 elif [ "$mode" = decode ]; then
-    run "$python" scripts/gpu_anchors.py --device cuda --peak-tbs "$peak" --only sampling,bert || status=1
+    limit=${GEN_LIMIT:-400} run "$python" scripts/gpu_anchors.py --device cuda --peak-tbs "$peak" --only sampling,bert,generate || status=1
 fi
 
 say ""
@@ -144,5 +155,5 @@ grep -E "^SWEEP" "$log" | awk -F'\t' '$7 ~ / ms$/ {
     key=$2" "$3" "$4; ms=$7+0
     if (!(key in best) || ms < best[key]) { best[key]=ms; line[key]=$0 }
 } END { for (k in line) print line[k] }' | sort -t$'\t' -k2,2V -k3,3V -k4,4V | tee -a "$log"
-grep -E "^(SAMPLE|ATTN|EMBED|PROFILE|GENERATE|ANCHOR)" "$log" | tee -a "$log"
+grep -E "^(SAMPLE|ATTN|EMBED|PROFILE|GENERATE|ENGINE|ANCHOR)" "$log" | tee -a "$log"
 exit $status

@@ -3,7 +3,10 @@
 - similarity search as `torch.topk(queries @ corpus.T, k)` on f16 data,
 - embeddings of 128-token texts with a MiniLM-shaped BERT in f16 through transformers' BertModel
   plus mean pooling and L2 normalisation (the modules sentence-transformers runs for
-  all-MiniLM-L6-v2), tokenisation excluded, random weights as on our side.
+  all-MiniLM-L6-v2), tokenisation excluded, random weights as on our side,
+- generation through transformers' `generate` (greedy, no end token) with random bf16 weights of
+  the generator shapes in models/configs/, prompts of random tokens: output tokens per second,
+  prefill included, as `gpu-check generate` counts them.
 
     python scripts/gpu_anchors.py --device cuda
     python scripts/gpu_anchors.py --device cpu --n 20000 --nq 1,4 --k 10 --batch 1,2   # dry run
@@ -53,9 +56,14 @@ def main():
     ap.add_argument("--peak-tbs", type=float, default=4.8)
     ap.add_argument("--sample-batch", type=int, default=256)
     ap.add_argument("--vocab", type=ints, default=[32000, 151936])
+    ap.add_argument("--gen-models", type=lambda s: s.split(","),
+                    default=["smollm2-135m", "llama-3.2-1b"])
+    ap.add_argument("--gen-batch", type=ints, default=[1, 32, 256])
+    ap.add_argument("--gen-prompt", type=int, default=512)
+    ap.add_argument("--gen-out", type=int, default=256)
     ap.add_argument("--only", type=lambda s: set(s.split(",")),
-                    default={"similarity", "sampling", "bert"},
-                    help="sections to run: similarity, sampling, bert")
+                    default={"similarity", "sampling", "bert", "generate"},
+                    help="sections to run: similarity, sampling, bert, generate")
     args = ap.parse_args()
     global torch
     try:
@@ -117,8 +125,13 @@ def main():
             print(f"ANCHOR\ttorch argmax\t{str(dtype).split('.')[-1]} batch={args.sample_batch} vocab={vocab}\t{ms:.3f} ms")
             del logits
 
-    if "bert" not in args.only:
-        return
+    if "bert" in args.only:
+        bert_anchor(args, dev, half)
+    if "generate" in args.only:
+        generate_anchor(args, dev)
+
+
+def bert_anchor(args, dev, half):
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
@@ -137,6 +150,40 @@ def main():
 
         ms = timer(dev, run)
         print(f"ANCHOR\ttransformers BERT {str(half).split('.')[-1]}\tbatch={b}\t{ms:.3f} ms\t{b / ms * 1e3:.0f} texts/s")
+
+
+def generate_anchor(args, dev):
+    import os
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models", "configs")
+    for name in args.gen_models:
+        cfg = LlamaConfig.from_json_file(os.path.join(root, f"{name}.json"))
+        with torch.device(dev):
+            model = LlamaForCausalLM(cfg).to(dtype).eval()
+
+        def generate(b, prompt, out):
+            ids = torch.randint(0, cfg.vocab_size, (b, prompt), device=dev)
+            with torch.inference_mode():
+                y = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                   max_new_tokens=out, min_new_tokens=out, do_sample=False,
+                                   pad_token_id=0)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            assert y.shape == (b, prompt + out), f"generated {tuple(y.shape)}"
+
+        generate(2, 16, 4)  # warm-up
+        for b in args.gen_batch:
+            started = time.perf_counter()
+            generate(b, args.gen_prompt, args.gen_out)
+            secs = time.perf_counter() - started
+            print(f"ANCHOR\ttransformers generate {name} {str(dtype).split('.')[-1]}\tbatch={b} "
+                  f"prompt={args.gen_prompt} out={args.gen_out}\t{b * args.gen_out / secs:.1f} tok/s"
+                  f"\t{secs:.2f} s")
+        del model
+        if dev == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

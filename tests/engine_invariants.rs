@@ -39,8 +39,8 @@ const SHAPE: TinyLlama = TinyLlama {
     tie: false,
 };
 
-/// An engine over the tiny model with `blocks` KV blocks of 16 positions.
-fn engine(blocks: usize, max_running: usize, max_batch_tokens: usize) -> EngineHandle {
+/// The tiny model and its text side.
+fn tiny_model() -> (Llama, TextSide) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     SHAPE.write_gguf_with_tokenizer(&path, 7, GgmlDType::Q8_0);
@@ -52,6 +52,12 @@ fn engine(blocks: usize, max_running: usize, max_batch_tokens: usize) -> EngineH
         template: ChatTemplate::new("{{ messages[0].content }}", "", "").unwrap(),
         context_length: model.config().max_position_embeddings,
     };
+    (model, text)
+}
+
+/// An engine over the tiny model with `blocks` KV blocks of 16 positions.
+fn engine(blocks: usize, max_running: usize, max_batch_tokens: usize) -> EngineHandle {
+    let (model, text) = tiny_model();
     let embedder = Embedder::load(&common::minilm_dir(), &Device::Cpu).unwrap();
     let cfg = EngineConfig {
         scheduler: SchedulerConfig {
@@ -324,4 +330,46 @@ async fn logprobs_describe_the_models_choice_alone_and_in_a_batch() {
     let mut too_many = request(prompts[0].clone(), 4, 0);
     too_many.logprobs = Some(21);
     assert!(matches!(e.generate(too_many), Err(EngineError::Invalid(_))));
+}
+
+/// The offline driver (what the GPU check times) is the server's scheduler: every request
+/// gets its tokens, and each one's text is the same run alone or in a crowd that waits for
+/// blocks and reads its prompts in chunks.
+#[test]
+fn offline_runs_batch_without_changing_any_output() {
+    use cited::engine::scheduler::run_offline;
+    let (model, text) = tiny_model();
+    let mut rng = Rng::new(77);
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(&mut rng, 20 + 9 * i)).collect();
+    let max_tokens = |i: usize| 10 + 3 * i;
+    let requests = || {
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| request(p.clone(), max_tokens(i), 0))
+            .collect::<Vec<_>>()
+    };
+    let cfg = |max_running, max_batch_tokens| SchedulerConfig {
+        max_running,
+        max_batch_tokens,
+    };
+    let cache = |blocks| KvCache::new(model.config(), blocks, 16);
+    // 12 blocks hold 192 positions: six sequences of up to 100 cannot all stay.
+    let together = run_offline(&model, &text, cfg(6, 48), cache(12), requests()).unwrap();
+    assert_eq!(together.len(), prompts.len());
+    for (i, r) in together.iter().enumerate() {
+        assert_eq!(r.stats.generated_tokens, max_tokens(i));
+        let alone = run_offline(
+            &model,
+            &text,
+            cfg(1, 256),
+            cache(12),
+            vec![request(prompts[i].clone(), max_tokens(i), 0)],
+        )
+        .unwrap();
+        assert_eq!(alone[0].text, r.text, "request {i}");
+    }
+    // A request the cache can never hold is an error, not a hang.
+    let too_big = vec![request(prompt(&mut rng, 300), 10, 0)];
+    assert!(run_offline(&model, &text, cfg(1, 64), cache(4), too_big).is_err());
 }

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
 use tokio::sync::mpsc;
 
 use super::generate::StopReason;
@@ -29,6 +30,16 @@ use crate::models::llama::Llama;
 use crate::models::tokenizer::StreamDecoder;
 use crate::models::{Batch, LogitsAt};
 use crate::ops::sampling::{top_logprobs, Sampler};
+
+/// A planned row's share of a step's logits.
+enum Row {
+    /// Its sequence is still reading its prompt: no token is drawn.
+    Unused,
+    /// Its logits, for the sequence's sampler on the host.
+    Logits(Vec<f32>),
+    /// The token the sampling kernel chose (`None`: no token was allowed).
+    Chosen(Option<u32>),
+}
 
 /// Scheduler limits.
 #[derive(Clone, Copy, Debug)]
@@ -105,6 +116,24 @@ impl Scheduler {
             waiting: VecDeque::new(),
             next_id: 0,
         }
+    }
+
+    /// Queues a generation directly, for tools and benches that drive a scheduler on their own
+    /// thread ([`run_offline`]); the server goes through [`super::worker::EngineHandle`]. Its
+    /// events arrive on the receiver.
+    pub fn submit(
+        &mut self,
+        request: GenerateRequest,
+        stats: &EngineStats,
+    ) -> mpsc::UnboundedReceiver<GenerateEvent> {
+        let (events, rx) = mpsc::unbounded_channel();
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        self.waiting.push_back(Pending {
+            request,
+            events,
+            queued_at: Instant::now(),
+        });
+        rx
     }
 
     /// Whether a step has anything to do.
@@ -307,7 +336,8 @@ impl Scheduler {
         }
         let rows = model
             .forward(&batch, &mut self.cache, LogitsAt::LastOfEach)
-            .and_then(|l| Ok(l.to_vec2::<f32>()?));
+            .map_err(EngineError::from)
+            .and_then(|l| self.pick(&plan, &l));
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
@@ -325,7 +355,7 @@ impl Scheduler {
             }
         };
         let mut done: Vec<(usize, StopReason)> = Vec::new();
-        for ((i, n), mut logits) in plan.into_iter().zip(rows) {
+        for ((i, n), row) in plan.into_iter().zip(rows) {
             let r = &mut self.running[i];
             let was_prompt = r.computed < r.prompt_len;
             r.computed += n;
@@ -339,12 +369,27 @@ impl Scheduler {
             if r.computed < r.tokens.len() {
                 continue; // more history to read; these logits are not needed
             }
-            // The model's own distribution, before the sampler edits the logits.
-            let before = r.logprobs.map(|n| {
-                let (log_norm, top) = top_logprobs(&logits, n);
-                (log_norm, top, logits.clone())
-            });
-            let token = match r.sampler.sample(&mut logits) {
+            let mut before = None;
+            let chosen = match row {
+                // Chosen by the sampling kernel from the sampler's own settings.
+                Row::Chosen(Some(t)) => {
+                    r.sampler.accept(t);
+                    Ok(t)
+                }
+                Row::Chosen(None) => Err(crate::error::OpsError::Invalid(
+                    "no token is allowed by the logits".into(),
+                )),
+                Row::Logits(mut logits) => {
+                    // The model's own distribution, before the sampler edits the logits.
+                    before = r.logprobs.map(|n| {
+                        let (log_norm, top) = top_logprobs(&logits, n);
+                        (log_norm, top, logits.clone())
+                    });
+                    r.sampler.sample(&mut logits)
+                }
+                Row::Unused => unreachable!("a row that needs a token is picked"),
+            };
+            let token = match chosen {
                 Ok(t) => t,
                 Err(e) => {
                     let _ = r
@@ -380,6 +425,87 @@ impl Scheduler {
         }
         self.publish(stats);
         true
+    }
+
+    /// What each planned row's logits become: the rows whose sequences need no token yet are
+    /// left on the device; on a GPU, the sampling kernel chooses the tokens of the rows whose
+    /// samplers it can serve (no logits processor, no log-probabilities asked); every other
+    /// row comes to the host for its sampler.
+    fn pick(&self, plan: &[(usize, usize)], logits: &Tensor) -> Result<Vec<Row>, EngineError> {
+        let mut rows: Vec<Row> = Vec::with_capacity(plan.len());
+        let (mut host, mut kernel) = (Vec::new(), Vec::new());
+        for (j, &(i, n)) in plan.iter().enumerate() {
+            let r = &self.running[i];
+            rows.push(Row::Unused);
+            if r.computed + n < r.tokens.len() {
+                continue;
+            }
+            if logits.device().is_cuda() && r.logprobs.is_none() && r.sampler.kernel_can_choose() {
+                kernel.push(j);
+            } else {
+                host.push(j);
+            }
+        }
+        let select = |at: &[usize]| -> Result<Tensor, EngineError> {
+            if at.len() == plan.len() {
+                return Ok(logits.clone());
+            }
+            let idx: Vec<u32> = at.iter().map(|&j| j as u32).collect();
+            Ok(logits.index_select(&Tensor::new(idx, logits.device())?, 0)?)
+        };
+        if !host.is_empty() {
+            for (&j, row) in host.iter().zip(select(&host)?.to_vec2::<f32>()?) {
+                rows[j] = Row::Logits(row);
+            }
+        }
+        if !kernel.is_empty() {
+            let tokens = self.choose_on_device(plan, &kernel, &select(&kernel)?)?;
+            for (&j, t) in kernel.iter().zip(tokens) {
+                rows[j] = Row::Chosen(t);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// The sampling kernel's tokens for the rows `at` of the plan, whose logits are `logits`.
+    #[cfg(feature = "cuda")]
+    fn choose_on_device(
+        &self,
+        plan: &[(usize, usize)],
+        at: &[usize],
+        logits: &Tensor,
+    ) -> Result<Vec<Option<u32>>, EngineError> {
+        use crate::ops::sampling::gpu;
+        let samplers: Vec<&Sampler> = at
+            .iter()
+            .map(|&j| &self.running[plan[j].0].sampler)
+            .collect();
+        let entries: Vec<_> = samplers.iter().map(|s| s.penalty_entries()).collect();
+        let reqs: Vec<gpu::Row<'_>> = samplers
+            .iter()
+            .zip(&entries)
+            .map(|(s, e)| gpu::Row {
+                params: s.params(),
+                step: s.step(),
+                penalties: e,
+                bans: s.suppressed(),
+            })
+            .collect();
+        let mut step = gpu::Step::new(&logits.contiguous()?, &reqs)?;
+        step.launch()?;
+        Ok(step.read()?)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn choose_on_device(
+        &self,
+        _plan: &[(usize, usize)],
+        _at: &[usize],
+        _logits: &Tensor,
+    ) -> Result<Vec<Option<u32>>, EngineError> {
+        Err(EngineError::Ops(crate::error::OpsError::Device(
+            "logits on a GPU in a build without CUDA".into(),
+        )))
     }
 
     /// Copies the cache's counts into the shared stats.
@@ -465,4 +591,54 @@ impl Running {
         }
         reason
     }
+}
+
+/// What one request of [`run_offline`] produced.
+#[derive(Debug)]
+pub struct OfflineResult {
+    pub text: String,
+    pub stats: GenerationStats,
+}
+
+/// Runs `requests` through a scheduler on this thread until every one finishes: continuous
+/// batching exactly as the server's worker runs it, without the HTTP side (benches, the GPU
+/// check). Results come in submission order; a request that failed gives its error.
+pub fn run_offline(
+    model: &Llama,
+    text: &TextSide,
+    cfg: SchedulerConfig,
+    cache: KvCache,
+    requests: Vec<GenerateRequest>,
+) -> Result<Vec<OfflineResult>, EngineError> {
+    let stats = EngineStats::default();
+    let mut scheduler = Scheduler::new(cfg, cache);
+    let mut receivers: Vec<_> = requests
+        .into_iter()
+        .map(|r| scheduler.submit(r, &stats))
+        .collect();
+    while scheduler.step(model, text, &stats) {}
+    if scheduler.has_work() {
+        return Err(EngineError::Invalid(
+            "requests left that the KV cache cannot hold".into(),
+        ));
+    }
+    receivers
+        .iter_mut()
+        .map(|rx| {
+            let mut out = String::new();
+            while let Ok(event) = rx.try_recv() {
+                match event {
+                    GenerateEvent::Text(t) => out.push_str(&t),
+                    GenerateEvent::Logprob(_) => {}
+                    GenerateEvent::Done(stats) => {
+                        return Ok(OfflineResult { text: out, stats });
+                    }
+                    GenerateEvent::Error(e) => return Err(EngineError::Invalid(e)),
+                }
+            }
+            Err(EngineError::Invalid(
+                "a request ended without a result".into(),
+            ))
+        })
+        .collect()
 }

@@ -37,6 +37,21 @@ pub struct TextSide {
 }
 
 impl TextSide {
+    /// A byte-level text side of `vocab` ids ([`BpeTokenizer::synthetic`]) whose template
+    /// writes each message's text on its own line: for engines over seeded random weights with
+    /// no model file at hand.
+    pub fn synthetic(vocab: usize, context_length: usize) -> Result<Self> {
+        Ok(Self {
+            tokenizer: BpeTokenizer::synthetic(vocab)?,
+            template: ChatTemplate::new(
+                "{% for m in messages %}{{ m.content }}\n{% endfor %}",
+                "",
+                "<|endoftext|>",
+            )?,
+            context_length,
+        })
+    }
+
     /// A conversation as prompt token ids, ending with the assistant's turn opened.
     pub fn encode_chat(&self, system: &str, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         Ok(self

@@ -6,6 +6,9 @@
 //! [`BlockTable`] per live sequence. A sequence may start on blocks another sequence with the
 //! same cache salt already computed ([`KvCache::start`]); those blocks are shared, read-only
 //! (a sequence only ever writes positions after its reused prefix, into blocks of its own).
+//!
+//! The storage starts in host memory; the first forward pass of a model on a CUDA device moves
+//! it to that device ([`KvCache::move_to_device`]), where it stays.
 
 use std::collections::HashMap;
 
@@ -23,9 +26,51 @@ pub struct KvCache {
     geometry: PagedGeometry,
     pool: BlockPool,
     tables: HashMap<u64, BlockTable>,
+    layers: Layers,
+    /// Whether any position was ever written (an untouched host cache moves to a device as
+    /// fresh zeros, without a copy).
+    written: bool,
+}
+
+/// Where the layers' K and V live.
+enum Layers {
     /// Per layer, K then V; zero-initialised `u16` so the allocation stays lazy (untouched pages
     /// cost nothing), read as f16.
-    layers: Vec<(Vec<u16>, Vec<u16>)>,
+    Host(HostLayers),
+    /// Per layer, K then V, on a CUDA device.
+    #[cfg(feature = "cuda")]
+    Device(
+        Vec<(
+            candle_core::cuda_backend::cudarc::driver::CudaSlice<f16>,
+            candle_core::cuda_backend::cudarc::driver::CudaSlice<f16>,
+        )>,
+    ),
+}
+
+type HostLayers = Vec<(Vec<u16>, Vec<u16>)>;
+
+impl Layers {
+    fn host(&self) -> Result<&HostLayers> {
+        match self {
+            Layers::Host(l) => Ok(l),
+            #[cfg(feature = "cuda")]
+            Layers::Device(_) => Err(on_device()),
+        }
+    }
+
+    fn host_mut(&mut self) -> Result<&mut HostLayers> {
+        match self {
+            Layers::Host(l) => Ok(l),
+            #[cfg(feature = "cuda")]
+            Layers::Device(_) => Err(on_device()),
+        }
+    }
+}
+
+/// The error of a host-path access to a cache on a device.
+#[cfg(feature = "cuda")]
+fn on_device() -> ModelError {
+    ModelError::Invalid("this KV cache lives on a GPU; the host path cannot use it".into())
 }
 
 impl KvCache {
@@ -42,9 +87,12 @@ impl KvCache {
             geometry,
             pool: BlockPool::new(num_blocks, geometry.block_size),
             tables: HashMap::new(),
-            layers: (0..cfg.num_hidden_layers)
-                .map(|_| (vec![0u16; elems], vec![0u16; elems]))
-                .collect(),
+            layers: Layers::Host(
+                (0..cfg.num_hidden_layers)
+                    .map(|_| (vec![0u16; elems], vec![0u16; elems]))
+                    .collect(),
+            ),
+            written: false,
         }
     }
 
@@ -191,10 +239,11 @@ impl KvCache {
         stride: usize,
         k_at: usize,
         v_at: usize,
-    ) {
+    ) -> Result<()> {
         let g = self.geometry;
         let width = g.kv_heads * g.head_dim;
-        let (k, v) = &mut self.layers[layer];
+        let (k, v) = &mut self.layers.host_mut()?[layer];
+        self.written = true;
         let (k, v): (&mut [f16], &mut [f16]) = (k.reinterpret_cast_mut(), v.reinterpret_cast_mut());
         for s in 0..batch.num_seqs() {
             let r = batch.seq_range(s);
@@ -206,6 +255,7 @@ impl KvCache {
             });
             write_kv(&g, k, v, blocks, start, tokens);
         }
+        Ok(())
     }
 
     /// Layer `layer`'s K and V and the views of `batch`'s sequences for the attention op.
@@ -213,8 +263,8 @@ impl KvCache {
         &'a self,
         layer: usize,
         batch: &Batch,
-    ) -> (&'a [f16], &'a [f16], Vec<SeqView<'a>>) {
-        let (k, v) = &self.layers[layer];
+    ) -> Result<(&'a [f16], &'a [f16], Vec<SeqView<'a>>)> {
+        let (k, v) = &self.layers.host()?[layer];
         let seqs = (0..batch.num_seqs())
             .map(|s| {
                 let r = batch.seq_range(s);
@@ -225,6 +275,148 @@ impl KvCache {
                 }
             })
             .collect();
-        (k.reinterpret_cast(), v.reinterpret_cast(), seqs)
+        Ok((k.reinterpret_cast(), v.reinterpret_cast(), seqs))
+    }
+
+    /// Each token of `batch` (reserved already): its cache slot (block * block_size + offset)
+    /// and its sequence's block table (the GPU path's view of what [`KvCache::write`] does).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn token_rows<'a>(&'a self, batch: &Batch) -> (Vec<u32>, Vec<&'a [u32]>) {
+        let bs = self.geometry.block_size;
+        let n = batch.num_tokens();
+        let (mut slots, mut tables) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for s in 0..batch.num_seqs() {
+            let blocks = self.tables[&batch.seq_id(s)].blocks();
+            for t in batch.seq_range(s) {
+                let p = batch.positions()[t] as usize;
+                slots.push((blocks[p / bs] as usize * bs + p % bs) as u32);
+                tables.push(blocks);
+            }
+        }
+        (slots, tables)
+    }
+
+    /// Blocks each layer stores.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn num_blocks(&self) -> usize {
+        self.pool.total()
+    }
+
+    /// Whether the storage lives on a GPU.
+    pub fn on_gpu(&self) -> bool {
+        !matches!(self.layers, Layers::Host(_))
+    }
+
+    /// Moves the storage to the CUDA device `dev` (once; a cache already there stays): fresh
+    /// zeros when nothing was written yet, else a copy of what the host holds.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn move_to_device(
+        &mut self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+    ) -> Result<()> {
+        use crate::ops::dev_err;
+        let Layers::Host(layers) = &self.layers else {
+            return Ok(());
+        };
+        let stream = dev.cuda_stream();
+        let mut moved = Vec::with_capacity(layers.len());
+        for (k, v) in layers {
+            let (k, v): (&[f16], &[f16]) = (k.reinterpret_cast(), v.reinterpret_cast());
+            let pair = if self.written {
+                (stream.clone_htod(k), stream.clone_htod(v))
+            } else {
+                (stream.alloc_zeros(k.len()), stream.alloc_zeros(v.len()))
+            };
+            moved.push((pair.0.map_err(dev_err)?, pair.1.map_err(dev_err)?));
+        }
+        self.layers = Layers::Device(moved);
+        Ok(())
+    }
+
+    /// Layer `layer`'s K and V on the device (after [`KvCache::move_to_device`]).
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn device_layer(
+        &mut self,
+        layer: usize,
+    ) -> Result<(
+        &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<f16>,
+        &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<f16>,
+    )> {
+        match &mut self.layers {
+            Layers::Device(layers) => {
+                self.written = true;
+                let (k, v) = &mut layers[layer];
+                Ok((k, v))
+            }
+            Layers::Host(_) => Err(ModelError::Invalid(
+                "this KV cache is still in host memory".into(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::llama::LlamaConfig;
+
+    fn config() -> LlamaConfig {
+        serde_json::from_value(serde_json::json!({
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 50,
+        }))
+        .unwrap()
+    }
+
+    /// The slots the GPU path writes each token's K/V to are the rows the host path writes:
+    /// two sequences over shuffled blocks, one resuming mid-block.
+    #[test]
+    fn token_rows_name_the_rows_the_host_writes() {
+        let cfg = config();
+        let mut cache = KvCache::new(&cfg, 12, 4);
+        let g = *cache.geometry();
+        let width = g.kv_heads * g.head_dim;
+        // Sequence 7 takes blocks first, then 3 takes some, then 7 grows past them.
+        let step = |batch: &Batch, cache: &mut KvCache| {
+            cache.reserve(batch).unwrap();
+            // Each token's K row holds its index + 1 in every element, V its negation.
+            let stride = 2 * width;
+            let rows: Vec<f32> = (0..batch.num_tokens())
+                .flat_map(|t| {
+                    let x = t as f32 + 1.0;
+                    std::iter::repeat_n(x, width).chain(std::iter::repeat_n(-x, width))
+                })
+                .collect();
+            cache.write(0, batch, &rows, stride, 0, width).unwrap();
+            let (slots, tables) = cache.token_rows(batch);
+            let (k, v, _) = cache.views(0, batch).unwrap();
+            for t in 0..batch.num_tokens() {
+                let (block, off) = (slots[t] as usize / 4, slots[t] as usize % 4);
+                assert!(tables[t].contains(&(block as u32)));
+                for h in 0..g.kv_heads {
+                    let at = ((block * g.kv_heads + h) * 4 + off) * g.head_dim;
+                    assert_eq!(k[at].to_f32(), t as f32 + 1.0);
+                    assert_eq!(v[at + g.head_dim - 1].to_f32(), -(t as f32 + 1.0));
+                }
+            }
+        };
+        let mut b = Batch::new();
+        b.push(7, &[1, 2, 3, 4, 5, 6], 0);
+        step(&b, &mut cache);
+        let mut b = Batch::new();
+        b.push(3, &[1, 2, 3, 4, 5], 0);
+        b.push(7, &[9], 6);
+        step(&b, &mut cache);
+        let mut b = Batch::new();
+        b.push(7, &[1, 2, 3, 4, 5, 6, 7], 7);
+        b.push(3, &[8], 5);
+        step(&b, &mut cache);
+        assert_eq!(cache.seq_len(7), 14);
+        assert_eq!(cache.num_blocks(), 12);
     }
 }

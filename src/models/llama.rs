@@ -341,6 +341,20 @@ impl Proj {
         }
     }
 
+    /// Bytes a one-row product reads: the form it runs on, and the bias.
+    fn bytes(&self) -> usize {
+        let tensor = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let form = match (&self.quantized, &self.dense) {
+            (Some(QuantForm::Ours(m)), _) => m.bytes(),
+            (Some(QuantForm::Candle(q)), _) | (None, Some(q)) => match q {
+                QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => tensor(t),
+            },
+            (None, None) => 0,
+        };
+        form + self.bias.as_ref().map_or(0, tensor)
+    }
+
     fn product(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.dim(0)?;
         let quantized = match (&self.quantized, &self.dense) {
@@ -388,6 +402,9 @@ pub struct Llama {
     /// `(max_positions, head_dim / 2)`, row-major.
     cos_table: Vec<f32>,
     sin_table: Vec<f32>,
+    /// The tables as `(max_positions, head_dim / 2)` tensors on a GPU, for its forward pass.
+    #[cfg(feature = "cuda")]
+    rope_on_device: std::sync::OnceLock<(Tensor, Tensor)>,
     cfg: LlamaConfig,
     device: Device,
 }
@@ -613,10 +630,10 @@ impl Llama {
     /// Seeded random weights of the shape `cfg` (normal, standard deviation 0.02; norms 1),
     /// computed as GGUF weights would be: matrices quantized to Q4_1 (the output projection to
     /// Q8_0) unless `mode` is [`QuantMode::Dequantized`]. For benchmarks at real model shapes
-    /// (`--load-format dummy`); the text they produce means nothing.
+    /// (`--load-format dummy`); the text they produce means nothing. The rotary pairing is the
+    /// config's (a `config.json` read by [`Llama::read_hf_config`] pairs halves).
     pub fn dummy(cfg: &LlamaConfig, device: &Device, mode: QuantMode, seed: u64) -> Result<Self> {
-        let mut cfg = cfg.clone();
-        cfg.rope_style = RopeStyle::Half;
+        let cfg = cfg.clone();
         cfg.validate()?;
         let mut rng = SplitMix64::new(seed);
         let mut random = |rows: usize, cols: usize| -> Result<Tensor> {
@@ -693,6 +710,8 @@ impl Llama {
             lm_head,
             cos_table,
             sin_table,
+            #[cfg(feature = "cuda")]
+            rope_on_device: std::sync::OnceLock::new(),
             cfg,
             device: device.clone(),
         })
@@ -704,6 +723,26 @@ impl Llama {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Bytes of weights one decode step reads (every projection in the form a one-row product
+    /// uses, the norms; the embedding table's one row per token left out): the memory traffic
+    /// that bounds decoding at small batch.
+    pub fn weight_bytes(&self) -> usize {
+        let f32s = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.wqkv.bytes()
+                    + l.wo.bytes()
+                    + l.w_gate_up.bytes()
+                    + l.w_down.bytes()
+                    + f32s(&l.attn_norm)
+                    + f32s(&l.ffn_norm)
+            })
+            .sum();
+        layers + self.lm_head.bytes() + f32s(&self.norm)
     }
 
     /// Rotates the heads `first..first + count` of each row of `rows` (stride `stride`) in
@@ -779,10 +818,20 @@ impl Llama {
             )));
         }
         cache.reserve(batch)?;
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = &self.device {
+            if crate::ops::llama_fused::supports(&g) {
+                return self.forward_gpu(cuda, batch, cache, at);
+            }
+        }
+        if cache.on_gpu() {
+            return Err(ModelError::Invalid(
+                "a KV cache on a GPU used by a model off it".into(),
+            ));
+        }
         let dev = &self.device;
         let n = batch.num_tokens();
         let (nh, nkv, hd) = (g.heads, g.kv_heads, g.head_dim);
-        let ff = self.cfg.intermediate_size;
         let eps = self.cfg.rms_norm_eps as f32;
         let scale = 1.0 / (hd as f32).sqrt();
         let stride = (nh + 2 * nkv) * hd;
@@ -795,25 +844,92 @@ impl Llama {
             // (n, (nh + 2 nkv) * hd): each row holds its token's Q heads, K heads, V heads.
             let mut qkv = layer.wqkv.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
             self.rope(&mut qkv, stride, batch.positions(), 0, nh + nkv);
-            cache.write(li, batch, &qkv, stride, nh * hd, (nh + nkv) * hd);
+            cache.write(li, batch, &qkv, stride, nh * hd, (nh + nkv) * hd)?;
             let mut o = vec![0f32; n * nh * hd];
-            let (k, v, seqs) = cache.views(li, batch);
+            let (k, v, seqs) = cache.views(li, batch)?;
             paged_attention(&g, &qkv, stride, k, v, &seqs, scale, &mut o)?;
             let o = Tensor::from_vec(o, (n, nh * hd), dev)?;
-            x = (x + layer.wo.forward(&o)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gu = layer.w_gate_up.forward(&h)?; // (n, 2 * ff)
-            let act = (candle_nn::ops::silu(&gu.narrow(1, 0, ff)?)? * gu.narrow(1, ff, ff)?)?;
-            x = (x + layer.w_down.forward(&act)?)?;
+            x = self.finish_layer(layer, x, &o)?;
         }
+        self.logits(x, batch, at)
+    }
+
+    /// The rest of a layer after attention: `x` plus the output projection of the attention
+    /// output `o` (n, heads * head_dim), then the gated feed-forward block with its residual.
+    fn finish_layer(&self, layer: &Layer, x: Tensor, o: &Tensor) -> Result<Tensor> {
+        let ff = self.cfg.intermediate_size;
+        let x = (x + layer.wo.forward(o)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
+        let gu = layer.w_gate_up.forward(&h)?; // (n, 2 * ff)
+        let act = (candle_nn::ops::silu(&gu.narrow(1, 0, ff)?)? * gu.narrow(1, ff, ff)?)?;
+        Ok((x + layer.w_down.forward(&act)?)?)
+    }
+
+    /// The output norm and projection of the rows `at` picks from the last hidden states.
+    fn logits(&self, x: Tensor, batch: &Batch, at: LogitsAt) -> Result<Tensor> {
         let x = match at {
             LogitsAt::All => x,
             LogitsAt::LastOfEach => {
-                let last = Tensor::new(batch.last_token_indices(), dev)?;
+                let last = Tensor::new(batch.last_token_indices(), &self.device)?;
                 x.index_select(&last, 0)?
             }
         };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
         self.lm_head.forward(&x)
+    }
+
+    /// The rotary angle tables on the model's device, made on first use.
+    #[cfg(feature = "cuda")]
+    fn device_rope_tables(&self) -> Result<&(Tensor, Tensor)> {
+        if let Some(t) = self.rope_on_device.get() {
+            return Ok(t);
+        }
+        let half = self.cfg.head_dim() / 2;
+        let rows = self.cos_table.len() / half;
+        let cos = Tensor::from_slice(&self.cos_table, (rows, half), &self.device)?;
+        let sin = Tensor::from_slice(&self.sin_table, (rows, half), &self.device)?;
+        Ok(self.rope_on_device.get_or_init(|| (cos, sin)))
+    }
+
+    /// [`Llama::forward`] on a CUDA device, the batch checked and reserved: the hidden states
+    /// stay on the device; the rotary embedding, the K/V write and attention run as our kernels
+    /// (`ops::llama_fused`) over the cache on the device.
+    #[cfg(feature = "cuda")]
+    fn forward_gpu(
+        &self,
+        cuda: &candle_core::cuda_backend::CudaDevice,
+        batch: &Batch,
+        cache: &mut KvCache,
+        at: LogitsAt,
+    ) -> Result<Tensor> {
+        use crate::ops::llama_fused::Step;
+        let g = *cache.geometry();
+        cache.move_to_device(cuda)?;
+        let mut step = {
+            let (slots, tables) = cache.token_rows(batch);
+            Step::new(
+                cuda,
+                &g,
+                batch.positions(),
+                &slots,
+                &tables,
+                cache.num_blocks(),
+            )?
+        };
+        let (cos, sin) = self.device_rope_tables()?;
+        let interleaved = self.cfg.rope_style == RopeStyle::Interleaved;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let scale = 1.0 / (g.head_dim as f32).sqrt();
+        let ids = Tensor::new(batch.input_ids(), &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?; // (n, hidden)
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let qkv = layer.wqkv.forward(&h)?.contiguous()?;
+            let (k, v) = cache.device_layer(li)?;
+            let q = step.rope_kv(&qkv, cos, sin, interleaved, k, v)?;
+            let o = step.attend(&q, k, v, scale)?;
+            x = self.finish_layer(layer, x, &o)?;
+        }
+        self.logits(x, batch, at)
     }
 }

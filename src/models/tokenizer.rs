@@ -195,6 +195,46 @@ impl BpeTokenizer {
         })
     }
 
+    /// A byte-level tokenizer of `vocab` ids (at least 258) for engines over seeded random
+    /// weights with no model file at hand (benchmarks, the GPU check): ids 0-255 are the bytes,
+    /// the last id is the end-of-text control token `<|endoftext|>`, and every other id
+    /// `n` is the text `t{n}`; no merges, so text encodes byte by byte.
+    pub fn synthetic(vocab: usize) -> Result<Self> {
+        use candle_core::quantized::gguf_file::{Content, Value, VersionedMagic};
+        if vocab < 258 {
+            return Err(ModelError::Invalid(format!(
+                "a synthetic tokenizer needs at least 258 ids, not {vocab}"
+            )));
+        }
+        let mut byte_chars: Vec<(u8, char)> =
+            unicode_to_byte().into_iter().map(|(c, b)| (b, c)).collect();
+        byte_chars.sort_unstable();
+        let mut tokens: Vec<Value> = byte_chars
+            .into_iter()
+            .map(|(_, c)| Value::String(c.to_string()))
+            .collect();
+        tokens.extend((256..vocab - 1).map(|n| Value::String(format!("t{n}"))));
+        tokens.push(Value::String("<|endoftext|>".into()));
+        let mut types = vec![Value::I32(1); vocab - 1];
+        types.push(Value::I32(TOKEN_TYPE_CONTROL as i32));
+        let metadata = [
+            ("tokenizer.ggml.model", Value::String("gpt2".into())),
+            ("tokenizer.ggml.tokens", Value::Array(tokens)),
+            ("tokenizer.ggml.token_type", Value::Array(types)),
+            ("tokenizer.ggml.merges", Value::Array(Vec::new())),
+            ("tokenizer.ggml.eos_token_id", Value::U32(vocab as u32 - 1)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Self::from_gguf(&Content {
+            magic: VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: Default::default(),
+            tensor_data_offset: 0,
+        })
+    }
+
     /// Token ids of `text`. With `parse_special`, control tokens written in the text (such as
     /// `<|im_start|>`) become their ids; without it they are tokenized as ordinary text, which is
     /// how untrusted text (a question, a passage) must be encoded.
@@ -390,6 +430,22 @@ mod tests {
         assert_eq!(m[&'Ġ'], b' ');
         assert_eq!(m[&'Ċ'], b'\n');
         assert_eq!(m[&'a'], b'a');
+    }
+
+    #[test]
+    fn synthetic_tokenizer_maps_ids_to_bytes_and_back() {
+        let t = BpeTokenizer::synthetic(1000).unwrap();
+        assert_eq!(t.vocab_size(), 1000);
+        assert_eq!(t.eos_id(), Some(999));
+        assert!(t.is_control(999));
+        let text = "Stage IV, 2,225 patients\n";
+        let ids = t.encode(text, false).unwrap();
+        assert_eq!(ids.len(), text.len());
+        assert!(ids.iter().all(|&id| id < 256));
+        assert_eq!(t.decode(&ids, true), text);
+        assert_eq!(t.token_bytes(b'A' as u32), b"A");
+        assert_eq!(t.token_bytes(500), b"t500");
+        assert!(BpeTokenizer::synthetic(100).is_err());
     }
 
     #[test]

@@ -4,6 +4,8 @@
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod bert_fused;
+#[cfg(feature = "cuda")]
+pub mod llama_fused;
 pub mod paged_attention;
 pub mod qmatmul;
 pub mod rng;

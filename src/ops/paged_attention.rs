@@ -411,9 +411,12 @@ pub mod gpu {
     use candle_core::cuda_backend::cudarc::driver::sys::{
         CUdevice_attribute, CUfunction_attribute,
     };
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda_backend::CudaDevice;
     use candle_core::{DType, Storage, Tensor};
+    use half::f16;
 
     use super::{PagedGeometry, Result};
     use crate::error::OpsError;
@@ -451,7 +454,13 @@ pub mod gpu {
         }
     }
 
-    /// Every variant, for sweeps; the default is `Lanes { unroll: 4, stages: 2 }`.
+    /// The variant launched unless another is picked.
+    pub const DEFAULT_VARIANT: Variant = Variant::Lanes {
+        unroll: 4,
+        stages: 2,
+    };
+
+    /// Every variant, for sweeps; the default is [`DEFAULT_VARIANT`].
     pub const VARIANTS: [Variant; 6] = [
         Variant::Lanes {
             unroll: 2,
@@ -478,91 +487,74 @@ pub mod gpu {
     /// Pages the tensor-core variant keeps in flight per warp.
     const TC_STAGES: usize = 3;
 
-    /// A prepared decode attention: block tables and lengths uploaded, outputs allocated, so
-    /// it can be launched repeatedly (benches) and read back when wanted.
-    pub struct Decode {
+    /// Checks that the GPU kernels take geometry `g` with query rows `q_stride` floats apart.
+    pub fn check_geometry(g: &PagedGeometry, q_stride: usize) -> Result<()> {
+        let group = g.heads / g.kv_heads.max(1);
+        if g.kv_heads == 0
+            || !g.heads.is_multiple_of(g.kv_heads)
+            || group > 8
+            || !g.head_dim.is_power_of_two()
+            || !(8..=256).contains(&g.head_dim)
+            || !g.block_size.is_power_of_two()
+            || q_stride < g.heads * g.head_dim
+        {
+            return Err(OpsError::Shape(format!(
+                "decode attention on the GPU takes head_dim a power of two in 8..=256, pages of a power-of-two size and at most 8 query heads per KV head: {g:?}, q stride {q_stride}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The query rows of a decode attention, uploaded: each row's block table and length, the
+    /// split plan, and the partial results of the splits. One set serves every layer of a
+    /// forward pass (the rows and their tables are the same in each).
+    pub struct DecodeRows {
         dev: CudaDevice,
         g: PagedGeometry,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        q_stride: u32,
         seqs: u32,
+        /// Blocks the tables were checked against: the storage must hold at least these.
+        num_blocks: usize,
         max_blocks: u32,
         split_len: u32,
         splits: u32,
-        variant: Variant,
-        scale: f32,
         tables: CudaSlice<u32>,
         lens: CudaSlice<u32>,
         part_max: CudaSlice<f32>,
         part_sum: CudaSlice<f32>,
         part_out: CudaSlice<f32>,
-        out: CudaSlice<f32>,
     }
 
-    impl Decode {
-        /// `q`: (seqs, q_stride) f32 with each sequence's query heads first in its row; `k`,
-        /// `v`: one layer's paged f16 storage (flat); `tables[s]` the blocks of sequence `s`,
-        /// covering its `lens[s]` positions (the current token included). `split_len`:
-        /// positions per split (a multiple of the block size; default: 128 to 1,024, so the
-        /// grid holds about four blocks per multiprocessor). The kernel variant is
-        /// `(4, 2)` unless [`Decode::with_variant`] picks another.
-        #[allow(clippy::too_many_arguments)]
+    impl DecodeRows {
+        /// `tables[r]` the blocks of row `r`'s sequence, covering its `lens[r]` positions (the
+        /// row's own included); `num_blocks` blocks are stored. `split_len`: positions per split
+        /// (a multiple of the block size; default: 128 to 1,024, so the grid holds about four
+        /// blocks per multiprocessor).
         pub fn new(
+            dev: &CudaDevice,
             g: &PagedGeometry,
-            q: &Tensor,
-            k: &Tensor,
-            v: &Tensor,
             tables: &[&[u32]],
             lens: &[u32],
-            scale: f32,
+            num_blocks: usize,
             split_len: Option<u32>,
         ) -> Result<Self> {
-            let (seqs, q_stride) = q.dims2()?;
-            let group = g.heads / g.kv_heads.max(1);
-            if g.kv_heads == 0
-                || !g.heads.is_multiple_of(g.kv_heads)
-                || group > 8
-                || !g.head_dim.is_power_of_two()
-                || !(8..=256).contains(&g.head_dim)
-                || !g.block_size.is_power_of_two()
-                || q_stride < g.heads * g.head_dim
-            {
+            let seqs = lens.len();
+            if tables.len() != seqs || seqs == 0 {
                 return Err(OpsError::Shape(format!(
-                    "decode attention on the GPU takes head_dim a power of two in 8..=256, pages of a power-of-two size and at most 8 query heads per KV head: {g:?}, q stride {q_stride}"
+                    "{seqs} lengths, {} tables",
+                    tables.len()
                 )));
             }
-            if q.dtype() != DType::F32
-                || k.dtype() != DType::F16
-                || v.dtype() != DType::F16
-                || !q.is_contiguous()
-                || !k.is_contiguous()
-                || !v.is_contiguous()
-                || k.elem_count() != v.elem_count()
-                || !k.elem_count().is_multiple_of(g.block_elems())
-            {
-                return Err(OpsError::Shape(
-                    "q f32, K and V f16 of whole blocks, all contiguous".into(),
-                ));
-            }
-            if tables.len() != seqs || lens.len() != seqs || seqs == 0 {
-                return Err(OpsError::Shape(format!(
-                    "{seqs} queries, {} tables, {} lengths",
-                    tables.len(),
-                    lens.len()
-                )));
-            }
-            let num_blocks = (k.elem_count() / g.block_elems()) as u32;
             for (t, &len) in tables.iter().zip(lens) {
-                if t.len() * g.block_size < len as usize || t.iter().any(|&b| b >= num_blocks) {
+                if len == 0
+                    || t.len() * g.block_size < len as usize
+                    || t.iter().any(|&b| b as usize >= num_blocks)
+                {
                     return Err(OpsError::Shape(format!(
                         "a block table of {} blocks for {len} positions ({num_blocks} blocks stored)",
                         t.len()
                     )));
                 }
             }
-            let dev = cuda_device(q, "tensor")?;
             let bs = g.block_size as u32;
             let longest = lens.iter().copied().max().unwrap_or(0).max(1);
             let split_len = match split_len {
@@ -590,38 +582,248 @@ pub mod gpu {
                 flat[s * max_blocks..s * max_blocks + t.len()].copy_from_slice(t);
             }
             let stream = dev.cuda_stream();
-            let parts = seqs * g.heads * splits as usize;
+            // Only a split that has its own partial results writes them (one split writes the
+            // output directly).
+            let parts = if splits > 1 {
+                seqs * g.heads * splits as usize
+            } else {
+                1
+            };
             Ok(Self {
                 tables: stream.clone_htod(&flat).map_err(dev_err)?,
                 lens: stream.clone_htod(lens).map_err(dev_err)?,
-                part_max: stream.alloc_zeros::<f32>(parts).map_err(dev_err)?,
-                part_sum: stream.alloc_zeros::<f32>(parts).map_err(dev_err)?,
-                part_out: stream
-                    .alloc_zeros::<f32>(parts * g.head_dim)
-                    .map_err(dev_err)?,
-                out: stream
-                    .alloc_zeros::<f32>(seqs * g.heads * g.head_dim)
-                    .map_err(dev_err)?,
-                dev,
+                // SAFETY (the three): each split writes its partials before the merge reads them.
+                part_max: unsafe { stream.alloc::<f32>(parts) }.map_err(dev_err)?,
+                part_sum: unsafe { stream.alloc::<f32>(parts) }.map_err(dev_err)?,
+                part_out: unsafe { stream.alloc::<f32>(parts * g.head_dim) }.map_err(dev_err)?,
+                dev: dev.clone(),
                 g: *g,
-                q: q.clone(),
-                k: k.clone(),
-                v: v.clone(),
-                q_stride: q_stride as u32,
                 seqs: seqs as u32,
+                num_blocks,
                 max_blocks: max_blocks as u32,
                 split_len,
                 splits,
-                variant: Variant::Lanes {
-                    unroll: 4,
-                    stages: 2,
-                },
-                scale,
             })
         }
 
         pub fn splits(&self) -> u32 {
             self.splits
+        }
+
+        /// Rows (query tokens).
+        pub fn len(&self) -> usize {
+            self.seqs as usize
+        }
+
+        pub fn is_empty(&self) -> bool {
+            self.seqs == 0
+        }
+
+        /// Enqueues the decode kernel `variant` (and the merge when split) on the device's
+        /// stream: `q` holds the rows' query heads first in rows `q_stride` floats apart, `k`
+        /// and `v` the layer's paged storage, `out` gets `(rows, heads * head_dim)`.
+        #[allow(clippy::too_many_arguments)]
+        pub fn launch(
+            &mut self,
+            variant: Variant,
+            q: &CudaView<'_, f32>,
+            q_stride: usize,
+            k: &CudaView<'_, f16>,
+            v: &CudaView<'_, f16>,
+            scale: f32,
+            out: &mut CudaSlice<f32>,
+        ) -> Result<()> {
+            let g = self.g;
+            check_geometry(&g, q_stride)?;
+            if !VARIANTS.contains(&variant) || !variant.supports(&g) {
+                return Err(OpsError::Shape(format!(
+                    "decode attention variant {variant:?} for {g:?}: one of {VARIANTS:?} that takes it"
+                )));
+            }
+            let rows = self.seqs as usize;
+            if q.len() < (rows - 1) * q_stride + g.heads * g.head_dim
+                || k.len() != v.len()
+                || !k.len().is_multiple_of(g.block_elems())
+                || k.len() / g.block_elems() < self.num_blocks
+                || out.len() < rows * g.heads * g.head_dim
+            {
+                return Err(OpsError::Shape(format!(
+                    "{rows} rows of stride {q_stride} in {} floats, K {} and V {} halves, {} outputs for {g:?}",
+                    q.len(),
+                    k.len(),
+                    v.len(),
+                    out.len()
+                )));
+            }
+            let group = g.heads / g.kv_heads;
+            let (name, ring) = match variant {
+                Variant::Lanes { unroll, stages } => (
+                    format!("cited_paged_decode_g{group}_u{unroll}_s{stages}"),
+                    // 16 bytes per lane, K and V, per position step in flight.
+                    if stages > 1 {
+                        WARPS * 32 * 16 * 2 * (unroll * stages) as usize
+                    } else {
+                        0
+                    },
+                ),
+                Variant::TensorCores => (
+                    format!("cited_paged_decode_tc_g{group}_h{}", g.head_dim),
+                    // Per warp and stage a page of K and one of V, rows padded by 8 halves.
+                    WARPS * TC_STAGES * 2 * 16 * (g.head_dim + 8) * 2,
+                ),
+            };
+            let func = self.dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let (heads, kv_heads, hd, bs) = (
+                g.heads as u32,
+                g.kv_heads as u32,
+                g.head_dim as u32,
+                g.block_size as u32,
+            );
+            let q_stride = q_stride as u32;
+            // The split's page indices (16-byte aligned), then the larger of the copy ring and
+            // the warps' partials (output share, max, sum per head), which share those bytes.
+            let pages = (self.split_len as usize / g.block_size * 4).div_ceil(16) * 16;
+            let merge = WARPS * group * (g.head_dim + 2) * 4;
+            let smem = pages + ring.max(merge);
+            if smem > 48 * 1024 {
+                // Past the default: the kernel must be allowed this much dynamic shared memory.
+                func.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(dev_err)?;
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (self.seqs, kv_heads, self.splits),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            let mut b = func.builder();
+            b.arg(q)
+                .arg(&q_stride)
+                .arg(k)
+                .arg(v)
+                .arg(&self.tables)
+                .arg(&self.max_blocks)
+                .arg(&self.lens)
+                .arg(&kv_heads)
+                .arg(&hd)
+                .arg(&bs)
+                .arg(&self.split_len)
+                .arg(&scale)
+                .arg(&mut *out)
+                .arg(&mut self.part_max)
+                .arg(&mut self.part_sum)
+                .arg(&mut self.part_out);
+            // SAFETY: the arguments match `cited_paged_decode_g*_u*_s*` and
+            // `cited_paged_decode_tc_g*_h*` (kernels/paged_attention.cu) for this group size;
+            // shapes, block tables (in range, covering every position), the split length (whole
+            // pages, at most 1,024 of them) and the variant (for this geometry) were checked in
+            // `new` and above; the partials hold (rows, heads, splits[, head_dim]) entries when
+            // split; the shared memory holds what the kernel lays out (at most 4 KiB of pages +
+            // max(ring: 64 KiB, or 102 KiB for tensor cores at head dim 128; 4 x 8 x 258
+            // words)), allowed above when past the 48 KiB default (Hopper allows 227 KiB).
+            unsafe { b.launch(cfg) }.map_err(dev_err)?;
+            if self.splits > 1 {
+                let merge = self
+                    .dev
+                    .get_or_load_custom_func("cited_paged_merge", MODULE, PTX)?;
+                let cfg = LaunchConfig {
+                    grid_dim: (self.seqs, heads, 1),
+                    block_dim: (hd.min(256), 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut b = merge.builder();
+                b.arg(&self.part_max)
+                    .arg(&self.part_sum)
+                    .arg(&self.part_out)
+                    .arg(&heads)
+                    .arg(&self.splits)
+                    .arg(&hd)
+                    .arg(&mut *out);
+                // SAFETY: the partial buffers hold (rows, heads, splits[, head_dim]) entries.
+                unsafe { b.launch(cfg) }.map_err(dev_err)?;
+            }
+            Ok(())
+        }
+    }
+
+    /// A prepared decode attention over tensors: rows uploaded, outputs allocated, so it can be
+    /// launched repeatedly (benches) and read back when wanted.
+    pub struct Decode {
+        dev: CudaDevice,
+        g: PagedGeometry,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_stride: usize,
+        variant: Variant,
+        scale: f32,
+        rows: DecodeRows,
+        out: CudaSlice<f32>,
+    }
+
+    impl Decode {
+        /// `q`: (seqs, q_stride) f32 with each sequence's query heads first in its row; `k`,
+        /// `v`: one layer's paged f16 storage (flat); `tables[s]` the blocks of sequence `s`,
+        /// covering its `lens[s]` positions (the current token included); `split_len` as for
+        /// [`DecodeRows::new`]. The kernel variant is `(4, 2)` unless [`Decode::with_variant`]
+        /// picks another.
+        #[allow(clippy::too_many_arguments)]
+        pub fn new(
+            g: &PagedGeometry,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            tables: &[&[u32]],
+            lens: &[u32],
+            scale: f32,
+            split_len: Option<u32>,
+        ) -> Result<Self> {
+            let (seqs, q_stride) = q.dims2()?;
+            check_geometry(g, q_stride)?;
+            if q.dtype() != DType::F32
+                || k.dtype() != DType::F16
+                || v.dtype() != DType::F16
+                || !q.is_contiguous()
+                || !k.is_contiguous()
+                || !v.is_contiguous()
+                || k.elem_count() != v.elem_count()
+                || !k.elem_count().is_multiple_of(g.block_elems())
+            {
+                return Err(OpsError::Shape(
+                    "q f32, K and V f16 of whole blocks, all contiguous".into(),
+                ));
+            }
+            if lens.len() != seqs {
+                return Err(OpsError::Shape(format!(
+                    "{seqs} queries, {} lengths",
+                    lens.len()
+                )));
+            }
+            let dev = cuda_device(q, "tensor")?;
+            let num_blocks = k.elem_count() / g.block_elems();
+            let rows = DecodeRows::new(&dev, g, tables, lens, num_blocks, split_len)?;
+            let out = dev
+                .cuda_stream()
+                .alloc_zeros::<f32>(seqs * g.heads * g.head_dim)
+                .map_err(dev_err)?;
+            Ok(Self {
+                dev,
+                g: *g,
+                q: q.clone(),
+                k: k.clone(),
+                v: v.clone(),
+                q_stride,
+                variant: DEFAULT_VARIANT,
+                scale,
+                rows,
+                out,
+            })
+        }
+
+        pub fn splits(&self) -> u32 {
+            self.rows.splits()
         }
 
         /// The kernel variant this decode launches.
@@ -652,24 +854,6 @@ pub mod gpu {
 
         /// Enqueues the decode kernel (and the merge when split) on the device's stream.
         pub fn launch(&mut self) -> Result<()> {
-            let group = self.g.heads / self.g.kv_heads;
-            let (name, ring) = match self.variant {
-                Variant::Lanes { unroll, stages } => (
-                    format!("cited_paged_decode_g{group}_u{unroll}_s{stages}"),
-                    // 16 bytes per lane, K and V, per position step in flight.
-                    if stages > 1 {
-                        WARPS * 32 * 16 * 2 * (unroll * stages) as usize
-                    } else {
-                        0
-                    },
-                ),
-                Variant::TensorCores => (
-                    format!("cited_paged_decode_tc_g{group}_h{}", self.g.head_dim),
-                    // Per warp and stage a page of K and one of V, rows padded by 8 halves.
-                    WARPS * TC_STAGES * 2 * 16 * (self.g.head_dim + 8) * 2,
-                ),
-            };
-            let func = self.dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let (qs, ql) = self.q.storage_and_layout();
             let (ks, kl) = self.k.storage_and_layout();
             let (vs, vl) = self.v.storage_and_layout();
@@ -681,83 +865,20 @@ pub mod gpu {
                 .as_cuda_slice::<f32>()?
                 .slice(ql.start_offset()..ql.start_offset() + self.q.elem_count());
             let kv = kc
-                .as_cuda_slice::<half::f16>()?
+                .as_cuda_slice::<f16>()?
                 .slice(kl.start_offset()..kl.start_offset() + self.k.elem_count());
             let vv = vc
-                .as_cuda_slice::<half::f16>()?
+                .as_cuda_slice::<f16>()?
                 .slice(vl.start_offset()..vl.start_offset() + self.v.elem_count());
-            let g = self.g;
-            let (heads, kv_heads, hd, bs) = (
-                g.heads as u32,
-                g.kv_heads as u32,
-                g.head_dim as u32,
-                g.block_size as u32,
-            );
-            // The split's page indices (16-byte aligned), then the larger of the copy ring and
-            // the warps' partials (output share, max, sum per head), which share those bytes.
-            let pages = (self.split_len as usize / g.block_size * 4).div_ceil(16) * 16;
-            let merge = WARPS * group * (g.head_dim + 2) * 4;
-            let smem = pages + ring.max(merge);
-            if smem > 48 * 1024 {
-                // Past the default: the kernel must be allowed this much dynamic shared memory.
-                func.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-                .map_err(dev_err)?;
-            }
-            let cfg = LaunchConfig {
-                grid_dim: (self.seqs, kv_heads, self.splits),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
-            let mut b = func.builder();
-            b.arg(&qv)
-                .arg(&self.q_stride)
-                .arg(&kv)
-                .arg(&vv)
-                .arg(&self.tables)
-                .arg(&self.max_blocks)
-                .arg(&self.lens)
-                .arg(&kv_heads)
-                .arg(&hd)
-                .arg(&bs)
-                .arg(&self.split_len)
-                .arg(&self.scale)
-                .arg(&mut self.out)
-                .arg(&mut self.part_max)
-                .arg(&mut self.part_sum)
-                .arg(&mut self.part_out);
-            // SAFETY: the arguments match `cited_paged_decode_g*_u*_s*` and
-            // `cited_paged_decode_tc_g*_h*` (kernels/paged_attention.cu) for this group size;
-            // shapes, block tables (in range, covering every position), the split length (whole
-            // pages, at most 1,024 of them) and the variant (for this geometry) were checked in
-            // `new` and `with_variant`; the shared memory holds what the kernel lays out (at
-            // most 4 KiB of pages + max(ring: 64 KiB, or 102 KiB for tensor cores at head dim
-            // 128; 4 x 8 x 258 words)), allowed above when past the 48 KiB default (Hopper
-            // allows 227 KiB).
-            unsafe { b.launch(cfg) }.map_err(dev_err)?;
-            if self.splits > 1 {
-                let merge = self
-                    .dev
-                    .get_or_load_custom_func("cited_paged_merge", MODULE, PTX)?;
-                let cfg = LaunchConfig {
-                    grid_dim: (self.seqs, heads, 1),
-                    block_dim: (hd.min(256), 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let mut b = merge.builder();
-                b.arg(&self.part_max)
-                    .arg(&self.part_sum)
-                    .arg(&self.part_out)
-                    .arg(&heads)
-                    .arg(&self.splits)
-                    .arg(&hd)
-                    .arg(&mut self.out);
-                // SAFETY: the partial buffers hold (seqs, heads, splits[, head_dim]) entries.
-                unsafe { b.launch(cfg) }.map_err(dev_err)?;
-            }
-            Ok(())
+            self.rows.launch(
+                self.variant,
+                &qv,
+                self.q_stride,
+                &kv,
+                &vv,
+                self.scale,
+                &mut self.out,
+            )
         }
 
         /// Waits and reads `(seqs, heads * head_dim)` back.

@@ -188,6 +188,11 @@ impl QMatrix {
         self.cols
     }
 
+    /// Bytes a product reads: the integers, scales and offsets.
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 4 * (self.d.len() + self.m.len())
+    }
+
     /// The unsigned integer of weight `(r, c)`.
     fn int_at(&self, r: usize, c: usize) -> u8 {
         let (byte, high) = self.byte_of(r, c);

@@ -268,6 +268,29 @@ impl Sampler {
     /// is remembered for the repetition penalty.
     pub fn sample(&mut self, logits: &mut [f32]) -> Result<u32, OpsError> {
         let token = self.choose(logits)?;
+        self.accept(token);
+        Ok(token)
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Token ids never to be chosen.
+    pub fn suppressed(&self) -> &[u32] {
+        &self.suppress
+    }
+
+    /// Whether the sampling kernel can choose this sampler's tokens: it applies the settings,
+    /// penalties and suppressed ids, not logits processors, which run on the host.
+    pub fn kernel_can_choose(&self) -> bool {
+        self.processors.is_empty()
+    }
+
+    /// Records `token`, chosen for this sampler elsewhere (by the sampling kernel from this
+    /// sampler's [`Sampler::params`], [`Sampler::step`], [`Sampler::penalty_entries`] and
+    /// [`Sampler::suppressed`]), as [`Sampler::sample`] records its own choice.
+    pub fn accept(&mut self, token: u32) {
         self.step += 1;
         for p in &mut self.processors {
             p.accept(token);
@@ -277,7 +300,6 @@ impl Sampler {
         }
         self.recent.push_back(token);
         *self.counts.entry(token).or_insert(0) += 1;
-        Ok(token)
     }
 
     /// This sequence's penalty entries: every token it generated, how often, and whether it is

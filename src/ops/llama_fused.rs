@@ -1,0 +1,247 @@
+//! A Llama decoder's forward pass on the GPU, between the projections' GEMMs: the rotary
+//! embedding with the K/V write into the paged cache (`kernels/llama.cu`), and attention of
+//! every token of the batch through the paged decode kernel (`kernels/paged_attention.cu`).
+//! [`crate::models::llama::Llama`] uses them on CUDA; its host path (rope, `KvCache::write`,
+//! [`super::paged_attention::paged_attention`]) is the reference they are checked against.
+//!
+//! Attention treats every token as a query row of its own: a prompt chunk's token at position
+//! `p` attends to positions `0..=p` of its sequence, a decode token to its whole history, each
+//! through the sequence's block table. A prompt token thus reads its sequence's K/V again
+//! rather than sharing one read across the chunk (the reads of one sequence stay in L2).
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Storage, Tensor};
+use half::f16;
+
+use super::paged_attention::gpu::{check_geometry, DecodeRows, Variant, DEFAULT_VARIANT};
+use super::paged_attention::PagedGeometry;
+use super::{dev_err, Result};
+use crate::error::OpsError;
+
+/// The PTX of `kernels/llama.cu`, compiled by build.rs.
+pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llama.ptx"));
+const MODULE: &str = "cited_llama";
+
+/// Whether the GPU forward pass takes this geometry (else the host path runs attention).
+pub fn supports(g: &PagedGeometry) -> bool {
+    check_geometry(g, g.heads * g.head_dim).is_ok() && g.head_dim <= 512
+}
+
+/// The f32 elements of a contiguous f32 tensor.
+fn f32_view<'a>(t: &'a Tensor, s: &'a Storage, what: &str) -> Result<CudaView<'a, f32>> {
+    let Storage::Cuda(c) = s else {
+        return Err(OpsError::Device(format!("{what} is not on a CUDA device")));
+    };
+    if t.dtype() != DType::F32 {
+        return Err(OpsError::Shape(format!(
+            "{what} is {:?}, not f32",
+            t.dtype()
+        )));
+    }
+    let Some((start, end)) = t.layout().contiguous_offsets() else {
+        return Err(OpsError::Shape(format!("{what} is not contiguous")));
+    };
+    Ok(c.as_cuda_slice::<f32>()?.slice(start..end))
+}
+
+/// One forward pass's rows on the device: each token's position and cache slot, and its
+/// attention row (its sequence's block table, its length), shared by every layer.
+pub struct Step {
+    dev: CudaDevice,
+    g: PagedGeometry,
+    tokens: usize,
+    /// Blocks per layer the tables were checked against.
+    num_blocks: usize,
+    last_position: u32,
+    positions: CudaSlice<u32>,
+    slots: CudaSlice<u32>,
+    rows: DecodeRows,
+    variant: Variant,
+}
+
+impl Step {
+    /// `positions[t]` and `slots[t]` (block * block_size + offset) of token `t`, `tables[t]`
+    /// the block table of its sequence (covering position `positions[t]`); `num_blocks` blocks
+    /// are stored per layer.
+    pub fn new(
+        dev: &CudaDevice,
+        g: &PagedGeometry,
+        positions: &[u32],
+        slots: &[u32],
+        tables: &[&[u32]],
+        num_blocks: usize,
+    ) -> Result<Self> {
+        let tokens = positions.len();
+        if slots.len() != tokens || tables.len() != tokens || tokens == 0 {
+            return Err(OpsError::Shape(format!(
+                "{tokens} positions, {} slots, {} tables",
+                slots.len(),
+                tables.len()
+            )));
+        }
+        if !supports(g) {
+            return Err(OpsError::Shape(format!(
+                "the GPU decoder step does not take {g:?}"
+            )));
+        }
+        let bs = g.block_size;
+        for ((&p, &s), t) in positions.iter().zip(slots).zip(tables) {
+            let block = t.get(p as usize / bs).copied();
+            if block.map(|b| b as usize * bs + p as usize % bs) != Some(s as usize) {
+                return Err(OpsError::Shape(format!(
+                    "slot {s} is not position {p}'s row in its block table"
+                )));
+            }
+        }
+        let lens: Vec<u32> = positions.iter().map(|&p| p + 1).collect();
+        let rows = DecodeRows::new(dev, g, tables, &lens, num_blocks, None)?;
+        let stream = dev.cuda_stream();
+        Ok(Self {
+            positions: stream.clone_htod(positions).map_err(dev_err)?,
+            slots: stream.clone_htod(slots).map_err(dev_err)?,
+            dev: dev.clone(),
+            g: *g,
+            tokens,
+            num_blocks,
+            last_position: positions.iter().copied().max().unwrap_or(0),
+            rows,
+            variant: DEFAULT_VARIANT,
+        })
+    }
+
+    /// Rotates the query and key heads of `qkv` (tokens, (heads + 2 kv_heads) * head_dim) by
+    /// the tables `cos`, `sin` (max_positions, head_dim / 2) at each token's position, writes
+    /// the keys and values into the layer's cache `k`, `v`, and returns the rotated queries
+    /// (tokens, heads * head_dim).
+    pub fn rope_kv(
+        &self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        interleaved: bool,
+        k: &mut CudaSlice<f16>,
+        v: &mut CudaSlice<f16>,
+    ) -> Result<Tensor> {
+        let g = self.g;
+        let (tokens, stride) = qkv.dims2()?;
+        let (positions, half) = cos.dims2()?;
+        if tokens != self.tokens
+            || stride != (g.heads + 2 * g.kv_heads) * g.head_dim
+            || half * 2 != g.head_dim
+            || sin.dims() != cos.dims()
+            || k.len() != v.len()
+            || k.len() < self.num_blocks * g.block_elems()
+            || self.last_position as usize >= positions
+        {
+            return Err(OpsError::Shape(format!(
+                "rope of qkv {:?} with tables {:?} into {} cached halves for {g:?}, {} tokens",
+                qkv.dims(),
+                cos.dims(),
+                k.len(),
+                self.tokens
+            )));
+        }
+        let func = self
+            .dev
+            .get_or_load_custom_func("cited_llama_rope_kv", MODULE, PTX)?;
+        let stream = self.dev.cuda_stream();
+        let q_len = tokens * g.heads * g.head_dim;
+        // SAFETY: the kernel writes every element: each query head of each token, each pair.
+        let mut q = unsafe { stream.alloc::<f32>(q_len) }.map_err(dev_err)?;
+        {
+            let (qs, _) = qkv.storage_and_layout();
+            let (cs, _) = cos.storage_and_layout();
+            let (ss, _) = sin.storage_and_layout();
+            let qkv_v = f32_view(qkv, &qs, "qkv")?;
+            let cos_v = f32_view(cos, &cs, "cos table")?;
+            let sin_v = f32_view(sin, &ss, "sin table")?;
+            let (stride, heads, kv_heads, hd, bs, inter) = (
+                stride as u32,
+                g.heads as u32,
+                g.kv_heads as u32,
+                g.head_dim as u32,
+                g.block_size as u32,
+                interleaved as u32,
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (tokens as u32, heads + 2 * kv_heads, 1),
+                block_dim: (hd / 2, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = func.builder();
+            b.arg(&qkv_v)
+                .arg(&stride)
+                .arg(&cos_v)
+                .arg(&sin_v)
+                .arg(&self.positions)
+                .arg(&self.slots)
+                .arg(&heads)
+                .arg(&kv_heads)
+                .arg(&hd)
+                .arg(&bs)
+                .arg(&inter)
+                .arg(&mut q)
+                .arg(k)
+                .arg(v);
+            // SAFETY: the arguments match `cited_llama_rope_kv`; qkv holds `tokens` rows of
+            // `stride` floats; each slot was checked against its table in `new`, whose blocks
+            // are below the cache's block count (checked by `DecodeRows::new`; the cache holds
+            // at least that many, checked above); every position is a row of the angle tables
+            // (checked above).
+            unsafe { b.launch(cfg) }.map_err(dev_err)?;
+        }
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(q, self.dev.clone()));
+        Ok(Tensor::from_storage(
+            storage,
+            (tokens, g.heads * g.head_dim),
+            BackpropOp::none(),
+            false,
+        ))
+    }
+
+    /// Attention of every token's query heads `q` (tokens, heads * head_dim) over its
+    /// sequence's positions up to its own in the layer's cache `k`, `v`; returns
+    /// (tokens, heads * head_dim).
+    pub fn attend(
+        &mut self,
+        q: &Tensor,
+        k: &CudaSlice<f16>,
+        v: &CudaSlice<f16>,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let g = self.g;
+        let width = g.heads * g.head_dim;
+        if q.dims2()? != (self.tokens, width) {
+            return Err(OpsError::Shape(format!(
+                "queries {:?} for {} tokens of {width}",
+                q.dims(),
+                self.tokens
+            )));
+        }
+        let stream = self.dev.cuda_stream();
+        // SAFETY: the decode kernel (or its merge) writes every output element.
+        let mut out = unsafe { stream.alloc::<f32>(self.tokens * width) }.map_err(dev_err)?;
+        {
+            let (qs, _) = q.storage_and_layout();
+            let qv = f32_view(q, &qs, "queries")?;
+            self.rows.launch(
+                self.variant,
+                &qv,
+                width,
+                &k.slice(..),
+                &v.slice(..),
+                scale,
+                &mut out,
+            )?;
+        }
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, self.dev.clone()));
+        Ok(Tensor::from_storage(
+            storage,
+            (self.tokens, width),
+            BackpropOp::none(),
+            false,
+        ))
+    }
+}
