@@ -1,6 +1,8 @@
 // The fused pieces of a Llama decoder step on the GPU, around the projections' GEMMs: the CUDA
-// twins of the host code in `src/models/llama.rs` (`Llama::rope` and `KvCache::write`, the
-// reference the GPU forward pass is checked against by `gpu-check generate`).
+// twins of the host code in `src/models/llama.rs` (`Llama::rope`, `KvCache::write`, candle's
+// RMSNorm, SiLU and products there: the reference the GPU forward pass is checked against by
+// `gpu-check parity`). Each saves launches and intermediate tensors: a layer runs 3 of these
+// where candle ran 6 operations (norm, add, norm, silu, mul, add).
 //
 // cited_llama_rope_kv: rotary embedding of each token's query and key heads, straight from the
 // QKV projection, and the key and value rows written into the layer's paged cache in one pass.
@@ -54,4 +56,53 @@ extern "C" __global__ void cited_llama_rope_kv(
     __half* dst = (is_k ? k : v) + off;
     dst[a] = __float2half_rn(x0);
     dst[b] = __float2half_rn(x1);
+}
+
+// cited_llama_add_norm: the residual add and the RMSNorm that follows it, in one pass over each
+// row: y = x + delta (written to x_out; with no delta, y = x and x_out is not written), then
+// h = y * rsqrt(mean(y^2) + eps) * w. x, delta, x_out, h: (rows, cols) f32; w: (cols) f32.
+// Grid (rows), NORM_THREADS threads; the row is read back from x_out (or x) for the second pass.
+constexpr unsigned NORM_THREADS = 256;
+
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    cited_llama_add_norm(const float* __restrict__ x, const float* __restrict__ delta,
+                         const float* __restrict__ w, unsigned cols, float eps,
+                         float* __restrict__ x_out, float* __restrict__ h) {
+    __shared__ float warp_sums[NORM_THREADS / 32];
+    const size_t base = (size_t)blockIdx.x * cols;
+    const float* in = x + base;
+    float sum = 0.f;
+    for (unsigned c = threadIdx.x; c < cols; c += NORM_THREADS) {
+        float y = in[c];
+        if (delta != nullptr) {
+            y += delta[base + c];
+            x_out[base + c] = y;
+        }
+        sum += y * y;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (unsigned i = 0; i < NORM_THREADS / 32; i++) total += warp_sums[i];
+    const float inv = rsqrtf(total / (float)cols + eps);
+    // Each thread reads back only the elements it wrote, so no barrier is needed before this.
+    const float* y = delta != nullptr ? x_out + base : in;
+    for (unsigned c = threadIdx.x; c < cols; c += NORM_THREADS) h[base + c] = y[c] * inv * w[c];
+}
+
+// cited_llama_silu_mul: the gated activation of the feed-forward block,
+// act[r][c] = silu(gu[r][c]) * gu[r][ff + c] for gu (rows, 2 ff) holding the gate and up
+// projections side by side; act (rows, ff). A grid-stride loop over rows x ff.
+extern "C" __global__ void cited_llama_silu_mul(const float* __restrict__ gu, unsigned rows,
+                                                unsigned ff, float* __restrict__ act) {
+    const size_t total = (size_t)rows * ff;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / ff, c = i % ff;
+        const float g = gu[r * 2 * ff + c];
+        act[i] = g / (1.f + expf(-g)) * gu[r * 2 * ff + ff + c];
+    }
 }

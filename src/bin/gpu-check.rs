@@ -1059,7 +1059,9 @@ fn decoder_parity(dev: &Device, small: bool) -> Result<bool> {
 /// Time of generating `steps` greedy tokens (no end token) after each of `batch` prompts of
 /// `prompt` random tokens: the prompts prefilled in forward passes of up to `chunk` tokens
 /// (whole prompts), then the batch decoded together, each step's next tokens picked on the
-/// device. Returns (prefill seconds, decode seconds).
+/// device. Returns (prefill seconds, decode seconds, seconds of the decode steps' forward calls
+/// on the host: when these are most of the decode time, launches and host work set the pace,
+/// not the GPU).
 fn generation_time(
     model: &Llama,
     dev: &Device,
@@ -1067,7 +1069,7 @@ fn generation_time(
     prompt: usize,
     steps: usize,
     chunk: usize,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, f64)> {
     let cfg = model.config();
     let mut cache = KvCache::with_tokens(cfg, batch * (prompt + steps + 16));
     let mut rng = Rng(SplitMix64::new(41));
@@ -1092,16 +1094,19 @@ fn generation_time(
     }
     let prefill = started.elapsed().as_secs_f64();
     let started = Instant::now();
+    let mut host = 0f64;
     for i in 0..steps.saturating_sub(1) {
         let mut b = Batch::new();
         for (s, &t) in last.iter().enumerate() {
             b.push(s as u64, &[t], prompt + i);
         }
+        let called = Instant::now();
         let logits = model.forward(&b, &mut cache, LogitsAt::LastOfEach)?;
+        host += called.elapsed().as_secs_f64();
         last = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
     }
     dev.synchronize()?;
-    Ok((prefill, started.elapsed().as_secs_f64()))
+    Ok((prefill, started.elapsed().as_secs_f64(), host))
 }
 
 /// The generator on the GPU at real model shapes: greedy parity with the CPU path, then
@@ -1158,15 +1163,17 @@ fn generate_check(
             // Loads the kernels and warms cuBLAS and the memory pool before timing.
             generation_time(&model, dev, 2, 16, 3, chunk)?;
             for &b in batches {
-                let (prefill, decode) = generation_time(&model, dev, b, prompt, steps, chunk)?;
+                let (prefill, decode, host) =
+                    generation_time(&model, dev, b, prompt, steps, chunk)?;
                 let total = prefill + decode;
                 let out_rate = (b * steps) as f64 / total;
                 let step_ms = decode * 1e3 / steps.saturating_sub(1).max(1) as f64;
                 let roofline = mb * 1e6 / (step_ms * 1e-3) / (peak_tbs * 1e12);
                 println!(
-                    "GENERATE\t{name} dummy {form}\tbatch={b} prompt={prompt} out={steps}\t{out_rate:.1} tok/s\tprefill {:.1} ms, decode {step_ms:.2} ms/step ({:.0} tok/s), weights {mb:.0} MB a step = {:.1}% of {peak_tbs} TB/s",
+                    "GENERATE\t{name} dummy {form}\tbatch={b} prompt={prompt} out={steps}\t{out_rate:.1} tok/s\tprefill {:.1} ms, decode {step_ms:.2} ms/step ({:.0} tok/s; {:.0}% of it in the host's forward calls), weights {mb:.0} MB a step = {:.1}% of {peak_tbs} TB/s",
                     prefill * 1e3,
                     b as f64 / (step_ms * 1e-3),
+                    100.0 * host / decode.max(1e-9),
                     100.0 * roofline
                 );
             }

@@ -902,7 +902,7 @@ impl Llama {
         cache: &mut KvCache,
         at: LogitsAt,
     ) -> Result<Tensor> {
-        use crate::ops::llama_fused::Step;
+        use crate::ops::llama_fused::{add_norm, silu_mul, Step};
         let g = *cache.geometry();
         cache.move_to_device(cuda)?;
         let mut step = {
@@ -922,14 +922,27 @@ impl Llama {
         let scale = 1.0 / (g.head_dim as f32).sqrt();
         let ids = Tensor::new(batch.input_ids(), &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?; // (n, hidden)
+                                                       // The last block's output, added to the residual stream by the next norm's kernel.
+        let mut pending: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let (x1, h) = add_norm(&x, pending.as_ref(), &layer.attn_norm, eps)?;
             let qkv = layer.wqkv.forward(&h)?.contiguous()?;
             let (k, v) = cache.device_layer(li)?;
             let q = step.rope_kv(&qkv, cos, sin, interleaved, k, v)?;
             let o = step.attend(&q, k, v, scale)?;
-            x = self.finish_layer(layer, x, &o)?;
+            let (x2, h) = add_norm(&x1, Some(&layer.wo.forward(&o)?), &layer.ffn_norm, eps)?;
+            let act = silu_mul(&layer.w_gate_up.forward(&h)?.contiguous()?)?;
+            pending = Some(layer.w_down.forward(&act)?);
+            x = x2;
         }
-        self.logits(x, batch, at)
+        let (_, h) = add_norm(&x, pending.as_ref(), &self.norm, eps)?;
+        let h = match at {
+            LogitsAt::All => h,
+            LogitsAt::LastOfEach => {
+                let last = Tensor::new(batch.last_token_indices(), &self.device)?;
+                h.index_select(&last, 0)?
+            }
+        };
+        self.lm_head.forward(&h)
     }
 }

@@ -1,6 +1,7 @@
 //! A Llama decoder's forward pass on the GPU, between the projections' GEMMs: the rotary
-//! embedding with the K/V write into the paged cache (`kernels/llama.cu`), and attention of
-//! every token of the batch through the paged decode kernel (`kernels/paged_attention.cu`).
+//! embedding with the K/V write into the paged cache, each residual add with the RMSNorm after
+//! it, the gated activation (`kernels/llama.cu`), and attention of every token of the batch
+//! through the paged decode kernel (`kernels/paged_attention.cu`).
 //! [`crate::models::llama::Llama`] uses them on CUDA; its host path (rope, `KvCache::write`,
 //! [`super::paged_attention::paged_attention`]) is the reference they are checked against.
 //!
@@ -17,12 +18,123 @@ use half::f16;
 
 use super::paged_attention::gpu::{check_geometry, DecodeRows, Variant, DEFAULT_VARIANT};
 use super::paged_attention::PagedGeometry;
-use super::{dev_err, Result};
+use super::{cuda_device, dev_err, Result};
 use crate::error::OpsError;
 
 /// The PTX of `kernels/llama.cu`, compiled by build.rs.
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llama.ptx"));
 const MODULE: &str = "cited_llama";
+/// Threads of the add + norm kernel, as in the kernel.
+const NORM_THREADS: u32 = 256;
+
+/// Wraps a device buffer of `shape` as a tensor.
+fn wrap(dev: &CudaDevice, out: CudaSlice<f32>, shape: (usize, usize)) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+/// `y = x + delta` (just `x` without a delta) and its RMSNorm `y * rsqrt(mean(y^2) + eps) * w`,
+/// in one pass: `x`, `delta` (rows, cols) f32, `w` (cols) f32. Returns (y, norm).
+pub fn add_norm(
+    x: &Tensor,
+    delta: Option<&Tensor>,
+    w: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let (rows, cols) = x.dims2()?;
+    if delta.is_some_and(|d| d.dims() != x.dims()) || w.dims() != [cols] || rows == 0 {
+        return Err(OpsError::Shape(format!(
+            "add + norm of {:?} and {:?} with weights {:?}",
+            x.dims(),
+            delta.map(|d| d.dims().to_vec()),
+            w.dims()
+        )));
+    }
+    let dev = cuda_device(x, "tensor")?;
+    let func = dev.get_or_load_custom_func("cited_llama_add_norm", MODULE, PTX)?;
+    let stream = dev.cuda_stream();
+    // SAFETY (both): the kernel writes every element of `h`, and of `y` when there is a delta
+    // (without one, `y` is `x` and the buffer is never allocated).
+    let mut h = unsafe { stream.alloc::<f32>(rows * cols) }.map_err(dev_err)?;
+    let mut y = match delta {
+        Some(_) => Some(unsafe { stream.alloc::<f32>(rows * cols) }.map_err(dev_err)?),
+        None => None,
+    };
+    {
+        let (xs, _) = x.storage_and_layout();
+        let (ws, _) = w.storage_and_layout();
+        let xv = f32_view(x, &xs, "x")?;
+        let wv = f32_view(w, &ws, "norm weights")?;
+        let ds = delta.map(|d| d.storage_and_layout());
+        let dv = match (delta, &ds) {
+            (Some(d), Some((s, _))) => Some(f32_view(d, s, "residual")?),
+            _ => None,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (NORM_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let cols32 = cols as u32;
+        // A null pointer stands for "no delta" and "no x_out".
+        let null = 0u64;
+        let mut b = func.builder();
+        b.arg(&xv);
+        match &dv {
+            Some(dv) => b.arg(dv),
+            None => b.arg(&null),
+        };
+        b.arg(&wv).arg(&cols32).arg(&eps);
+        match &mut y {
+            Some(y) => b.arg(y),
+            None => b.arg(&null),
+        };
+        b.arg(&mut h);
+        // SAFETY: the arguments match `cited_llama_add_norm`: x, delta and y of rows x cols
+        // (delta and y both present or both null), w of cols, h of rows x cols.
+        unsafe { b.launch(cfg) }.map_err(dev_err)?;
+    }
+    let y = match y {
+        Some(y) => wrap(&dev, y, (rows, cols)),
+        None => x.clone(),
+    };
+    Ok((y, wrap(&dev, h, (rows, cols))))
+}
+
+/// The gated activation `silu(gate) * up` of `gu` (rows, 2 ff), the gate and up projections
+/// side by side; returns (rows, ff).
+pub fn silu_mul(gu: &Tensor) -> Result<Tensor> {
+    let (rows, width) = gu.dims2()?;
+    if width % 2 != 0 || rows == 0 {
+        return Err(OpsError::Shape(format!(
+            "gated activation of {:?}",
+            gu.dims()
+        )));
+    }
+    let ff = width / 2;
+    let dev = cuda_device(gu, "tensor")?;
+    let func = dev.get_or_load_custom_func("cited_llama_silu_mul", MODULE, PTX)?;
+    let stream = dev.cuda_stream();
+    // SAFETY: the grid-stride loop writes every element.
+    let mut act = unsafe { stream.alloc::<f32>(rows * ff) }.map_err(dev_err)?;
+    {
+        let (gs, _) = gu.storage_and_layout();
+        let gv = f32_view(gu, &gs, "gate and up")?;
+        let total = (rows * ff) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(256).min(65_535), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows32, ff32) = (rows as u32, ff as u32);
+        let mut b = func.builder();
+        b.arg(&gv).arg(&rows32).arg(&ff32).arg(&mut act);
+        // SAFETY: the arguments match `cited_llama_silu_mul`: gu of rows x 2 ff, act of
+        // rows x ff.
+        unsafe { b.launch(cfg) }.map_err(dev_err)?;
+    }
+    Ok(wrap(&dev, act, (rows, ff)))
+}
 
 /// Whether the GPU forward pass takes this geometry (else the host path runs attention).
 pub fn supports(g: &PagedGeometry) -> bool {
@@ -192,13 +304,7 @@ impl Step {
             // (checked above).
             unsafe { b.launch(cfg) }.map_err(dev_err)?;
         }
-        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(q, self.dev.clone()));
-        Ok(Tensor::from_storage(
-            storage,
-            (tokens, g.heads * g.head_dim),
-            BackpropOp::none(),
-            false,
-        ))
+        Ok(wrap(&self.dev, q, (tokens, g.heads * g.head_dim)))
     }
 
     /// Attention of every token's query heads `q` (tokens, heads * head_dim) over its
@@ -236,12 +342,6 @@ impl Step {
                 &mut out,
             )?;
         }
-        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, self.dev.clone()));
-        Ok(Tensor::from_storage(
-            storage,
-            (self.tokens, width),
-            BackpropOp::none(),
-            false,
-        ))
+        Ok(wrap(&self.dev, out, (self.tokens, width)))
     }
 }
