@@ -10,7 +10,7 @@
 // INTERFACE (launched by src/ops/similarity.rs; launch table in src/ops/similarity_variants.rs)
 //   Two phases.
 //   1. similarity_partial_<variant>(queries, corpus, n, d, nq, k, rows_per_part,
-//                                   part_scores, part_ids)
+//                                   part_scores, part_ids, seed, seed_stride)
 //      grid (parts, ceil(nq / queries_per_block)), parts = ceil(n / rows_per_part);
 //      block (threads); dynamic shared memory smem_bytes(k, d) from the table.
 //      Part p is the corpus rows [p * rows_per_part, min(n, (p + 1) * rows_per_part)).
@@ -103,6 +103,19 @@
 //   part with different query groups; blocks running together then read the same rows, and the
 //   second and later reads come from L2.
 //
+// SEEDED THRESHOLDS
+//   The partial kernels take an optional seed (null: none): seed[q * seed_stride] is a lower
+//   bound of query q's k-th best score, found by a first search over a prefix of the corpus of
+//   at least k rows (the k-th best of a subset is never above the k-th best of the whole). Each
+//   block then starts its sorted lists filled with the key (seed, id 0xFFFFFFFF) instead of
+//   padding, so its threshold is the seed from the first row: a part whose rows all score
+//   below it offers nothing and never folds, where without a seed every part fills its list
+//   with its own k best first (the warm-up that dominated small parts at k = 100). The result
+//   is exact: every row of the true top k scores at least the seed and has an id below
+//   0xFFFFFFFF, so its key beats the seed's key, and at least k such rows exist (the prefix's
+//   own top k), so no seed entry reaches the merged top k. The host launches the prefix search
+//   and points `seed` at its merged scores (at k - 1, stride k), all on the device.
+//
 // MERGE
 //   One block per query. A radix select over the 64-bit keys, one byte per pass from the top,
 //   finds the k-th best key: each pass histograms (shared atomics, aggregated per warp with
@@ -153,6 +166,10 @@
 //   mmaq64 at nq = 256, n = 1e7 is ~140 TFLOP/s: better, still far from the ~3 ms floor. At
 //   n = 1e6 and k = 100 the running top-k (warm-up folds on short parts) dominates: the next
 //   thing to attack, with wgmma (sm_90a) for the products.
+//   v3: seeded thresholds (SEEDED THRESHOLDS above), an option of every variant
+//   (`Search::with_seed`); the warm-up it removes is what v2 left slowest at n = 1e6, k = 100.
+//   Not yet run on a GPU: parity (with exact ties at the seed), memcheck and the sweep's
+//   `+seed` rows will say whether it becomes the default.
 
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -271,14 +288,33 @@ __device__ void bitonic_merge_desc(key64* base, unsigned astride, unsigned narr,
 // [k2, k2 + BUF) the candidate buffer. thr[a] = keys of region a at k - 1; cnt[a] = buffer fill.
 // ---------------------------------------------------------------------------------------------
 
-// Sets every key to padding, thresholds to padding and counts to 0. No barrier.
-template <int QB, int BUF>
-__device__ void topk_init(key64* keys, key64* thr, unsigned* cnt, unsigned k2)
+// The starting threshold of query q (of nq): with a seed (a lower bound of the query's k-th
+// best score, see SEEDED THRESHOLDS in the header), the key of that score with the reserved
+// id, which every real row scoring at least as much beats; else padding.
+__device__ __forceinline__ key64 seed_key(const float* __restrict__ seed, unsigned seed_stride,
+                                          unsigned q, unsigned nq)
 {
-    const unsigned total = QB * (k2 + BUF);
-    for (unsigned t = threadIdx.x; t < total; t += blockDim.x) keys[t] = PAD_KEY;
+    if (seed == nullptr || q >= nq) return PAD_KEY;
+    const float s = seed[static_cast<size_t>(q) * seed_stride];
+    return isnan(s) ? PAD_KEY : make_key(s, 0xFFFFFFFFu);
+}
+
+// Sets every sorted list to the query's starting key (padding without a seed), buffers to
+// padding, thresholds to the starting key and counts to 0. Query region a is query q0 + a.
+// No barrier.
+template <int QB, int BUF>
+__device__ void topk_init(key64* keys, key64* thr, unsigned* cnt, unsigned k2,
+                          const float* __restrict__ seed, unsigned seed_stride, unsigned q0,
+                          unsigned nq)
+{
+    const unsigned stride = k2 + BUF;
+    const unsigned total = QB * stride;
+    for (unsigned t = threadIdx.x; t < total; t += blockDim.x) {
+        const unsigned a = t / stride;
+        keys[t] = (t - a * stride < k2) ? seed_key(seed, seed_stride, q0 + a, nq) : PAD_KEY;
+    }
     for (unsigned t = threadIdx.x; t < QB; t += blockDim.x) {
-        thr[t] = PAD_KEY;
+        thr[t] = seed_key(seed, seed_stride, q0 + t, nq);
         cnt[t] = 0;
     }
 }
@@ -374,7 +410,9 @@ __device__ __forceinline__ void partial_rows(const __half* __restrict__ queries,
                                              unsigned d, unsigned nq, unsigned k,
                                              unsigned rows_per_part,
                                              float* __restrict__ part_scores,
-                                             unsigned* __restrict__ part_ids)
+                                             unsigned* __restrict__ part_ids,
+                                             const float* __restrict__ seed,
+                                             unsigned seed_stride)
 {
     constexpr unsigned NT = PARTIAL_THREADS;
     constexpr unsigned GROUPS = NT / 8;      // 8-lane groups per block
@@ -410,7 +448,7 @@ __device__ __forceinline__ void partial_rows(const __half* __restrict__ queries,
         const unsigned c = t - a * C;
         qs[t] = (a < nqb) ? __ldg(q4 + static_cast<size_t>(q0 + a) * C + c) : zero4;
     }
-    topk_init<QB, BUF>(keys, s_thr, s_cnt, k2);
+    topk_init<QB, BUF>(keys, s_thr, s_cnt, k2, seed, seed_stride, q0, nq);
     __syncthreads();
 
     const unsigned lg = threadIdx.x & 7u;     // lane within the group
@@ -556,7 +594,9 @@ __device__ __forceinline__ void partial_mma(const __half* __restrict__ queries,
                                             unsigned d, unsigned nq, unsigned k,
                                             unsigned rows_per_part,
                                             float* __restrict__ part_scores,
-                                            unsigned* __restrict__ part_ids)
+                                            unsigned* __restrict__ part_ids,
+                                             const float* __restrict__ seed,
+                                             unsigned seed_stride)
 {
     using namespace nvcuda;
     using namespace mmacfg;
@@ -591,7 +631,7 @@ __device__ __forceinline__ void partial_mma(const __half* __restrict__ queries,
     const uint4* q4 = reinterpret_cast<const uint4*>(queries);
     const uint4* c4 = reinterpret_cast<const uint4*>(corpus);
 
-    topk_init<Q, BUF>(keys, s_thr, s_cnt, k2);
+    topk_init<Q, BUF>(keys, s_thr, s_cnt, k2, seed, seed_stride, q0, nq);
     __syncthreads();
 
     const unsigned warp = threadIdx.x >> 5;
@@ -831,7 +871,9 @@ __device__ __forceinline__ void partial_pipe(const __half* __restrict__ queries,
                                              unsigned d, unsigned nq, unsigned k,
                                              unsigned rows_per_part,
                                              float* __restrict__ part_scores,
-                                             unsigned* __restrict__ part_ids)
+                                             unsigned* __restrict__ part_ids,
+                                             const float* __restrict__ seed,
+                                             unsigned seed_stride)
 {
     using namespace nvcuda;
     using namespace pipecfg;
@@ -956,8 +998,9 @@ __device__ __forceinline__ void partial_pipe(const __half* __restrict__ queries,
             lay[e >> 2] |= (static_cast<unsigned>(lf.x[e]) & 0xffu) << ((e & 3u) * 8u);
         __syncthreads();
     }
-    topk_init<Q, BUF>(keys, s_thr, s_cnt, k2);
-    for (unsigned t = threadIdx.x; t < Q; t += NT) s_thrf[t] = -INFINITY;
+    topk_init<Q, BUF>(keys, s_thr, s_cnt, k2, seed, seed_stride, q0, nq);
+    for (unsigned t = threadIdx.x; t < Q; t += NT)
+        s_thrf[t] = key_score(seed_key(seed, seed_stride, q0 + t, nq));
     __syncthreads();
 
     // Bit (mi * 2 + j) * NE + e of a mask stands for element e of accumulator acc[mi][j].
@@ -1088,44 +1131,49 @@ __device__ __forceinline__ void partial_pipe(const __half* __restrict__ queries,
 #define SIMILARITY_PARTIAL_ARGS                                                                \
     const __half *__restrict__ queries, const __half *__restrict__ corpus, unsigned int n,     \
         unsigned int d, unsigned int nq, unsigned int k, unsigned int rows_per_part,           \
-        float *__restrict__ part_scores, unsigned int *__restrict__ part_ids
+        float *__restrict__ part_scores, unsigned int *__restrict__ part_ids,                   \
+        const float *__restrict__ seed, unsigned int seed_stride
 
 extern "C" __global__ void __launch_bounds__(PARTIAL_THREADS, 4)
     similarity_partial_warp(SIMILARITY_PARTIAL_ARGS)
 {
-    partial_rows<1, 4, 512>(queries, corpus, n, d, nq, k, rows_per_part, part_scores, part_ids);
+    partial_rows<1, 4, 512>(queries, corpus, n, d, nq, k, rows_per_part, part_scores, part_ids,
+                            seed, seed_stride);
 }
 
 extern "C" __global__ void __launch_bounds__(PARTIAL_THREADS, 3)
     similarity_partial_q8(SIMILARITY_PARTIAL_ARGS)
 {
-    partial_rows<8, 2, 128>(queries, corpus, n, d, nq, k, rows_per_part, part_scores, part_ids);
+    partial_rows<8, 2, 128>(queries, corpus, n, d, nq, k, rows_per_part, part_scores, part_ids,
+                            seed, seed_stride);
 }
 
 extern "C" __global__ void __launch_bounds__(PARTIAL_THREADS, 2)
     similarity_partial_mma(SIMILARITY_PARTIAL_ARGS)
 {
-    partial_mma<32>(queries, corpus, n, d, nq, k, rows_per_part, part_scores, part_ids);
+    partial_mma<32>(queries, corpus, n, d, nq, k, rows_per_part, part_scores, part_ids,
+                    seed, seed_stride);
 }
 
 extern "C" __global__ void __launch_bounds__(PARTIAL_THREADS, 1)
     similarity_partial_mma64(SIMILARITY_PARTIAL_ARGS)
 {
-    partial_mma<64>(queries, corpus, n, d, nq, k, rows_per_part, part_scores, part_ids);
+    partial_mma<64>(queries, corpus, n, d, nq, k, rows_per_part, part_scores, part_ids,
+                    seed, seed_stride);
 }
 
 extern "C" __global__ void __launch_bounds__(PARTIAL_THREADS, 1)
     similarity_partial_mmaq32(SIMILARITY_PARTIAL_ARGS)
 {
-    partial_pipe<32, 256, 1024>(queries, corpus, n, d, nq, k, rows_per_part, part_scores,
-                                part_ids);
+    partial_pipe<32, 256, 1024>(queries, corpus, n, d, nq, k, rows_per_part, part_scores, part_ids,
+                                seed, seed_stride);
 }
 
 extern "C" __global__ void __launch_bounds__(PARTIAL_THREADS, 1)
     similarity_partial_mmaq64(SIMILARITY_PARTIAL_ARGS)
 {
-    partial_pipe<64, 128, 512>(queries, corpus, n, d, nq, k, rows_per_part, part_scores,
-                               part_ids);
+    partial_pipe<64, 128, 512>(queries, corpus, n, d, nq, k, rows_per_part, part_scores, part_ids,
+                               seed, seed_stride);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ use cited::ops::sampling::gpu::{Row, Step, Variant as SampleVariant};
 use cited::ops::sampling::{
     apply_penalties, argmax, draw, kept_tokens, PenaltyEntry, SamplingParams,
 };
-use cited::ops::similarity::gpu::Search;
+use cited::ops::similarity::gpu::{default_seed_rows, Search};
 use cited::ops::similarity::{compare_hits, topk_cpu};
 use cited::ops::similarity_variants::{Variant, VARIANTS};
 use cited::ops::{bert_fused, keep_freed_memory};
@@ -188,9 +188,20 @@ fn similarity_case(
     rng: &mut Rng,
     (nq, n, d, k): (usize, usize, usize, usize),
     rows_per_part: Option<u32>,
+    distinct: Option<usize>,
 ) -> Result<bool> {
     let q = rng.halves(nq * d);
-    let c = rng.halves(n * d);
+    // With `distinct`, the corpus repeats that many random rows: every score occurs many times,
+    // so ties decide the k-th place (by lower id) and can sit exactly at a seeded threshold.
+    let c = match distinct {
+        Some(m) => {
+            let block = rng.halves(m * d);
+            (0..n)
+                .flat_map(|r| block[(r % m) * d..(r % m + 1) * d].iter().copied())
+                .collect()
+        }
+        None => rng.halves(n * d),
+    };
     let want = topk_cpu(&to_f32(&q), &c, d, k)?;
     let qt = Tensor::from_vec(q, (nq, d), dev)?;
     let ct = Tensor::from_vec(c, (n, d), dev)?;
@@ -201,26 +212,42 @@ fn similarity_case(
         .iter()
         .filter(|v| k as u32 <= v.max_k && d as u32 <= v.max_d)
     {
-        let run = || -> Result<(u32, std::result::Result<(), String>)> {
-            let mut s = Search::new(&qt, &ct, k, Some(v), rows_per_part)?;
-            s.poison()?;
-            s.launch()?;
-            let got = s.read()?;
-            Ok((s.rows_per_part(), compare_hits(&got, &want, tol)))
-        };
-        let (rpp, verdict) = match run() {
-            Ok((rpp, verdict)) => (rpp.to_string(), verdict),
-            Err(e) => ("?".to_string(), Err(format!("error {e}"))),
-        };
-        all_ok &= verdict.is_ok();
-        println!(
-            "PARITY\tsimilarity\t{}\tnq={nq} n={n} d={d} k={k} rows_per_part={rpp}\t{}",
-            v.name,
-            match &verdict {
-                Ok(()) => "ok".to_string(),
-                Err(e) => format!("FAIL {e}"),
-            }
-        );
+        // Unseeded, then seeded where the corpus has room for a prefix.
+        let seeded = [false, true]
+            .into_iter()
+            .filter(|&s| !s || (k..n).contains(&default_seed_rows(n, k)));
+        for seed in seeded {
+            let run = || -> Result<(u32, std::result::Result<(), String>)> {
+                let mut s = Search::new(&qt, &ct, k, Some(v), rows_per_part)?;
+                if seed {
+                    s = s.with_seed(None)?;
+                }
+                s.poison()?;
+                s.launch()?;
+                let got = s.read()?;
+                // A seed entry (id 0xFFFFFFFF) or padding must never reach the results.
+                let verdict = match got.iter().flatten().find(|h| h.id as usize >= n) {
+                    Some(h) => Err(format!("id {} past the corpus", h.id)),
+                    None => compare_hits(&got, &want, tol),
+                };
+                Ok((s.rows_per_part(), verdict))
+            };
+            let (rpp, verdict) = match run() {
+                Ok((rpp, verdict)) => (rpp.to_string(), verdict),
+                Err(e) => ("?".to_string(), Err(format!("error {e}"))),
+            };
+            all_ok &= verdict.is_ok();
+            println!(
+                "PARITY\tsimilarity\t{}{}\tnq={nq} n={n} d={d} k={k} rows_per_part={rpp}{}\t{}",
+                v.name,
+                if seed { "+seed" } else { "" },
+                distinct.map_or(String::new(), |m| format!(" ({m} distinct rows)")),
+                match &verdict {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => format!("FAIL {e}"),
+                }
+            );
+        }
     }
     Ok(all_ok)
 }
@@ -229,11 +256,16 @@ fn similarity_parity(dev: &Device, cases: &[(usize, usize, usize, usize)]) -> Re
     let mut rng = Rng(SplitMix64::new(20261127));
     let mut ok = true;
     for &case in cases {
-        ok &= similarity_case(dev, &mut rng, case, None)?;
+        ok &= similarity_case(dev, &mut rng, case, None, None)?;
     }
     // Many small parts: the merge sees parts * k candidates far beyond shared memory.
-    ok &= similarity_case(dev, &mut rng, (5, 40_000, 64, 100), Some(37))?;
-    ok &= similarity_case(dev, &mut rng, (2, 9_999, 384, 256), Some(100))?;
+    ok &= similarity_case(dev, &mut rng, (5, 40_000, 64, 100), Some(37), None)?;
+    ok &= similarity_case(dev, &mut rng, (2, 9_999, 384, 256), Some(100), None)?;
+    // Ties. Two rows repeated 1,500 times: the seed prefix (1,024 rows) has the same k-th best
+    // score as the whole corpus, so rows scoring exactly the seed must still get in, lowest
+    // ids first. Then 50 rows repeated 60 times.
+    ok &= similarity_case(dev, &mut rng, (3, 3_000, 64, 64), None, Some(2))?;
+    ok &= similarity_case(dev, &mut rng, (33, 3_000, 128, 10), None, Some(50))?;
     Ok(ok)
 }
 
@@ -550,25 +582,31 @@ fn sweep(
                     } else {
                         &[("1x", rpp)]
                     };
-                    for &(label, rows) in options {
-                        let timed = if label == "1x" {
+                    // The default part size is also timed with seeded thresholds.
+                    let runs = options
+                        .iter()
+                        .map(|&(label, rows)| (label, rows, false))
+                        .chain(std::iter::once(("1x", rpp, true)));
+                    for (label, rows, seeded) in runs {
+                        let name = format!("{}{}", v.name, if seeded { "+seed" } else { "" });
+                        let timed = if label == "1x" && !seeded {
                             time_search(&mut base)
                         } else {
                             Search::new(&queries, &corpus, k, Some(v), Some(rows))
+                                .and_then(|s| if seeded { s.with_seed(None) } else { Ok(s) })
                                 .map_err(anyhow::Error::from)
                                 .and_then(|mut s| time_search(&mut s))
                         };
                         let ms = match timed {
                             Ok(ms) => ms,
                             Err(e) => {
-                                println!("SWEEP\tn={n}\tnq={nq}\tk={k}\t{}\tERROR {e}", v.name);
+                                println!("SWEEP\tn={n}\tnq={nq}\tk={k}\t{name}\tERROR {e}");
                                 continue;
                             }
                         };
                         let tbs = bytes / (ms / 1e3) / 1e12;
                         println!(
-                            "SWEEP\tn={n}\tnq={nq}\tk={k}\t{}\trows_per_part={rows} ({label})\t{ms:.3} ms\t{tbs:.2} TB/s\t{:.0}% of {peak_tbs} TB/s",
-                            v.name,
+                            "SWEEP\tn={n}\tnq={nq}\tk={k}\t{name}\trows_per_part={rows} ({label})\t{ms:.3} ms\t{tbs:.2} TB/s\t{:.0}% of {peak_tbs} TB/s",
                             100.0 * tbs / peak_tbs
                         );
                     }

@@ -373,6 +373,14 @@ pub mod gpu {
         part_ids: CudaSlice<u32>,
         out_scores: CudaSlice<f32>,
         out_ids: CudaSlice<u32>,
+        /// The search over a prefix of the corpus whose k-th best scores seed the thresholds
+        /// (kernels/similarity.cu, SEEDED THRESHOLDS).
+        seed: Option<Box<Search>>,
+    }
+
+    /// The prefix a seeded search scores first: at least 16 k rows and 1/64 of the corpus.
+    pub fn default_seed_rows(n: usize, k: usize) -> usize {
+        (16 * k).max(n / 64).min(n)
     }
 
     impl Search {
@@ -437,7 +445,36 @@ pub mod gpu {
                 variant,
                 rows_per_part,
                 parts: parts as u32,
+                seed: None,
             })
+        }
+
+        /// Seeds the thresholds with a first search over the corpus's first `rows` rows
+        /// (default [`default_seed_rows`]; at least k, fewer than the corpus), with the
+        /// default variant and part size for that prefix. The results are the same; a part
+        /// whose rows all score below the prefix's k-th best then offers no candidate.
+        pub fn with_seed(mut self, rows: Option<usize>) -> Result<Self> {
+            let (n, k) = (self.n as usize, self.k as usize);
+            let rows = rows.unwrap_or_else(|| default_seed_rows(n, k));
+            if rows < k || rows >= n {
+                return Err(OpsError::Shape(format!(
+                    "a seed prefix of {rows} rows for k {k} and {n} rows (needs k <= rows < n)"
+                )));
+            }
+            let prefix = self.corpus.narrow(0, 0, rows)?;
+            self.seed = Some(Box::new(Search::new(
+                &self.queries,
+                &prefix,
+                k,
+                None,
+                None,
+            )?));
+            Ok(self)
+        }
+
+        /// Rows of the seeding prefix, if seeded.
+        pub fn seed_rows(&self) -> Option<usize> {
+            self.seed.as_ref().map(|s| s.n as usize)
         }
 
         pub fn variant(&self) -> &'static Variant {
@@ -469,8 +506,12 @@ pub mod gpu {
             Ok(())
         }
 
-        /// Enqueues the partial and merge kernels on the device's stream (no synchronisation).
+        /// Enqueues the partial and merge kernels on the device's stream (no synchronisation),
+        /// after the seeding search when there is one.
         pub fn launch(&mut self) -> Result<()> {
+            if let Some(seed) = self.seed.as_mut() {
+                seed.launch()?;
+            }
             let v = self.variant;
             let partial = self.dev.get_or_load_custom_func(v.kernel, MODULE, PTX)?;
             let smem = (v.smem_bytes)(self.k, self.d);
@@ -493,6 +534,13 @@ pub mod gpu {
                 block_dim: (v.threads, 1, 1),
                 shared_mem_bytes: smem,
             };
+            // The seed: the prefix's merged scores from its k-th entry on, one per query k
+            // apart; a null pointer without one.
+            let null = 0u64;
+            let seed_view = self
+                .seed
+                .as_ref()
+                .map(|s| s.out_scores.slice(self.k as usize - 1..));
             let mut b = partial.builder();
             b.arg(&q)
                 .arg(&c)
@@ -503,8 +551,14 @@ pub mod gpu {
                 .arg(&self.rows_per_part)
                 .arg(&mut self.part_scores)
                 .arg(&mut self.part_ids);
+            match &seed_view {
+                Some(view) => b.arg(view),
+                None => b.arg(&null),
+            };
+            b.arg(&self.k);
             // SAFETY: the argument list matches the kernel's signature (kernels/similarity.cu),
-            // the buffers hold (nq, parts, k) entries, and the inputs were checked above.
+            // the buffers hold (nq, parts, k) entries, and the inputs were checked above; the
+            // seed (same queries, same k) holds nq * k scores, read at q * k + k - 1.
             unsafe { b.launch(cfg) }.map_err(dev_err)?;
 
             let merge = self
