@@ -213,42 +213,80 @@ impl RagArgs {
     }
 }
 
-/// Engine limits (serve and ask).
-#[derive(Debug, Clone, clap::Args)]
+/// Engine limits (serve and ask). Unset, each takes the default of the device it runs on:
+/// the CPU's, sized for a few answers at a time, or a GPU's, sized to keep one busy.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct EngineArgs {
-    /// Tokens in one forward pass: a decode token per running answer, then prompt chunks.
-    #[arg(long, env = "CITED_MAX_BATCH_TOKENS", default_value_t = 256)]
-    pub max_batch_tokens: usize,
-    /// Answers generated together.
-    #[arg(long, env = "CITED_MAX_RUNNING", default_value_t = 16)]
-    pub max_running: usize,
-    /// Answers allowed to wait for a slot; beyond it the API answers 429 with Retry-After.
-    #[arg(long, env = "CITED_MAX_WAITING", default_value_t = 64)]
-    pub max_waiting: usize,
+    /// Tokens in one forward pass: a decode token per running answer, then prompt chunks
+    /// [default: 256 on the CPU, 8192 on a GPU].
+    #[arg(long, env = "CITED_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<usize>,
+    /// Answers generated together [default: 16 on the CPU, 256 on a GPU].
+    #[arg(long, env = "CITED_MAX_RUNNING")]
+    pub max_running: Option<usize>,
+    /// Answers allowed to wait for a slot; beyond it the API answers 429 with Retry-After
+    /// [default: 64 on the CPU, 1024 on a GPU].
+    #[arg(long, env = "CITED_MAX_WAITING")]
+    pub max_waiting: Option<usize>,
     /// Memory for the paged KV cache (all layers, f16), in MiB. It bounds how many answer
-    /// tokens are held at once; a request that needs more than all of it is refused.
-    #[arg(long, env = "CITED_KV_CACHE_MEMORY", default_value_t = 512)]
-    pub kv_cache_memory: usize,
-    /// Token positions per KV cache block (the unit of allocation and of prefix reuse).
+    /// tokens are held at once; a request that needs more than all of it is refused
+    /// [default: 512 on the CPU, 8192 on a GPU].
+    #[arg(long, env = "CITED_KV_CACHE_MEMORY")]
+    pub kv_cache_memory: Option<usize>,
+    /// Token positions per KV cache block (the unit of allocation and of prefix reuse; a power
+    /// of two on a GPU, whose attention kernel finds pages by shift and mask).
     #[arg(long, env = "CITED_KV_BLOCK_SIZE", default_value_t = 16)]
     pub kv_block_size: usize,
 }
 
+/// The engine limits a device gets where the flags leave them unset.
+struct EngineDefaults {
+    max_batch_tokens: usize,
+    max_running: usize,
+    max_waiting: usize,
+    kv_cache_memory: usize,
+}
+
+const CPU_ENGINE: EngineDefaults = EngineDefaults {
+    max_batch_tokens: 256,
+    max_running: 16,
+    max_waiting: 64,
+    kv_cache_memory: 512,
+};
+
+/// A GPU runs hundreds of answers in one step at little more cost than one; 8 GiB of K/V holds
+/// 256 answers of 1,400 tokens even for Llama-3.2-1B (32 KiB a position).
+const GPU_ENGINE: EngineDefaults = EngineDefaults {
+    max_batch_tokens: 8192,
+    max_running: 256,
+    max_waiting: 1024,
+    kv_cache_memory: 8192,
+};
+
 impl EngineArgs {
-    pub fn to_config(&self) -> Result<crate::engine::worker::EngineConfig, ConfigError> {
-        if self.max_batch_tokens == 0 {
+    /// The engine's limits on a GPU (`gpu`) or the CPU.
+    pub fn to_config(
+        &self,
+        gpu: bool,
+    ) -> Result<crate::engine::worker::EngineConfig, ConfigError> {
+        let d = if gpu { &GPU_ENGINE } else { &CPU_ENGINE };
+        let max_batch_tokens = self.max_batch_tokens.unwrap_or(d.max_batch_tokens);
+        let max_running = self.max_running.unwrap_or(d.max_running);
+        let max_waiting = self.max_waiting.unwrap_or(d.max_waiting);
+        let kv_cache_memory = self.kv_cache_memory.unwrap_or(d.kv_cache_memory);
+        if max_batch_tokens == 0 {
             return Err(ConfigError::BadValue(
                 "max-batch-tokens",
                 "at least 1".into(),
             ));
         }
-        if self.max_running == 0 {
+        if max_running == 0 {
             return Err(ConfigError::BadValue("max-running", "at least 1".into()));
         }
-        if self.max_waiting == 0 {
+        if max_waiting == 0 {
             return Err(ConfigError::BadValue("max-waiting", "at least 1".into()));
         }
-        if self.kv_cache_memory == 0 {
+        if kv_cache_memory == 0 {
             return Err(ConfigError::BadValue(
                 "kv-cache-memory",
                 "at least 1 (MiB)".into(),
@@ -257,13 +295,19 @@ impl EngineArgs {
         if !(1..=1024).contains(&self.kv_block_size) {
             return Err(ConfigError::BadValue("kv-block-size", "1 to 1024".into()));
         }
+        if gpu && !self.kv_block_size.is_power_of_two() {
+            return Err(ConfigError::BadValue(
+                "kv-block-size",
+                "a power of two on a GPU (1, 2, 4, ..., 1024)".into(),
+            ));
+        }
         Ok(crate::engine::worker::EngineConfig {
             scheduler: crate::engine::scheduler::SchedulerConfig {
-                max_running: self.max_running,
-                max_batch_tokens: self.max_batch_tokens,
+                max_running,
+                max_batch_tokens,
             },
-            max_waiting: self.max_waiting,
-            kv_cache_bytes: self.kv_cache_memory << 20,
+            max_waiting,
+            kv_cache_bytes: kv_cache_memory << 20,
             block_size: self.kv_block_size,
         })
     }
@@ -575,6 +619,46 @@ mod tests {
     fn cuda_without_the_feature_is_a_clear_error() {
         let err = DeviceSpec::Cuda(0).open().unwrap_err();
         assert!(err.to_string().contains("without the `cuda` feature"));
+    }
+
+    #[test]
+    fn engine_defaults_follow_the_device_and_flags_override_them() {
+        let unset = EngineArgs {
+            kv_block_size: 16,
+            ..Default::default()
+        };
+        let cpu = unset.to_config(false).unwrap();
+        assert_eq!(cpu.scheduler.max_running, 16);
+        assert_eq!(cpu.scheduler.max_batch_tokens, 256);
+        assert_eq!(cpu.kv_cache_bytes, 512 << 20);
+        let gpu = unset.to_config(true).unwrap();
+        assert_eq!(gpu.scheduler.max_running, 256);
+        assert_eq!(gpu.scheduler.max_batch_tokens, 8192);
+        assert_eq!(gpu.max_waiting, 1024);
+        assert_eq!(gpu.kv_cache_bytes, 8192 << 20);
+        let set = EngineArgs {
+            max_running: Some(3),
+            kv_cache_memory: Some(64),
+            ..unset.clone()
+        };
+        for gpu in [false, true] {
+            let c = set.to_config(gpu).unwrap();
+            assert_eq!(c.scheduler.max_running, 3);
+            assert_eq!(c.kv_cache_bytes, 64 << 20);
+        }
+        // Pages of 24 positions work on the CPU; the GPU kernel needs a power of two.
+        let odd = EngineArgs {
+            kv_block_size: 24,
+            ..unset.clone()
+        };
+        assert!(odd.to_config(false).is_ok());
+        let err = odd.to_config(true).unwrap_err();
+        assert!(err.to_string().contains("power of two"), "{err}");
+        let zero = EngineArgs {
+            max_running: Some(0),
+            ..unset
+        };
+        assert!(zero.to_config(true).is_err());
     }
 
     #[test]

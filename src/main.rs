@@ -267,7 +267,7 @@ fn main() -> Result<()> {
             admin_token,
         } => {
             let mut service = service_config(&args, rag)?;
-            service.engine = engine.to_config()?;
+            service.engine = engine.to_config(service.device.is_cuda())?;
             service.completions = *completions;
             service.admin_token = admin_token.clone();
             let runtime = tokio::runtime::Builder::new_multi_thread()
