@@ -12,6 +12,8 @@
 #   scripts/gpu-check.sh --decode   # parity, memcheck, then the sampling, attention,
 #                                   # embedding and generator benches with their anchors (no
 #                                   # similarity sweep)
+#   scripts/gpu-check.sh --sweep    # parity, then only the similarity sweep and its anchors
+#                                   # (a second call after --decode)
 #
 # Each step has a time limit (STEP_LIMIT seconds, default 150; the generation steps GEN_LIMIT,
 # default 400) so one hung step cannot spend the whole device call; what it printed stays in
@@ -24,8 +26,9 @@ case "${1:-}" in
     --dry-run) mode=dry ;;
     --quick) mode=quick ;;
     --decode) mode=decode ;;
+    --sweep) mode=sweep ;;
     "") ;;
-    *) echo "usage: $0 [--dry-run|--quick|--decode]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--dry-run|--quick|--decode|--sweep]" >&2; exit 2 ;;
 esac
 out=${OUT:-$root}
 log=$out/gpu-check.log
@@ -112,7 +115,10 @@ case "$gpu" in
 esac
 status=0
 run check parity || status=1
-if command -v compute-sanitizer >/dev/null; then
+if [ "$mode" = sweep ]; then
+    run check sweep --peak-tbs "$peak" || status=1
+    run "$python" scripts/gpu_anchors.py --device cuda --peak-tbs "$peak" --only similarity || status=1
+elif command -v compute-sanitizer >/dev/null; then
     run env LD_LIBRARY_PATH="$cuda_ld" compute-sanitizer --tool memcheck --error-exitcode 9 "$bin" memcheck || status=1
     race_from=$(($(wc -l < "$log") + 1))
     run env LD_LIBRARY_PATH="$cuda_ld" compute-sanitizer --tool racecheck "$bin" memcheck --only embeddings,sampling,paged,decoder || status=1
@@ -131,7 +137,7 @@ fi
 if [ "$mode" = full ]; then
     run check sweep --peak-tbs "$peak" || status=1
 fi
-if [ "$mode" != quick ]; then
+if [ "$mode" = full ] || [ "$mode" = decode ]; then
     run check sampling --peak-tbs "$peak" || status=1
     run check attention --peak-tbs "$peak" || status=1
     run check embed || status=1
