@@ -265,10 +265,7 @@ const GPU_ENGINE: EngineDefaults = EngineDefaults {
 
 impl EngineArgs {
     /// The engine's limits on a GPU (`gpu`) or the CPU.
-    pub fn to_config(
-        &self,
-        gpu: bool,
-    ) -> Result<crate::engine::worker::EngineConfig, ConfigError> {
+    pub fn to_config(&self, gpu: bool) -> Result<crate::engine::worker::EngineConfig, ConfigError> {
         let d = if gpu { &GPU_ENGINE } else { &CPU_ENGINE };
         let max_batch_tokens = self.max_batch_tokens.unwrap_or(d.max_batch_tokens);
         let max_running = self.max_running.unwrap_or(d.max_running);

@@ -444,11 +444,14 @@ fn embedding_parity(dev: &Device, small: bool) -> Result<bool> {
             })
             .collect();
         let a = embed(&cpu, &seqs)?.to_vec2::<f32>()?;
-        for fused in [true, false] {
+        // Fused, fused with the up-projection's bias and activation in the GEMM epilogue
+        // (cuBLASLt), then unfused.
+        for (fused, lt) in [(true, false), (true, true), (false, false)] {
             if small && !fused {
                 continue;
             }
             gpu.set_fused(fused);
+            gpu.set_gemm_epilogue(lt);
             let b = embed(&gpu, &seqs)?
                 .to_device(&Device::Cpu)?
                 .to_vec2::<f32>()?;
@@ -461,7 +464,11 @@ fn embedding_parity(dev: &Device, small: bool) -> Result<bool> {
             ok &= pass;
             println!(
                 "PARITY\tembeddings {name}\tf16-gpu-{}-vs-f32-cpu\t{} texts, lengths 1..{max_len}\t{} (lowest cosine {worst:.6})",
-                if fused { "fused" } else { "unfused" },
+                match (fused, lt) {
+                    (true, true) => "fused+epilogue",
+                    (true, false) => "fused",
+                    _ => "unfused",
+                },
                 lengths.len(),
                 if pass { "ok" } else { "FAIL" }
             );
@@ -481,8 +488,15 @@ fn embed_bench(dev: &Device, batches: &[usize]) -> Result<()> {
             .collect();
         // The fused path with freed memory kept in the pool (the server's setting) and handed
         // back at each synchronisation (the driver's default), then the candle path.
-        for (fused, keep) in [(true, true), (true, false), (false, true)] {
+        // Then the fused path with the up-projection's bias and GELU in the GEMM's epilogue.
+        for (fused, keep, lt) in [
+            (true, true, false),
+            (true, false, false),
+            (false, true, false),
+            (true, true, true),
+        ] {
             model.set_fused(fused);
+            model.set_gemm_epilogue(lt);
             keep_freed_memory(dev, keep)?;
             embed(&model, &seqs)?; // warm-up
             dev.synchronize()?;
@@ -497,8 +511,9 @@ fn embed_bench(dev: &Device, batches: &[usize]) -> Result<()> {
             }
             let med = median(times);
             println!(
-                "EMBED\tcited f16 {}{}\tbatch={b}\t{:.3} ms\t{:.0} texts/s",
+                "EMBED\tcited f16 {}{}{}\tbatch={b}\t{:.3} ms\t{:.0} texts/s",
                 if fused { "fused" } else { "unfused" },
+                if lt { " + GEMM epilogue" } else { "" },
                 if keep { "" } else { ", pool released" },
                 med * 1e3,
                 b as f64 / med

@@ -78,6 +78,10 @@ pub struct Bert {
     cfg: BertConfig,
     /// Whether f16 forwards on CUDA go through the fused kernels (`kernels/bert.cu`).
     fused: bool,
+    /// Whether the fused path runs the up-projection's bias and activation in the GEMM's
+    /// epilogue (cuBLASLt, tanh GELU) instead of a kernel of its own; made on first use.
+    #[cfg(feature = "cuda")]
+    epilogues: Option<std::sync::OnceLock<Option<crate::ops::bert_fused::Epilogues>>>,
 }
 
 fn linear_fused(vb: &VarBuilder, names: &[&str], in_dim: usize, out_dim: usize) -> Result<Linear> {
@@ -163,7 +167,17 @@ impl Bert {
             layers,
             cfg: cfg.clone(),
             fused: true,
+            #[cfg(feature = "cuda")]
+            epilogues: None,
         })
+    }
+
+    /// Runs the fused path's up-projection with its bias and activation in the GEMM's
+    /// epilogue (cuBLASLt; off by default). cuBLASLt's GELU is the tanh form, so for a model
+    /// with the erf GELU this approximates it (checked against the CPU path by the GPU check).
+    #[cfg(feature = "cuda")]
+    pub fn set_gemm_epilogue(&mut self, on: bool) {
+        self.epilogues = on.then(std::sync::OnceLock::new);
     }
 
     /// Turns the fused CUDA layer off or on (on by default; it applies to f16 on CUDA only), so
@@ -352,12 +366,35 @@ impl Bert {
             let a = fused::attention(&qkv, bqkv, &starts, longest, cfg.num_attention_heads)?;
             let a = a.matmul(&layer.attn_out.weight().t()?)?;
             x = fused::add_norm(&a, bo, &x, ag, ab, eps)?;
-            let f = x.matmul(&layer.intermediate.weight().t()?)?;
-            let f = fused::bias_act(&f, bi, act)?;
+            let f = match self.epilogue_handle(&x) {
+                Some(e) => e.linear_act(&x, layer.intermediate.weight(), bi, act)?,
+                None => {
+                    let f = x.matmul(&layer.intermediate.weight().t()?)?;
+                    fused::bias_act(&f, bi, act)?
+                }
+            };
             let f = f.matmul(&layer.output.weight().t()?)?;
             x = fused::add_norm(&f, bf, &x, og, ob, eps)?;
         }
         Ok(Some(x))
+    }
+}
+
+impl Bert {
+    /// The cuBLASLt handle when the epilogue path is on and a handle could be made (else the
+    /// GEMM + bias/activation kernel path runs; a failure to make one is logged once).
+    #[cfg(feature = "cuda")]
+    fn epilogue_handle(&self, like: &Tensor) -> Option<&crate::ops::bert_fused::Epilogues> {
+        self.epilogues
+            .as_ref()?
+            .get_or_init(|| match crate::ops::bert_fused::Epilogues::new(like) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no cuBLASLt: the up-projection keeps its own bias kernel");
+                    None
+                }
+            })
+            .as_ref()
     }
 }
 
