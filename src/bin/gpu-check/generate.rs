@@ -1,0 +1,391 @@
+//! The generator on the GPU: the forward pass against the host path on small shapes, greedy
+//! parity at real shapes, generation and engine rates.
+
+use super::*;
+
+/// Greedy tokens of one sequence: `steps` tokens after `prompt` (prefilled in one batch), with
+/// each step's top-2 logit margin.
+pub(crate) fn greedy_run(
+    model: &Llama,
+    prompt: &[u32],
+    steps: usize,
+) -> Result<(Vec<u32>, Vec<f32>)> {
+    let mut cache = KvCache::with_tokens(model.config(), prompt.len() + steps + 16);
+    let mut batch = Batch::new();
+    batch.push(0, prompt, 0);
+    let mut logits = model.forward(&batch, &mut cache, LogitsAt::LastOfEach)?;
+    let (mut tokens, mut margins) = (Vec::new(), Vec::new());
+    for i in 0..steps {
+        let row = logits
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (best, margin) = top2(&row);
+        tokens.push(best);
+        margins.push(margin);
+        let mut b = Batch::new();
+        b.push(0, &[best], prompt.len() + i);
+        logits = model.forward(&b, &mut cache, LogitsAt::LastOfEach)?;
+    }
+    Ok((tokens, margins))
+}
+
+/// The largest logit's id (lower id on ties) and its margin over the second largest.
+pub(crate) fn top2(row: &[f32]) -> (u32, f32) {
+    let (mut best, mut first, mut second) = (0usize, f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (i, &x) in row.iter().enumerate() {
+        if x > first {
+            second = first;
+            first = x;
+            best = i;
+        } else if x > second {
+            second = x;
+        }
+    }
+    (best as u32, first - second)
+}
+
+/// A small decoder shape for the GPU forward pass's parity and memcheck runs: `heads` query
+/// heads over `kv_heads` KV heads of `head_dim` dims, two layers; `qwen2` adds the Q, K, V
+/// biases; `interleaved` pairs rotary dimensions as GGUF files do.
+pub(crate) fn small_decoder(
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    qwen2: bool,
+    interleaved: bool,
+) -> Result<LlamaConfig> {
+    let mut cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+        "model_type": if qwen2 { "qwen2" } else { "llama" },
+        "hidden_size": heads * head_dim,
+        "intermediate_size": 2 * heads * head_dim + 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": 1000,
+        "max_position_embeddings": 1024,
+        "rope_theta": 10000.0,
+    }))?;
+    if interleaved {
+        cfg.rope_style = RopeStyle::Interleaved;
+    }
+    Ok(cfg)
+}
+
+/// Every logit of two forward passes, `(rows, vocab)` each, on `model`: prompts of `lens[0]`
+/// and `lens[1]` tokens prefilled together (one long enough for split attention), then one
+/// batch of a decode token for the first, the rest of the second prompt (`lens[2]` tokens) and
+/// a new prompt of `lens[3]` tokens; pages of `block_size` positions.
+pub(crate) fn mixed_batches(
+    model: &Llama,
+    tokens: &[Vec<u32>; 4],
+    block_size: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let cfg = model.config();
+    let mut cache = KvCache::new(cfg, 2048usize.div_ceil(block_size), block_size);
+    let (a, b1, b2, c) = (&tokens[0], &tokens[1], &tokens[2], &tokens[3]);
+    let mut first = Batch::new();
+    first.push(0, a, 0);
+    first.push(1, b1, 0);
+    let mut second = Batch::new();
+    second.push(0, &[a[0]], a.len());
+    second.push(1, b2, b1.len());
+    second.push(2, c, 0);
+    let mut out = Vec::new();
+    for batch in [&first, &second] {
+        let logits = model.forward(batch, &mut cache, LogitsAt::All)?;
+        out.push(
+            logits
+                .to_device(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+    }
+    Ok(out)
+}
+
+/// The generator's forward pass on the GPU (rotary embedding, K/V write into the paged cache,
+/// attention of prompt chunks and decode tokens in one batch) against the host path, same f32
+/// weights: every logit of two mixed batches within 1e-3 of the largest, every row's largest
+/// logit the same where the host's top two are not within that.
+pub(crate) fn decoder_parity(dev: &Device, small: bool) -> Result<bool> {
+    let mut cases: Vec<(&str, LlamaConfig, usize)> = vec![
+        (
+            "gqa 1, dim 64, qwen2 biases",
+            small_decoder(4, 4, 64, true, false)?,
+            16,
+        ),
+        (
+            "gqa 3, dim 64, interleaved",
+            small_decoder(9, 3, 64, false, true)?,
+            16,
+        ),
+        (
+            "gqa 4, dim 128, pages of 32",
+            small_decoder(8, 2, 128, false, false)?,
+            32,
+        ),
+        (
+            "gqa 8, dim 32, pages of 8",
+            small_decoder(8, 1, 32, false, false)?,
+            8,
+        ),
+    ];
+    if small {
+        cases.truncate(2);
+    }
+    let lens = if small {
+        [40, 9, 7, 5]
+    } else {
+        [300, 21, 19, 5]
+    };
+    let mut rng = Rng(SplitMix64::new(47));
+    let mut ok = true;
+    for (name, cfg, block_size) in cases {
+        let tokens = lens.map(|n| {
+            (0..n)
+                .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
+                .collect::<Vec<u32>>()
+        });
+        let cpu = Llama::dummy(&cfg, &Device::Cpu, QuantMode::Dequantized, 11)?;
+        let want = mixed_batches(&cpu, &tokens, block_size)?;
+        let gpu = Llama::dummy(&cfg, dev, QuantMode::Dequantized, 11)?;
+        let got = mixed_batches(&gpu, &tokens, block_size)?;
+        let (mut worst, mut rows, mut same) = (0f32, 0usize, 0usize);
+        let mut pass = true;
+        for (w, g) in want.iter().zip(&got) {
+            let top = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+            for (wr, gr) in w.chunks(cfg.vocab_size).zip(g.chunks(cfg.vocab_size)) {
+                let err = wr
+                    .iter()
+                    .zip(gr)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(
+                        0f32,
+                        |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
+                    )
+                    / top;
+                worst = worst.max(err);
+                let (wbest, margin) = top2(wr);
+                let (gbest, _) = top2(gr);
+                rows += 1;
+                same += (wbest == gbest) as usize;
+                pass &= err <= 1e-3 && (wbest == gbest || margin <= 1e-3 * top);
+            }
+        }
+        ok &= pass;
+        println!(
+            "PARITY\tdecoder {name}\tprompts {} + {} together, then a decode token, a chunk of {}, a new prompt of {}\tmax error {worst:.2e} of the largest logit, {same}/{rows} rows with the same top token\t{}",
+            lens[0],
+            lens[1],
+            lens[2],
+            lens[3],
+            if pass { "ok" } else { "FAIL" }
+        );
+    }
+    Ok(ok)
+}
+
+/// Time of generating `steps` greedy tokens (no end token) after each of `batch` prompts of
+/// `prompt` random tokens: the prompts prefilled in forward passes of up to `chunk` tokens
+/// (whole prompts), then the batch decoded together, each step's next tokens picked on the
+/// device. Returns (prefill seconds, decode seconds, seconds of the decode steps' forward calls
+/// on the host: when these are most of the decode time, launches and host work set the pace,
+/// not the GPU).
+pub(crate) fn generation_time(
+    model: &Llama,
+    dev: &Device,
+    batch: usize,
+    prompt: usize,
+    steps: usize,
+    chunk: usize,
+) -> Result<(f64, f64, f64)> {
+    let cfg = model.config();
+    let mut cache = KvCache::with_tokens(cfg, batch * (prompt + steps + 16));
+    let mut rng = Rng(SplitMix64::new(41));
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|_| {
+            (0..prompt)
+                .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
+                .collect()
+        })
+        .collect();
+    dev.synchronize()?;
+    let started = Instant::now();
+    let per_pass = (chunk / prompt.max(1)).max(1);
+    let mut last = Vec::with_capacity(batch);
+    for (g, group) in prompts.chunks(per_pass).enumerate() {
+        let mut b = Batch::new();
+        for (i, p) in group.iter().enumerate() {
+            b.push((g * per_pass + i) as u64, p, 0);
+        }
+        let logits = model.forward(&b, &mut cache, LogitsAt::LastOfEach)?;
+        last.extend(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?);
+    }
+    let prefill = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut host = 0f64;
+    for i in 0..steps.saturating_sub(1) {
+        let mut b = Batch::new();
+        for (s, &t) in last.iter().enumerate() {
+            b.push(s as u64, &[t], prompt + i);
+        }
+        let called = Instant::now();
+        let logits = model.forward(&b, &mut cache, LogitsAt::LastOfEach)?;
+        host += called.elapsed().as_secs_f64();
+        last = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+    }
+    dev.synchronize()?;
+    Ok((prefill, started.elapsed().as_secs_f64(), host))
+}
+
+/// The generator on the GPU at real model shapes: greedy parity with the CPU path, then
+/// generation rates with each weight form.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn generate_check(
+    dev: &Device,
+    models: &[String],
+    parity: &[String],
+    weights: &[QuantMode],
+    batches: &[usize],
+    prompt: usize,
+    steps: usize,
+    chunk: usize,
+    peak_tbs: f64,
+) -> Result<bool> {
+    let config =
+        |name: &str| Llama::read_hf_config(Path::new(&format!("models/configs/{name}.json")));
+    let mut ok = true;
+    for name in parity {
+        let cfg = config(name)?;
+        // f32 weights on both sides (the CPU's 8-bit activation products and candle's CUDA
+        // quantized products round differently); equal up to the first step whose top-2
+        // margin is within the tolerance of f32 sums in another order.
+        let mut rng = Rng(SplitMix64::new(43));
+        let toks: Vec<u32> = (0..64)
+            .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
+            .collect();
+        let cpu = Llama::dummy(&cfg, &Device::Cpu, QuantMode::Dequantized, 7)?;
+        let (want, margins) = greedy_run(&cpu, &toks, 24)?;
+        drop(cpu);
+        let gpu = Llama::dummy(&cfg, dev, QuantMode::Dequantized, 7)?;
+        let (got, _) = greedy_run(&gpu, &toks, 24)?;
+        drop(gpu);
+        const TIE: f32 = 1e-3;
+        let limit = margins.iter().position(|&m| m < TIE).unwrap_or(want.len());
+        let first_diff = want.iter().zip(&got).position(|(a, b)| a != b);
+        let pass = want[..limit] == got[..limit];
+        ok &= pass;
+        println!(
+            "PARITY\tgenerate {name}\tgreedy, f32 weights, 64-token prompt, 24 steps\tfirst near-tie {limit}, first difference {first_diff:?}\t{}",
+            if pass { "ok" } else { "FAIL" }
+        );
+    }
+    for name in models {
+        let cfg = config(name)?;
+        for &mode in weights {
+            let model = Llama::dummy(&cfg, dev, mode, 7)?;
+            let form = match mode {
+                QuantMode::Dequantized => "f32",
+                _ => "Q4_1 (output Q8_0)",
+            };
+            let mb = model.weight_bytes() as f64 / 1e6;
+            // Loads the kernels and warms cuBLAS and the memory pool before timing.
+            generation_time(&model, dev, 2, 16, 3, chunk)?;
+            for &b in batches {
+                let (prefill, decode, host) =
+                    generation_time(&model, dev, b, prompt, steps, chunk)?;
+                let total = prefill + decode;
+                let out_rate = (b * steps) as f64 / total;
+                let step_ms = decode * 1e3 / steps.saturating_sub(1).max(1) as f64;
+                let roofline = mb * 1e6 / (step_ms * 1e-3) / (peak_tbs * 1e12);
+                println!(
+                    "GENERATE\t{name} dummy {form}\tbatch={b} prompt={prompt} out={steps}\t{out_rate:.1} tok/s\tprefill {:.1} ms, decode {step_ms:.2} ms/step ({:.0} tok/s; {:.0}% of it in the host's forward calls), weights {mb:.0} MB a step = {:.1}% of {peak_tbs} TB/s",
+                    prefill * 1e3,
+                    b as f64 / (step_ms * 1e-3),
+                    100.0 * host / decode.max(1e-9),
+                    100.0 * roofline
+                );
+            }
+            if mode != QuantMode::Dequantized {
+                // The same model through the engine's scheduler (host work per step included).
+                engine_rates(dev, name, &model, batches, prompt, steps, chunk)?;
+            }
+        }
+    }
+    Ok(ok)
+}
+
+/// The scheduler on the GPU: output tokens per second of `batch` requests submitted at once.
+pub(crate) fn engine_bench(
+    dev: &Device,
+    models: &[String],
+    batches: &[usize],
+    prompt: usize,
+    out: usize,
+    max_batch_tokens: usize,
+) -> Result<()> {
+    for name in models {
+        let cfg = Llama::read_hf_config(Path::new(&format!("models/configs/{name}.json")))?;
+        let model = Llama::dummy(&cfg, dev, QuantMode::Quantized, 7)?;
+        engine_rates(dev, name, &model, batches, prompt, out, max_batch_tokens)?;
+    }
+    Ok(())
+}
+
+/// [`engine_bench`] for one model.
+pub(crate) fn engine_rates(
+    dev: &Device,
+    name: &str,
+    model: &Llama,
+    batches: &[usize],
+    prompt: usize,
+    out: usize,
+    max_batch_tokens: usize,
+) -> Result<()> {
+    let cfg = model.config().clone();
+    let text = TextSide::synthetic(cfg.vocab_size, cfg.max_position_embeddings)?;
+    let mut rng = Rng(SplitMix64::new(53));
+    let mut run = |b: usize, prompt: usize, out: usize| -> Result<(f64, usize, f64)> {
+        let requests: Vec<GenerateRequest> = (0..b)
+            .map(|_| {
+                let ids = (0..prompt)
+                    .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
+                    .collect();
+                let mut r = GenerateRequest::new(ids, out);
+                r.ignore_eos = true;
+                r
+            })
+            .collect();
+        let cache = KvCache::with_tokens(&cfg, b * (prompt + out + 32));
+        let sched = SchedulerConfig {
+            max_running: b,
+            max_batch_tokens,
+        };
+        dev.synchronize()?;
+        let started = Instant::now();
+        let results = run_offline(model, &text, sched, cache, requests)?;
+        let secs = started.elapsed().as_secs_f64();
+        let generated = results.iter().map(|r| r.stats.generated_tokens).sum();
+        let prefill = results
+            .iter()
+            .map(|r| r.stats.prefill.as_secs_f64())
+            .sum::<f64>()
+            / b as f64;
+        Ok((secs, generated, prefill))
+    };
+    // Loads the kernels and warms cuBLAS and the memory pool before timing.
+    run(2, 16, 4)?;
+    for &b in batches {
+        let (secs, generated, prefill) = run(b, prompt, out)?;
+        if generated != b * out {
+            bail!("{generated} tokens generated of {}", b * out);
+        }
+        println!(
+                "ENGINE\t{name} dummy Q4_1 (output Q8_0)\tbatch={b} prompt={prompt} out={out}\t{:.1} tok/s\t{secs:.2} s in all, time to first token {:.1} ms on average",
+                generated as f64 / secs,
+                prefill * 1e3
+            );
+    }
+    Ok(())
+}
