@@ -244,15 +244,13 @@ pub(crate) fn generation_time(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn generate_check(
     dev: &Device,
-    models: &[String],
+    work: &Workload,
     parity: &[String],
     weights: &[QuantMode],
-    batches: &[usize],
-    prompt: usize,
-    steps: usize,
     chunk: usize,
     peak_tbs: f64,
 ) -> Result<bool> {
+    let (batches, prompt, steps) = (&work.batch, work.prompt, work.out);
     let config =
         |name: &str| Llama::read_hf_config(Path::new(&format!("models/configs/{name}.json")));
     let mut ok = true;
@@ -281,7 +279,7 @@ pub(crate) fn generate_check(
             if pass { "ok" } else { "FAIL" }
         );
     }
-    for name in models {
+    for name in &work.models {
         let cfg = config(name)?;
         for &mode in weights {
             let model = Llama::dummy(&cfg, dev, mode, 7)?;
@@ -317,18 +315,19 @@ pub(crate) fn generate_check(
 }
 
 /// The scheduler on the GPU: output tokens per second of `batch` requests submitted at once.
-pub(crate) fn engine_bench(
-    dev: &Device,
-    models: &[String],
-    batches: &[usize],
-    prompt: usize,
-    out: usize,
-    max_batch_tokens: usize,
-) -> Result<()> {
-    for name in models {
+pub(crate) fn engine_bench(dev: &Device, work: &Workload, max_batch_tokens: usize) -> Result<()> {
+    for name in &work.models {
         let cfg = Llama::read_hf_config(Path::new(&format!("models/configs/{name}.json")))?;
         let model = Llama::dummy(&cfg, dev, QuantMode::Quantized, 7)?;
-        engine_rates(dev, name, &model, batches, prompt, out, max_batch_tokens)?;
+        engine_rates(
+            dev,
+            name,
+            &model,
+            &work.batch,
+            work.prompt,
+            work.out,
+            max_batch_tokens,
+        )?;
     }
     Ok(())
 }
