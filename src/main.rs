@@ -78,8 +78,8 @@ fn eval_retrieval(
     s: &RetrievalEval<'_>,
 ) -> Result<()> {
     use cited::eval::retrieval::{
-        collect_legs, describe, groups_by, score, score_reference, select, tune, ReferenceBm25,
-        REFERENCE_B, REFERENCE_K1,
+        collect_legs, describe, groups_by, metrics, paired_bootstrap, ranks, reference_ranks,
+        score, select, tune, ReferenceBm25, REFERENCE_B, REFERENCE_K1,
     };
     let split = if s.tune && s.split == Split::All {
         Split::Test
@@ -89,16 +89,20 @@ fn eval_retrieval(
     let qs = select(all, split);
     let legs = collect_legs(corpus, embedder, &qs, base.depth, s.filter_by)?;
     let with_mode = |mode| SearchOptions { mode, ..*base };
+    let bm25 = ranks(&legs, &qs, &with_mode(Mode::Bm25));
     let mut rows: Vec<(String, cited::eval::Metrics)> = vec![
         ("dense".into(), score(&legs, &qs, &with_mode(Mode::Dense))),
-        ("bm25".into(), score(&legs, &qs, &with_mode(Mode::Bm25))),
+        ("bm25".into(), metrics(&bm25)),
     ];
+    // Our BM25 leg against the reference, query by query: (difference, 95% interval).
+    let mut against_reference = None;
     if s.filter_by.is_none() {
-        let reference = ReferenceBm25::build(corpus.store())?;
+        let reference = reference_ranks(&ReferenceBm25::build(corpus.store())?, &qs);
         rows.push((
             format!("bm25 reference (k1 {REFERENCE_K1}, b {REFERENCE_B})"),
-            score_reference(&reference, &qs),
+            metrics(&reference),
         ));
+        against_reference = Some(paired_bootstrap(&bm25, &reference, 10_000));
     }
     rows.push((
         format!("hybrid ({})", describe(base)),
@@ -133,9 +137,13 @@ fn eval_retrieval(
             .iter()
             .map(|(name, m)| (name.clone(), serde_json::to_value(m).unwrap()))
             .collect();
+        let diff = against_reference
+            .map(|(d, lo, hi)| serde_json::json!({"ndcg_at_10": d, "ci95": [lo, hi]}));
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"split": title, "rows": obj}))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({"split": title, "rows": obj, "bm25_minus_reference": diff})
+            )?
         );
     } else {
         println!("{title}\n");
@@ -145,6 +153,11 @@ fn eval_retrieval(
             println!(
                 "| {name} | {:.3} | {:.3} | {:.3} | {} |",
                 m.ndcg_at_10, m.recall_at_10, m.mrr_at_10, m.queries
+            );
+        }
+        if let Some((d, lo, hi)) = against_reference {
+            println!(
+                "\nbm25 minus the reference, nDCG@10: {d:+.4} (95% interval {lo:+.4} to {hi:+.4}, paired bootstrap over the queries, 10,000 resamples)"
             );
         }
     }

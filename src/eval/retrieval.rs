@@ -99,19 +99,67 @@ pub fn collect_legs(
     Ok(out)
 }
 
-/// Scores one mode and setting over precomputed rankings.
-pub fn score(legs: &[Legs], queries: &[Query], opts: &SearchOptions) -> Metrics {
+/// Each query's rank (1-based, in the top 10) of its relevant passage under one mode and setting.
+pub fn ranks(legs: &[Legs], queries: &[Query], opts: &SearchOptions) -> Vec<Option<usize>> {
+    legs.iter()
+        .zip(queries)
+        .map(|(l, q)| {
+            l.fuse(opts)
+                .iter()
+                .take(10)
+                .position(|(p, _)| *p == q.relevant)
+                .map(|i| i + 1)
+        })
+        .collect()
+}
+
+/// The metrics of per-query ranks.
+pub fn metrics(ranks: &[Option<usize>]) -> Metrics {
     let mut m = Metrics::default();
-    for (l, q) in legs.iter().zip(queries) {
-        let ranked = l.fuse(opts);
-        let rank = ranked
-            .iter()
-            .take(10)
-            .position(|(p, _)| *p == q.relevant)
-            .map(|i| i + 1);
-        add(&mut m, rank);
+    for &r in ranks {
+        add(&mut m, r);
     }
     finish(m)
+}
+
+/// Scores one mode and setting over precomputed rankings.
+pub fn score(legs: &[Legs], queries: &[Query], opts: &SearchOptions) -> Metrics {
+    metrics(&ranks(legs, queries, opts))
+}
+
+/// nDCG@10 of one query whose single relevant passage is at `rank`.
+fn ndcg(rank: Option<usize>) -> f64 {
+    rank.filter(|&r| r <= 10)
+        .map_or(0.0, |r| 1.0 / ((r + 1) as f64).log2())
+}
+
+/// The nDCG@10 difference `a - b` of two retrievers over the same queries, with a 95%
+/// confidence interval from a paired bootstrap (`resamples` resamplings of the queries, drawn
+/// with a fixed seed): `(difference, low, high)`. An interval holding 0 means the queries
+/// cannot tell the two apart.
+pub fn paired_bootstrap(
+    a: &[Option<usize>],
+    b: &[Option<usize>],
+    resamples: usize,
+) -> (f64, f64, f64) {
+    let d: Vec<f64> = a.iter().zip(b).map(|(&x, &y)| ndcg(x) - ndcg(y)).collect();
+    if d.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let n = d.len();
+    let mean = d.iter().sum::<f64>() / n as f64;
+    let mut rng = crate::ops::rng::SplitMix64::new(0x5EED);
+    let mut means: Vec<f64> = (0..resamples.max(1))
+        .map(|_| {
+            (0..n)
+                .map(|_| d[(rng.next_u64() % n as u64) as usize])
+                .sum::<f64>()
+                / n as f64
+        })
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let at = |q: f64| means[((means.len() - 1) as f64 * q).round() as usize];
+    (mean, at(0.025), at(0.975))
 }
 
 /// The fusion grid searched by [`tune`]: RRF k and the dense weight (BM25's weight stays 1),
@@ -259,18 +307,23 @@ impl ReferenceBm25 {
     }
 }
 
+/// Each query's rank of its relevant passage under the reference BM25.
+pub fn reference_ranks(reference: &ReferenceBm25, queries: &[Query]) -> Vec<Option<usize>> {
+    queries
+        .iter()
+        .map(|q| {
+            reference
+                .search(&q.text, 10)
+                .iter()
+                .position(|(p, _)| *p == q.relevant)
+                .map(|i| i + 1)
+        })
+        .collect()
+}
+
 /// The reference BM25's metrics over `queries`.
 pub fn score_reference(reference: &ReferenceBm25, queries: &[Query]) -> Metrics {
-    let mut m = Metrics::default();
-    for q in queries {
-        let rank = reference
-            .search(&q.text, 10)
-            .iter()
-            .position(|(p, _)| *p == q.relevant)
-            .map(|i| i + 1);
-        add(&mut m, rank);
-    }
-    finish(m)
+    metrics(&reference_ranks(reference, queries))
 }
 
 /// Queries grouped by their value of `field` (missing: `-`), groups by size, largest first.
@@ -300,6 +353,28 @@ mod tests {
             relevant: relevant.into(),
             fields,
         }
+    }
+
+    #[test]
+    fn paired_bootstrap_brackets_the_difference() {
+        // Equal rankings: no difference, and an interval of zero width.
+        let a: Vec<Option<usize>> = (0..200).map(|i| Some(1 + i % 12)).collect();
+        assert_eq!(paired_bootstrap(&a, &a, 1000), (0.0, 0.0, 0.0));
+        // One retriever a place better on every query: a positive interval around the mean.
+        let better: Vec<Option<usize>> = (0..200).map(|i| Some(1 + i % 9)).collect();
+        let worse: Vec<Option<usize>> = (0..200).map(|i| Some(2 + i % 9)).collect();
+        let (d, lo, hi) = paired_bootstrap(&better, &worse, 2000);
+        assert!(
+            d > 0.0 && lo > 0.0 && lo <= d && d <= hi,
+            "{d} [{lo}, {hi}]"
+        );
+        // Two queries of 200 differing: an interval that holds 0.
+        let mut close = a.clone();
+        close[3] = Some(2);
+        close[7] = None;
+        let (d, lo, hi) = paired_bootstrap(&close, &a, 2000);
+        assert!(d < 0.0 && lo < 0.0 && hi >= 0.0, "{d} [{lo}, {hi}]");
+        assert_eq!(metrics(&a).queries, 200);
     }
 
     #[test]
