@@ -17,6 +17,13 @@
 // (long contexts), each split writes its (max, sum, unnormalised output) and
 // `cited_paged_merge` combines them with a log-sum-exp.
 //
+// Prompt chunks: `cited_paged_prefill_tc_h{64,128}` (below, after the decode kernels) takes
+// tiles of up to 16 consecutive tokens of one sequence as the rows of a tensor-core tile, so a
+// page of K and V is read once for 16 queries instead of once per query (the decode kernels
+// serve prompt tokens too, each as a row of its own, when it is off or the shape is not one it
+// takes). Written after the last GPU run; `gpu-check parity` checks it (decoder parity rows
+// marked "tensor-core prefill") and `gpu-check generate` times it against the decode kernel.
+//
 // Shapes: head_dim a power of two from 8 to 256; block_size a power of two; G from 1 to 8; a
 // split covers at most 1024 pages and starts on a page. Dynamic shared memory, sized by the
 // host: the split's page indices (16-byte aligned), then the larger of the copy ring
@@ -310,6 +317,76 @@ struct TcTile {
     static constexpr int kHalves = 16 * kPitch;       // one page of K or of V
 };
 
+// The A fragments of a 16-row query tile: rows g and g + 8 come from `lo_row` and `hi_row`
+// (head_dim floats each; null for padding rows, zero), dims 16 s + 2t (+1) and + 8, scaled
+// into log2 units, split into f16 hi + lo.
+template <int HD>
+__device__ __forceinline__ void load_q(const float* lo_row, const float* hi_row, float qscale,
+                                       int t, uint32_t (&qh)[HD / 16][4],
+                                       uint32_t (&ql)[HD / 16][4]) {
+#pragma unroll
+    for (int s = 0; s < HD / 16; ++s) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const float* row = (r & 1) ? hi_row : lo_row;
+            const int dim = 16 * s + 2 * t + ((r & 2) ? 8 : 0);
+            float a = 0.f, b = 0.f;
+            if (row != nullptr) {
+                a = row[dim] * qscale;
+                b = row[dim + 1] * qscale;
+            }
+            split_pack(a, b, qh[s][r], ql[s][r]);
+        }
+    }
+}
+
+// Scores of a staged page's 16 positions for the tile's 16 query rows (Q as hi + lo): two
+// 8-wide tiles; one ldmatrix gives two 16-deep steps.
+template <int HD>
+__device__ __forceinline__ void page_scores(const __half* ks, const uint32_t (&qh)[HD / 16][4],
+                                            const uint32_t (&ql)[HD / 16][4], int lane,
+                                            float (&s)[2][4]) {
+    constexpr int KS = HD / 16;
+    constexpr int PITCH = TcTile<HD>::kPitch;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk += 2) {
+            uint32_t b[4];
+            ldsm4<false>(b, ks + (8 * j + (lane & 7)) * PITCH + 16 * kk + 8 * (lane >> 3));
+            mma16816(s[j], qh[kk], b[0], b[1]);
+            mma16816(s[j], ql[kk], b[0], b[1]);
+            mma16816(s[j], qh[kk + 1], b[2], b[3]);
+            mma16816(s[j], ql[kk + 1], b[2], b[3]);
+        }
+    }
+}
+
+// o += P V for a staged page: the weights s (after the softmax step) as the A operand of one
+// 16-deep step, split into hi + lo (keys 0-7 in tile 0, 8-15 in tile 1); one transposed
+// ldmatrix gives two 8-wide output tiles.
+template <int HD>
+__device__ __forceinline__ void page_values(const __half* vs, const float (&s)[2][4], int lane,
+                                            float (&o)[HD / 8][4]) {
+    constexpr int NT = HD / 8;
+    constexpr int PITCH = TcTile<HD>::kPitch;
+    uint32_t ph[4], pl[4];
+    split_pack(s[0][0], s[0][1], ph[0], pl[0]);
+    split_pack(s[0][2], s[0][3], ph[1], pl[1]);
+    split_pack(s[1][0], s[1][1], ph[2], pl[2]);
+    split_pack(s[1][2], s[1][3], ph[3], pl[3]);
+#pragma unroll
+    for (int n = 0; n < NT; n += 2) {
+        uint32_t b[4];
+        ldsm4<true>(b, vs + (lane & 15) * PITCH + 8 * n + 8 * (lane >> 4));
+        mma16816(o[n], ph, b[0], b[1]);
+        mma16816(o[n], pl, b[0], b[1]);
+        mma16816(o[n + 1], ph, b[2], b[3]);
+        mma16816(o[n + 1], pl, b[2], b[3]);
+    }
+}
+
 template <int G, int HD, int S>
 __device__ __forceinline__ void decode_tc(const float* __restrict__ q, unsigned q_stride,
                                           const __half* __restrict__ k,
@@ -349,24 +426,13 @@ __device__ __forceinline__ void decode_tc(const float* __restrict__ q, unsigned 
         pages[i] = tables[(size_t)seq * max_blocks + first_page + i];
     }
 
-    // Q fragments: rows g and g + 8 are query heads g and g + 8 of the group (zero past G),
-    // dims 16 s + 2t (+1) and + 8, scaled into log2 units, as hi + lo.
+    // Q fragments: rows g and g + 8 are query heads g and g + 8 of the group (zero past G).
     uint32_t qh[KS][4], ql[KS][4];
-    const float qscale = scale * 1.4426950408889634f;
-#pragma unroll
-    for (int s = 0; s < KS; ++s) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int row = g + ((r & 1) ? 8 : 0);
-            const int dim = 16 * s + 2 * t + ((r & 2) ? 8 : 0);
-            float a = 0.f, b = 0.f;
-            if (row < G) {
-                const float* src = q + (size_t)seq * q_stride + (kvh * G + row) * HD + dim;
-                a = src[0] * qscale;
-                b = src[1] * qscale;
-            }
-            split_pack(a, b, qh[s][r], ql[s][r]);
-        }
+    {
+        const float* heads_q = q + (size_t)seq * q_stride + (size_t)kvh * G * HD;
+        load_q<HD>(g < G ? heads_q + g * HD : nullptr,
+                   g + 8 < G ? heads_q + (g + 8) * HD : nullptr,
+                   scale * 1.4426950408889634f, t, qh, ql);
     }
     float o[NT][4];
 #pragma unroll
@@ -407,22 +473,8 @@ __device__ __forceinline__ void decode_tc(const float* __restrict__ q, unsigned 
         const __half* vs = ks + Tile::kHalves;
         const unsigned p0 = (first_page + warp + it * WARPS) * PAGE;
 
-        // Scores of the page's 16 positions: two 8-wide tiles; one ldmatrix gives two steps.
         float s[2][4];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < KS; kk += 2) {
-                uint32_t b[4];
-                ldsm4<false>(b, ks + (8 * j + (lane & 7)) * Tile::kPitch + 16 * kk +
-                                    8 * (lane >> 3));
-                mma16816(s[j], qh[kk], b[0], b[1]);
-                mma16816(s[j], ql[kk], b[0], b[1]);
-                mma16816(s[j], qh[kk + 1], b[2], b[3]);
-                mma16816(s[j], ql[kk + 1], b[2], b[3]);
-            }
-        }
+        page_scores<HD>(ks, qh, ql, lane, s);
         // Positions past the end masked (the page's first is always live), then one softmax
         // step: s becomes the weights.
 #pragma unroll
@@ -433,22 +485,7 @@ __device__ __forceinline__ void decode_tc(const float* __restrict__ q, unsigned 
             }
         }
         softmax_step(s, m_lo, m_hi, l_lo, l_hi, o);
-        // P as the A operand of one 16-deep step (keys 0-7 in tile 0, 8-15 in tile 1).
-        uint32_t ph[4], pl[4];
-        split_pack(s[0][0], s[0][1], ph[0], pl[0]);
-        split_pack(s[0][2], s[0][3], ph[1], pl[1]);
-        split_pack(s[1][0], s[1][1], ph[2], pl[2]);
-        split_pack(s[1][2], s[1][3], ph[3], pl[3]);
-        // P V: one transposed ldmatrix gives two 8-wide output tiles.
-#pragma unroll
-        for (int n = 0; n < NT; n += 2) {
-            uint32_t b[4];
-            ldsm4<true>(b, vs + (lane & 15) * Tile::kPitch + 8 * n + 8 * (lane >> 4));
-            mma16816(o[n], ph, b[0], b[1]);
-            mma16816(o[n], pl, b[0], b[1]);
-            mma16816(o[n + 1], ph, b[2], b[3]);
-            mma16816(o[n + 1], pl, b[2], b[3]);
-        }
+        page_values<HD>(vs, s, lane, o);
         __syncwarp();  // the slot is read before a later issue overwrites it
     }
     cp_async_wait<0>();  // only empty groups remain; nothing may land later
@@ -471,6 +508,127 @@ __device__ __forceinline__ void decode_tc(const float* __restrict__ q, unsigned 
     }
     __syncthreads();
     finish<G>(wacc, wm, wl, HD, kv_heads, out, part_max, part_sum, part_out);
+}
+
+// Prefill attention on tensor cores: causal attention of prompt tokens over their sequence's
+// pages (the chunk's own keys included, written by the K/V write before this launch). One warp
+// per (tile, query head): a tile is up to 16 consecutive tokens of one sequence, the rows of a
+// 16-row mma tile, so each page of K and V is read once for 16 queries. Pages of 16 positions
+// go through a cp.async ring S pages deep; Q and P are split into f16 hi + lo (the products
+// keep about f32 accuracy); the softmax runs in log2 units. Page 0 holds position 0, which
+// every row sees, so each row's running maximum is finite from the first page on (later
+// pages may mask a row entirely: its weights there are 0). No split: the warp walks every
+// page up to the tile's last position, in order.
+template <int HD, int S>
+__device__ __forceinline__ void prefill_tc(const float* __restrict__ q, unsigned q_stride,
+                                           const __half* __restrict__ k,
+                                           const __half* __restrict__ v,
+                                           const unsigned* __restrict__ tables,
+                                           unsigned max_blocks,
+                                           const unsigned* __restrict__ positions,
+                                           const unsigned* __restrict__ tile_first,
+                                           const unsigned* __restrict__ tile_rows,
+                                           unsigned kv_heads, unsigned group, float scale,
+                                           float* __restrict__ out) {
+    static_assert(HD % 32 == 0, "pairs of 16-deep steps");
+    using Tile = TcTile<HD>;
+    constexpr int KS = HD / 16;
+    constexpr int NT = HD / 8;
+    constexpr int PIECES = HD / 8;
+    constexpr int PAGE = 16;
+    const unsigned tile_id = blockIdx.x, head = blockIdx.y, kvh = head / group;
+    const unsigned heads = kv_heads * group;
+    const unsigned first = tile_first[tile_id], rows = tile_rows[tile_id];
+    const unsigned pos0 = positions[first];
+    const unsigned last = pos0 + rows - 1;  // the tile's last position
+    const unsigned* table = tables + (size_t)first * max_blocks;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    // Positions of rows g and g + 8 (padding rows past the tile take the last one: their
+    // scores stay finite, and they are not written).
+    const unsigned rp_lo = (unsigned)g < rows ? pos0 + g : last;
+    const unsigned rp_hi = (unsigned)g + 8 < rows ? pos0 + g + 8 : last;
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    __half* ring = reinterpret_cast<__half*>(smem);
+
+    // Q fragments: rows g and g + 8 are the tile's tokens g and g + 8 (zero past the tile).
+    uint32_t qh[KS][4], ql[KS][4];
+    {
+        const float* head_q = q + (size_t)first * q_stride + (size_t)head * HD;
+        load_q<HD>((unsigned)g < rows ? head_q + (size_t)g * q_stride : nullptr,
+                   (unsigned)g + 8 < rows ? head_q + (size_t)(g + 8) * q_stride : nullptr,
+                   scale * 1.4426950408889634f, t, qh, ql);
+    }
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m_lo = -INFINITY, m_hi = -INFINITY;
+    float l_lo = 0.f, l_hi = 0.f;
+
+    const unsigned npages = last / PAGE + 1;
+    const size_t page_elems = (size_t)kv_heads * PAGE * HD;
+    auto issue = [&](unsigned it) {
+        if (it < npages) {
+            const size_t base = table[it] * page_elems + (size_t)kvh * PAGE * HD;
+            __half* slot = ring + (size_t)(it % S) * 2 * Tile::kHalves;
+#pragma unroll
+            for (int c = lane; c < PAGE * PIECES; c += 32) {
+                const int r = c / PIECES, piece = c % PIECES;
+                const bool live = it * PAGE + r <= last;  // rows past the tile are zero-filled
+                const size_t off = live ? base + (size_t)r * HD + piece * 8 : 0;
+                __half* dk = slot + r * Tile::kPitch + piece * 8;
+                cp_async16(dk, k + off, live);
+                cp_async16(dk + Tile::kHalves, v + off, live);
+            }
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < S - 1; i++) issue(i);
+    for (unsigned it = 0; it < npages; it++) {
+        issue(it + S - 1);
+        cp_async_wait<S - 1>();
+        __syncwarp();
+        const __half* ks = ring + (size_t)(it % S) * 2 * Tile::kHalves;
+        const __half* vs = ks + Tile::kHalves;
+        const unsigned p0 = it * PAGE;
+        float s[2][4];
+        page_scores<HD>(ks, qh, ql, lane, s);
+        // Causal mask: a key after its row's position does not count.
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const unsigned kp = p0 + 8 * j + 2 * t + (e & 1);
+                if (kp > ((e & 2) ? rp_hi : rp_lo)) s[j][e] = -INFINITY;
+            }
+        }
+        softmax_step(s, m_lo, m_hi, l_lo, l_hi, o);
+        page_values<HD>(vs, s, lane, o);
+        __syncwarp();
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+        l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+    }
+    const float inv_lo = 1.f / l_lo, inv_hi = 1.f / l_hi;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        const int dim = 8 * n + 2 * t;
+        if ((unsigned)g < rows) {
+            float* dst = out + ((size_t)(first + g) * heads + head) * HD + dim;
+            dst[0] = o[n][0] * inv_lo;
+            dst[1] = o[n][1] * inv_lo;
+        }
+        if ((unsigned)g + 8 < rows) {
+            float* dst = out + ((size_t)(first + g + 8) * heads + head) * HD + dim;
+            dst[0] = o[n][2] * inv_hi;
+            dst[1] = o[n][3] * inv_hi;
+        }
+    }
 }
 
 }  // namespace
@@ -557,3 +715,18 @@ extern "C" __global__ void cited_paged_merge(const float* __restrict__ part_max,
         out[((size_t)seq * heads + h) * head_dim + d] = sum > 0.0f ? o / sum : 0.0f;
     }
 }
+
+// Prefill on tensor cores (pages of 16 positions, head dims 64 and 128, a ring 3 pages deep):
+// grid (tiles, query heads), one warp each.
+#define CITED_PAGED_PREFILL_TC(HD)                                                             \
+    extern "C" __global__ void __launch_bounds__(32) cited_paged_prefill_tc_h##HD(             \
+        const float* __restrict__ q, unsigned q_stride, const __half* __restrict__ k,         \
+        const __half* __restrict__ v, const unsigned* __restrict__ tables,                    \
+        unsigned max_blocks, const unsigned* __restrict__ positions,                          \
+        const unsigned* __restrict__ tile_first, const unsigned* __restrict__ tile_rows,      \
+        unsigned kv_heads, unsigned group, float scale, float* __restrict__ out) {            \
+        prefill_tc<HD, 3>(q, q_stride, k, v, tables, max_blocks, positions, tile_first,        \
+                          tile_rows, kv_heads, group, scale, out);                            \
+    }
+CITED_PAGED_PREFILL_TC(64)
+CITED_PAGED_PREFILL_TC(128)

@@ -405,6 +405,10 @@ pub struct Llama {
     /// The tables as `(max_positions, head_dim / 2)` tensors on a GPU, for its forward pass.
     #[cfg(feature = "cuda")]
     rope_on_device: std::sync::OnceLock<(Tensor, Tensor)>,
+    /// Whether prompt chunks attend through the tensor-core prefill kernel on a GPU (else
+    /// every token is a row of the decode kernel).
+    #[cfg(feature = "cuda")]
+    tensor_core_prefill: bool,
     cfg: LlamaConfig,
     device: Device,
 }
@@ -712,6 +716,8 @@ impl Llama {
             sin_table,
             #[cfg(feature = "cuda")]
             rope_on_device: std::sync::OnceLock::new(),
+            #[cfg(feature = "cuda")]
+            tensor_core_prefill: false,
             cfg,
             device: device.clone(),
         })
@@ -723,6 +729,14 @@ impl Llama {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Turns the tensor-core prefill kernel on or off for prompt chunks on a GPU (off by
+    /// default until measured; pages of 16 positions and head dims 64 or 128 only, else the
+    /// decode kernel serves every token either way).
+    #[cfg(feature = "cuda")]
+    pub fn set_tensor_core_prefill(&mut self, on: bool) {
+        self.tensor_core_prefill = on;
     }
 
     /// Bytes of weights one decode step reads (every projection in the form a one-row product
@@ -907,6 +921,7 @@ impl Llama {
         cache.move_to_device(cuda)?;
         let mut step = {
             let (slots, tables) = cache.token_rows(batch);
+            let seqs: Vec<_> = (0..batch.num_seqs()).map(|s| batch.seq_range(s)).collect();
             Step::new(
                 cuda,
                 &g,
@@ -914,6 +929,8 @@ impl Llama {
                 &slots,
                 &tables,
                 cache.num_blocks(),
+                &seqs,
+                self.tensor_core_prefill,
             )?
         };
         let (cos, sin) = self.device_rope_tables()?;

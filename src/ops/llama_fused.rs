@@ -16,8 +16,10 @@ use candle_core::op::BackpropOp;
 use candle_core::{DType, Storage, Tensor};
 use half::f16;
 
-use super::paged_attention::gpu::{check_geometry, DecodeRows, Variant, DEFAULT_VARIANT};
-use super::paged_attention::PagedGeometry;
+use super::paged_attention::gpu::{
+    check_geometry, DecodeRows, PrefillTiles, Variant, DEFAULT_VARIANT,
+};
+use super::paged_attention::{prefill_tiles, PagedGeometry};
 use super::{cuda_device, dev_err, Result};
 use crate::error::OpsError;
 
@@ -171,12 +173,20 @@ pub struct Step {
     slots: CudaSlice<u32>,
     rows: DecodeRows,
     variant: Variant,
+    /// With the tensor-core prefill: the leading rows the decode kernel takes (the one-token
+    /// sequences the scheduler puts first), and the tiles of every row after them.
+    decode_rows: u32,
+    tiles: Option<PrefillTiles>,
 }
 
 impl Step {
     /// `positions[t]` and `slots[t]` (block * block_size + offset) of token `t`, `tables[t]`
     /// the block table of its sequence (covering position `positions[t]`); `num_blocks` blocks
-    /// are stored per layer.
+    /// are stored per layer; `seqs` the token ranges of the batch's sequences (consecutive
+    /// positions each). With `tensor_core_prefill` (and a geometry it takes), sequences of
+    /// several tokens attend through the tensor-core prefill kernel, 16 tokens a tile; else
+    /// every token is a row of the decode kernel.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         dev: &CudaDevice,
         g: &PagedGeometry,
@@ -184,6 +194,8 @@ impl Step {
         slots: &[u32],
         tables: &[&[u32]],
         num_blocks: usize,
+        seqs: &[std::ops::Range<usize>],
+        tensor_core_prefill: bool,
     ) -> Result<Self> {
         let tokens = positions.len();
         if slots.len() != tokens || tables.len() != tokens || tokens == 0 {
@@ -207,8 +219,37 @@ impl Step {
                 )));
             }
         }
+        // The sequences must tile the tokens in order, each at consecutive positions.
+        let mut next = 0;
+        for r in seqs {
+            let consecutive = r
+                .clone()
+                .skip(1)
+                .all(|t| positions[t] == positions[t - 1] + 1);
+            if r.start != next || r.end <= r.start || r.end > tokens || !consecutive {
+                return Err(OpsError::Shape(format!(
+                    "sequence rows {r:?} do not continue the batch's tokens at consecutive positions"
+                )));
+            }
+            next = r.end;
+        }
+        if next != tokens {
+            return Err(OpsError::Shape(format!(
+                "sequences cover {next} of {tokens} tokens"
+            )));
+        }
         let lens: Vec<u32> = positions.iter().map(|&p| p + 1).collect();
         let rows = DecodeRows::new(dev, g, tables, &lens, num_blocks, None)?;
+        let (decode_rows, tiles) = if tensor_core_prefill && PrefillTiles::supports(g) {
+            prefill_tiles(seqs)
+        } else {
+            (tokens as u32, Vec::new())
+        };
+        let tiles = if tiles.is_empty() {
+            None
+        } else {
+            Some(PrefillTiles::new(dev, &tiles)?)
+        };
         let stream = dev.cuda_stream();
         Ok(Self {
             positions: stream.clone_htod(positions).map_err(dev_err)?,
@@ -220,6 +261,8 @@ impl Step {
             last_position: positions.iter().copied().max().unwrap_or(0),
             rows,
             variant: DEFAULT_VARIANT,
+            decode_rows,
+            tiles,
         })
     }
 
@@ -332,15 +375,31 @@ impl Step {
         {
             let (qs, _) = q.storage_and_layout();
             let qv = f32_view(q, &qs, "queries")?;
-            self.rows.launch(
-                self.variant,
-                &qv,
-                width,
-                &k.slice(..),
-                &v.slice(..),
-                scale,
-                &mut out,
-            )?;
+            let (kv, vv) = (k.slice(..), v.slice(..));
+            if self.decode_rows > 0 {
+                self.rows.launch(
+                    self.decode_rows,
+                    self.variant,
+                    &qv,
+                    width,
+                    &kv,
+                    &vv,
+                    scale,
+                    &mut out,
+                )?;
+            }
+            if let Some(tiles) = &self.tiles {
+                self.rows.launch_prefill(
+                    tiles,
+                    &qv,
+                    width,
+                    &kv,
+                    &vv,
+                    &self.positions,
+                    scale,
+                    &mut out,
+                )?;
+            }
         }
         Ok(wrap(&self.dev, out, (self.tokens, width)))
     }

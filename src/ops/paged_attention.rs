@@ -403,6 +403,29 @@ pub fn paged_attention_reference(
     Ok(())
 }
 
+/// Rows of a tile of the tensor-core prefill kernel: the 16 rows of one mma tile.
+pub const PREFILL_TILE: usize = 16;
+
+/// How the rows of a batch split between the two attention kernels: the leading one-token
+/// sequences (decode steps, which the scheduler puts first) go to the decode kernel; every
+/// token after them, in tiles of up to 16 consecutive tokens of one sequence, to the prefill
+/// kernel (a one-token sequence after the first prompt chunk becomes a tile of one).
+/// Returns (decode rows, tiles as (first row, rows)).
+pub fn prefill_tiles(seqs: &[std::ops::Range<usize>]) -> (u32, Vec<(u32, u32)>) {
+    let decode = seqs.iter().take_while(|r| r.len() == 1).count();
+    let decode_rows = seqs[..decode].iter().map(|r| r.len()).sum::<usize>() as u32;
+    let mut tiles = Vec::new();
+    for r in &seqs[decode..] {
+        let mut t = r.start;
+        while t < r.end {
+            let n = (r.end - t).min(PREFILL_TILE);
+            tiles.push((t as u32, n as u32));
+            t += n;
+        }
+    }
+    (decode_rows, tiles)
+}
+
 #[cfg(feature = "cuda")]
 pub mod gpu;
 
@@ -417,6 +440,27 @@ mod tests {
 
     /// Sequences of mixed lengths (decode rows and prompt chunks, lengths not multiples of the
     /// block) over shuffled blocks; the fast and the portable paths against the reference.
+    #[test]
+    fn prefill_tiles_cover_every_row_after_the_decode_rows() {
+        // Two decode steps first, then a 40-token chunk, a one-token sequence, a 16-token one.
+        let seqs = [0..1, 1..2, 2..42, 42..43, 43..59];
+        let (decode, tiles) = prefill_tiles(&seqs);
+        assert_eq!(decode, 2);
+        assert_eq!(
+            tiles,
+            vec![(2, 16), (18, 16), (34, 8), (42, 1), (43, 16)],
+            "tiles of at most 16 rows, never across sequences"
+        );
+        let covered: usize = tiles.iter().map(|t| t.1 as usize).sum();
+        assert_eq!(decode as usize + covered, 59);
+        // Only decode steps: no tiles; only prompts: no decode rows.
+        assert_eq!(prefill_tiles(&[0..1, 1..2]), (2, vec![]));
+        assert_eq!(
+            prefill_tiles(std::slice::from_ref(&(0..5))),
+            (0, vec![(0, 5)])
+        );
+    }
+
     #[test]
     fn matches_reference_for_gqa_ratios_and_mixed_lengths() {
         let mut rng = SplitMix64::new(42);

@@ -149,41 +149,65 @@ pub(crate) fn decoder_parity(dev: &Device, small: bool) -> Result<bool> {
         });
         let cpu = Llama::dummy(&cfg, &Device::Cpu, QuantMode::Dequantized, 11)?;
         let want = mixed_batches(&cpu, &tokens, block_size)?;
-        let gpu = Llama::dummy(&cfg, dev, QuantMode::Dequantized, 11)?;
-        let got = mixed_batches(&gpu, &tokens, block_size)?;
-        let (mut worst, mut rows, mut same) = (0f32, 0usize, 0usize);
-        let mut pass = true;
-        for (w, g) in want.iter().zip(&got) {
-            let top = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-            for (wr, gr) in w.chunks(cfg.vocab_size).zip(g.chunks(cfg.vocab_size)) {
-                let err = wr
-                    .iter()
-                    .zip(gr)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(
-                        0f32,
-                        |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
-                    )
-                    / top;
-                worst = worst.max(err);
-                let (wbest, margin) = top2(wr);
-                let (gbest, _) = top2(gr);
-                rows += 1;
-                same += (wbest == gbest) as usize;
-                pass &= err <= 1e-3 && (wbest == gbest || margin <= 1e-3 * top);
-            }
+        let mut gpu = Llama::dummy(&cfg, dev, QuantMode::Dequantized, 11)?;
+        // Prompt chunks through the decode kernel, then (where the geometry allows: pages of
+        // 16, head dims 64 and 128) through the tensor-core prefill kernel.
+        let prefills: &[bool] = if block_size == 16 && matches!(cfg.head_dim(), 64 | 128) {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &tc in prefills {
+            gpu.set_tensor_core_prefill(tc);
+            let got = mixed_batches(&gpu, &tokens, block_size)?;
+            ok &= decoder_rows_match(name, tc, &lens, &cfg, &want, &got);
         }
-        ok &= pass;
-        println!(
-            "PARITY\tdecoder {name}\tprompts {} + {} together, then a decode token, a chunk of {}, a new prompt of {}\tmax error {worst:.2e} of the largest logit, {same}/{rows} rows with the same top token\t{}",
-            lens[0],
-            lens[1],
-            lens[2],
-            lens[3],
-            if pass { "ok" } else { "FAIL" }
-        );
     }
     Ok(ok)
+}
+
+/// Compares the logits of [`mixed_batches`] on the GPU with the host path's and prints the
+/// verdict line.
+fn decoder_rows_match(
+    name: &str,
+    tensor_cores: bool,
+    lens: &[usize; 4],
+    cfg: &LlamaConfig,
+    want: &[Vec<f32>],
+    got: &[Vec<f32>],
+) -> bool {
+    let (mut worst, mut rows, mut same) = (0f32, 0usize, 0usize);
+    let mut pass = true;
+    for (w, g) in want.iter().zip(got) {
+        let top = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        for (wr, gr) in w.chunks(cfg.vocab_size).zip(g.chunks(cfg.vocab_size)) {
+            let err = wr
+                .iter()
+                .zip(gr)
+                .map(|(a, b)| (a - b).abs())
+                .fold(
+                    0f32,
+                    |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
+                )
+                / top;
+            worst = worst.max(err);
+            let (wbest, margin) = top2(wr);
+            let (gbest, _) = top2(gr);
+            rows += 1;
+            same += (wbest == gbest) as usize;
+            pass &= err <= 1e-3 && (wbest == gbest || margin <= 1e-3 * top);
+        }
+    }
+    println!(
+        "PARITY\tdecoder {name}{}\tprompts {} + {} together, then a decode token, a chunk of {}, a new prompt of {}\tmax error {worst:.2e} of the largest logit, {same}/{rows} rows with the same top token\t{}",
+        if tensor_cores { ", tensor-core prefill" } else { "" },
+        lens[0],
+        lens[1],
+        lens[2],
+        lens[3],
+        if pass { "ok" } else { "FAIL" }
+    );
+    pass
 }
 
 /// Time of generating `steps` greedy tokens (no end token) after each of `batch` prompts of
@@ -282,7 +306,7 @@ pub(crate) fn generate_check(
     for name in &work.models {
         let cfg = config(name)?;
         for &mode in weights {
-            let model = Llama::dummy(&cfg, dev, mode, 7)?;
+            let mut model = Llama::dummy(&cfg, dev, mode, 7)?;
             let form = match mode {
                 QuantMode::Dequantized => "f32",
                 _ => "Q4_1 (output Q8_0)",
@@ -303,6 +327,17 @@ pub(crate) fn generate_check(
                     b as f64 / (step_ms * 1e-3),
                     100.0 * host / decode.max(1e-9),
                     100.0 * roofline
+                );
+                // The same prompts through the tensor-core prefill kernel (prefill only).
+                model.set_tensor_core_prefill(true);
+                let tc = generation_time(&model, dev, b, prompt, 1, chunk);
+                model.set_tensor_core_prefill(false);
+                let (tc_prefill, _, _) = tc?;
+                println!(
+                    "GENERATE\t{name} dummy {form}\tbatch={b} prompt={prompt}, tensor-core prefill\t{:.1} ms\tprefill through the decode kernel {:.1} ms ({:.2}x)",
+                    tc_prefill * 1e3,
+                    prefill * 1e3,
+                    prefill / tc_prefill.max(1e-9)
                 );
             }
             if mode != QuantMode::Dequantized {

@@ -7,7 +7,7 @@ use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Storage, Tensor};
 use half::f16;
 
-use super::{PagedGeometry, Result};
+use super::{PagedGeometry, Result, PREFILL_TILE};
 use crate::error::OpsError;
 use crate::ops::{cuda_device, dev_err};
 
@@ -208,12 +208,45 @@ impl DecodeRows {
         self.seqs == 0
     }
 
-    /// Enqueues the decode kernel `variant` (and the merge when split) on the device's
-    /// stream: `q` holds the rows' query heads first in rows `q_stride` floats apart, `k`
-    /// and `v` the layer's paged storage, `out` gets `(rows, heads * head_dim)`.
+    /// Checks that the buffers of a launch hold what the kernels read and write: every row's
+    /// query heads, whole blocks of K and V (as many as the tables were checked against), every
+    /// row's output.
+    fn check_buffers(
+        &self,
+        q: &CudaView<'_, f32>,
+        q_stride: usize,
+        k: &CudaView<'_, f16>,
+        v: &CudaView<'_, f16>,
+        out: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let g = self.g;
+        let n = self.seqs as usize;
+        if q.len() < (n - 1) * q_stride + g.heads * g.head_dim
+            || k.len() != v.len()
+            || !k.len().is_multiple_of(g.block_elems())
+            || k.len() / g.block_elems() < self.num_blocks
+            || out.len() < n * g.heads * g.head_dim
+        {
+            return Err(OpsError::Shape(format!(
+                "{n} rows of stride {q_stride} in {} floats, K {} and V {} halves, {} outputs for {g:?}",
+                q.len(),
+                k.len(),
+                v.len(),
+                out.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Enqueues the decode kernel `variant` (and the merge when split) on the device's stream
+    /// for the first `rows` rows (all of them, or those before the rows left to the prefill
+    /// kernel, [`DecodeRows::launch_prefill`]): `q` holds the rows' query heads first in rows
+    /// `q_stride` floats apart, `k` and `v` the layer's paged storage, `out` gets
+    /// `(rows, heads * head_dim)`.
     #[allow(clippy::too_many_arguments)]
     pub fn launch(
         &mut self,
+        rows: u32,
         variant: Variant,
         q: &CudaView<'_, f32>,
         q_stride: usize,
@@ -222,6 +255,12 @@ impl DecodeRows {
         scale: f32,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        if rows == 0 || rows > self.seqs {
+            return Err(OpsError::Shape(format!(
+                "the first {rows} of {} rows",
+                self.seqs
+            )));
+        }
         let g = self.g;
         check_geometry(&g, q_stride)?;
         if !VARIANTS.contains(&variant) || !variant.supports(&g) {
@@ -229,21 +268,7 @@ impl DecodeRows {
                 "decode attention variant {variant:?} for {g:?}: one of {VARIANTS:?} that takes it"
             )));
         }
-        let rows = self.seqs as usize;
-        if q.len() < (rows - 1) * q_stride + g.heads * g.head_dim
-            || k.len() != v.len()
-            || !k.len().is_multiple_of(g.block_elems())
-            || k.len() / g.block_elems() < self.num_blocks
-            || out.len() < rows * g.heads * g.head_dim
-        {
-            return Err(OpsError::Shape(format!(
-                "{rows} rows of stride {q_stride} in {} floats, K {} and V {} halves, {} outputs for {g:?}",
-                q.len(),
-                k.len(),
-                v.len(),
-                out.len()
-            )));
-        }
+        self.check_buffers(q, q_stride, k, v, out)?;
         let group = g.heads / g.kv_heads;
         let (name, ring) = match variant {
             Variant::Lanes { unroll, stages } => (
@@ -283,7 +308,7 @@ impl DecodeRows {
             .map_err(dev_err)?;
         }
         let cfg = LaunchConfig {
-            grid_dim: (self.seqs, kv_heads, self.splits),
+            grid_dim: (rows, kv_heads, self.splits),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -318,7 +343,7 @@ impl DecodeRows {
                 .dev
                 .get_or_load_custom_func("cited_paged_merge", MODULE, PTX)?;
             let cfg = LaunchConfig {
-                grid_dim: (self.seqs, heads, 1),
+                grid_dim: (rows, heads, 1),
                 block_dim: (hd.min(256), 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -333,6 +358,111 @@ impl DecodeRows {
             // SAFETY: the partial buffers hold (rows, heads, splits[, head_dim]) entries.
             unsafe { b.launch(cfg) }.map_err(dev_err)?;
         }
+        Ok(())
+    }
+}
+
+/// Tiles of the tensor-core prefill kernel: each up to [`PREFILL_TILE`] consecutive tokens of
+/// one sequence (rows `first..first + rows`), uploaded.
+pub struct PrefillTiles {
+    first: CudaSlice<u32>,
+    rows: CudaSlice<u32>,
+    count: u32,
+    /// One past the last row any tile covers.
+    end: u32,
+}
+
+impl PrefillTiles {
+    /// `tiles`: `(first row, rows)`, rows 1 to [`PREFILL_TILE`] consecutive positions of one
+    /// sequence (the caller's promise: the kernel reads the first row's block table and
+    /// position for the whole tile).
+    pub fn new(dev: &CudaDevice, tiles: &[(u32, u32)]) -> Result<Self> {
+        if tiles.is_empty()
+            || tiles
+                .iter()
+                .any(|&(_, r)| r == 0 || r as usize > PREFILL_TILE)
+        {
+            return Err(OpsError::Shape(format!(
+                "{} prefill tiles of 1 to {PREFILL_TILE} rows",
+                tiles.len()
+            )));
+        }
+        let first: Vec<u32> = tiles.iter().map(|t| t.0).collect();
+        let rows: Vec<u32> = tiles.iter().map(|t| t.1).collect();
+        let stream = dev.cuda_stream();
+        Ok(Self {
+            first: stream.clone_htod(&first).map_err(dev_err)?,
+            rows: stream.clone_htod(&rows).map_err(dev_err)?,
+            count: tiles.len() as u32,
+            end: tiles.iter().map(|&(f, r)| f + r).max().unwrap_or(0),
+        })
+    }
+
+    /// Whether the tensor-core prefill kernel takes geometry `g` (pages of 16, head dims 64
+    /// and 128).
+    pub fn supports(g: &PagedGeometry) -> bool {
+        Variant::TensorCores.supports(g)
+    }
+}
+
+impl DecodeRows {
+    /// Enqueues the tensor-core prefill kernel over `tiles` of these rows: causal attention of
+    /// each tile's tokens (at `positions`, u32 per row on the device) over their sequence's
+    /// pages; `q`, `k`, `v`, `out` as for [`DecodeRows::launch`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_prefill(
+        &self,
+        tiles: &PrefillTiles,
+        q: &CudaView<'_, f32>,
+        q_stride: usize,
+        k: &CudaView<'_, f16>,
+        v: &CudaView<'_, f16>,
+        positions: &CudaSlice<u32>,
+        scale: f32,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let g = self.g;
+        check_geometry(&g, q_stride)?;
+        self.check_buffers(q, q_stride, k, v, out)?;
+        if !PrefillTiles::supports(&g) || tiles.end > self.seqs || positions.len() < self.len() {
+            return Err(OpsError::Shape(format!(
+                "prefill of {} tiles over {} rows for {g:?}",
+                tiles.count, self.seqs
+            )));
+        }
+        let name = format!("cited_paged_prefill_tc_h{}", g.head_dim);
+        let func = self.dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        // The copy ring: TC_STAGES pages of K and of V, rows padded by 8 halves.
+        let smem = TC_STAGES * 2 * 16 * (g.head_dim + 8) * 2;
+        let cfg = LaunchConfig {
+            grid_dim: (tiles.count, g.heads as u32, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let (q_stride, kv_heads, group) = (
+            q_stride as u32,
+            g.kv_heads as u32,
+            (g.heads / g.kv_heads) as u32,
+        );
+        let mut b = func.builder();
+        b.arg(q)
+            .arg(&q_stride)
+            .arg(k)
+            .arg(v)
+            .arg(&self.tables)
+            .arg(&self.max_blocks)
+            .arg(positions)
+            .arg(&tiles.first)
+            .arg(&tiles.rows)
+            .arg(&kv_heads)
+            .arg(&group)
+            .arg(&scale)
+            .arg(&mut *out);
+        // SAFETY: the arguments match `cited_paged_prefill_tc_h*` (kernels/paged_attention.cu)
+        // for this head dim; every tile's rows are below the row count (checked above), each
+        // row's table covers its position (checked in `new`, whose lengths are the positions
+        // plus one); the shared memory is the kernel's ring (at most 26 KiB).
+        unsafe { b.launch(cfg) }.map_err(dev_err)?;
         Ok(())
     }
 }
@@ -458,7 +588,9 @@ impl Decode {
         let vv = vc
             .as_cuda_slice::<f16>()?
             .slice(vl.start_offset()..vl.start_offset() + self.v.elem_count());
+        let rows = self.rows.len() as u32;
         self.rows.launch(
+            rows,
             self.variant,
             &qv,
             self.q_stride,
