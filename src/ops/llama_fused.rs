@@ -1,14 +1,17 @@
 //! A Llama decoder's forward pass on the GPU, between the projections' GEMMs: the rotary
 //! embedding with the K/V write into the paged cache, each residual add with the RMSNorm after
 //! it, the gated activation (`kernels/llama.cu`), and attention of every token of the batch
-//! through the paged decode kernel (`kernels/paged_attention.cu`).
-//! [`crate::models::llama::Llama`] uses them on CUDA; its host path (rope, `KvCache::write`,
+//! over the paged cache (`kernels/paged_attention.cu`). [`crate::models::llama::Llama`] uses
+//! them on CUDA; its host path (rope, `KvCache::write`, candle's norm and activation,
 //! [`super::paged_attention::paged_attention`]) is the reference they are checked against.
 //!
-//! Attention treats every token as a query row of its own: a prompt chunk's token at position
-//! `p` attends to positions `0..=p` of its sequence, a decode token to its whole history, each
-//! through the sequence's block table. A prompt token thus reads its sequence's K/V again
-//! rather than sharing one read across the chunk (the reads of one sequence stay in L2).
+//! Attention treats every token as a query row of its own by default: a prompt chunk's token
+//! at position `p` attends to positions `0..=p` of its sequence, a decode token to its whole
+//! history, each through the sequence's block table, all in the decode kernel; a prompt token
+//! then reads its sequence's K/V again rather than sharing one read across the chunk (the reads
+//! of one sequence stay in L2). With the tensor-core prefill on, the tokens after the leading
+//! decode rows go 16 to a tile through the prefill kernel instead, which reads each page once
+//! per tile.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
