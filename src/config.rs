@@ -529,10 +529,13 @@ impl DeviceSpec {
             Self::Cuda(n) => {
                 let dev = Device::new_cuda(n)
                     .map_err(|e| ConfigError::CudaUnavailable(n, e.to_string()))?;
-                // Steps of the same shapes reuse the last step's buffers.
+                // Steps of the same shapes reuse the last step's buffers, made without events.
                 #[cfg(feature = "cuda")]
-                crate::ops::keep_freed_memory(&dev, true)
-                    .map_err(|e| ConfigError::CudaUnavailable(n, e.to_string()))?;
+                {
+                    crate::ops::keep_freed_memory(&dev, true)
+                        .map_err(|e| ConfigError::CudaUnavailable(n, e.to_string()))?;
+                    crate::ops::track_buffer_events(&dev, false);
+                }
                 Ok(dev)
             }
         }

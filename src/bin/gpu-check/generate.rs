@@ -328,6 +328,17 @@ pub(crate) fn generate_check(
                     100.0 * host / decode.max(1e-9),
                     100.0 * roofline
                 );
+                if b == 1 {
+                    // The per-step cost of cudarc's buffer events (on by default, off here).
+                    track_buffer_events(dev, true);
+                    let with = generation_time(&model, dev, b, prompt, steps, chunk);
+                    track_buffer_events(dev, false);
+                    let (_, with_decode, _) = with?;
+                    let with_ms = with_decode * 1e3 / steps.saturating_sub(1).max(1) as f64;
+                    println!(
+                        "GENERATE\t{name} dummy {form}\tbatch=1, cudarc buffer events on\t{with_ms:.2} ms/step\twithout them {step_ms:.2} ms/step"
+                    );
+                }
                 // The same prompts through the tensor-core prefill kernel (prefill only).
                 model.set_tensor_core_prefill(true);
                 let tc = generation_time(&model, dev, b, prompt, 1, chunk);

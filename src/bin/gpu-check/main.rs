@@ -31,7 +31,7 @@ use cited::ops::sampling::{
 use cited::ops::similarity::gpu::{default_seed_rows, Search};
 use cited::ops::similarity::{compare_hits, topk_cpu};
 use cited::ops::similarity_variants::{Variant, VARIANTS};
-use cited::ops::{bert_fused, keep_freed_memory};
+use cited::ops::{bert_fused, keep_freed_memory, track_buffer_events};
 
 mod attention;
 mod embed;
@@ -240,6 +240,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let dev = Device::new_cuda(args.device).context("opening the CUDA device")?;
     keep_freed_memory(&dev, true)?;
+    track_buffer_events(&dev, false);
     match args.command {
         Cmd::Parity => {
             let cases = [
