@@ -103,6 +103,17 @@
 //   part with different query groups; blocks running together then read the same rows, and the
 //   second and later reads come from L2.
 //
+// GEMM FILTER
+//   For batches, a search can also take its products from cuBLAS: the corpus is walked in
+//   chunks of C rows; for each, one GEMM (f16 in, f32 out: every product exact, sums in f32
+//   on the tensor cores) writes the chunk's nq x C scores into a buffer reused for every
+//   chunk, and similarity_filter_scores(scores, C, row0, nq, k, rows_per_part, part0,
+//   total_parts, part_scores, part_ids, seed, seed_stride) (grid (parts of the chunk, nq), 256
+//   threads, (k2 + 512) keys of dynamic shared memory) turns each query's share of a part into
+//   the part's k best with the running top-k above, one row per thread per round; parts are
+//   numbered across chunks (part0 = the chunk's first), and the merge below combines them. Only
+//   one chunk of scores exists at a time, never the nq x n matrix.
+//
 // SEEDED THRESHOLDS
 //   The partial kernels take an optional seed (null: none): seed[q * seed_stride] is a lower
 //   bound of query q's k-th best score, found by a first search over a prefix of the corpus of
@@ -170,6 +181,10 @@
 //   (`Search::with_seed`); the warm-up it removes is what v2 left slowest at n = 1e6, k = 100.
 //   Not yet run on a GPU: parity (with exact ties at the seed), memcheck and the sweep's
 //   `+seed` rows will say whether it becomes the default.
+//   v4: GEMM FILTER (`GemmSearch`): for batches, cuBLAS's f16 GEMM (f32 out) per chunk of
+//   the corpus and similarity_filter_scores; v2's mmaq64 ran at ~140 TFLOP/s at nq = 256, n =
+//   1e7, where cuBLAS's products run at several times that, and the score chunk (32 MB by
+//   default) is written and read once. Also not yet run; the sweep's `gemm` rows time it.
 
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -1174,6 +1189,43 @@ extern "C" __global__ void __launch_bounds__(PARTIAL_THREADS, 1)
 {
     partial_pipe<64, 128, 512>(queries, corpus, n, d, nq, k, rows_per_part, part_scores, part_ids,
                                seed, seed_stride);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Filter of computed scores (GEMM FILTER in the header). Dynamic shared memory: (k2 + 512) keys.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(PARTIAL_THREADS)
+    similarity_filter_scores(const float* __restrict__ scores, unsigned int chunk_rows,
+                             unsigned int row0, unsigned int nq, unsigned int k,
+                             unsigned int rows_per_part, unsigned int part0,
+                             unsigned int total_parts, float* __restrict__ part_scores,
+                             unsigned int* __restrict__ part_ids,
+                             const float* __restrict__ seed, unsigned int seed_stride)
+{
+    constexpr int BUF = 512;
+    constexpr int R = PARTIAL_THREADS;  // rows per round: one per thread
+    __shared__ key64 s_thr[1];
+    __shared__ unsigned s_cnt[1];
+    if (blockDim.x != PARTIAL_THREADS || k == 0 || k > MAX_K || rows_per_part == 0) return;
+    const unsigned p = blockIdx.x, q = blockIdx.y;
+    if (q >= nq) return;
+    const unsigned k2 = next_pow2(k);
+    key64* keys = reinterpret_cast<key64*>(dyn_smem);
+    topk_init<1, BUF>(keys, s_thr, s_cnt, k2, seed, seed_stride, q, nq);
+    __syncthreads();
+    const unsigned begin = p * rows_per_part;
+    const unsigned end = min(chunk_rows, begin + rows_per_part);
+    const float* row = scores + static_cast<size_t>(q) * chunk_rows;
+    for (unsigned base = begin; base < end; base += R) {
+        const unsigned r = base + threadIdx.x;
+        bool full = false;
+        if (r < end) {
+            full = topk_offer<BUF, R>(keys, s_thr, s_cnt, 0, k2, make_key(row[r], row0 + r));
+        }
+        if (__syncthreads_or(full)) topk_reduce<1, BUF>(keys, s_thr, s_cnt, k, k2);
+    }
+    topk_reduce<1, BUF>(keys, s_thr, s_cnt, k, k2);
+    topk_write<1, BUF>(keys, k, k2, q, nq, part0 + p, total_parts, part_scores, part_ids);
 }
 
 // ---------------------------------------------------------------------------------------------

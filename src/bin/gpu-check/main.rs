@@ -28,8 +28,8 @@ use cited::ops::sampling::gpu::{Row, Step, Variant as SampleVariant};
 use cited::ops::sampling::{
     apply_penalties, argmax, draw, kept_tokens, PenaltyEntry, SamplingParams,
 };
-use cited::ops::similarity::gpu::{default_seed_rows, Search};
-use cited::ops::similarity::{compare_hits, topk_cpu};
+use cited::ops::similarity::gpu::{default_seed_rows, GemmSearch, Search};
+use cited::ops::similarity::{compare_hits, topk_cpu, Hit};
 use cited::ops::similarity_variants::{Variant, VARIANTS};
 use cited::ops::{bert_fused, keep_freed_memory, track_buffer_events};
 

@@ -45,13 +45,7 @@ pub(crate) fn similarity_case(
                 }
                 s.poison()?;
                 s.launch()?;
-                let got = s.read()?;
-                // A seed entry (id 0xFFFFFFFF) or padding must never reach the results.
-                let verdict = match got.iter().flatten().find(|h| h.id as usize >= n) {
-                    Some(h) => Err(format!("id {} past the corpus", h.id)),
-                    None => compare_hits(&got, &want, tol),
-                };
-                Ok((s.rows_per_part(), verdict))
+                Ok((s.rows_per_part(), judge(&s.read()?, &want, n, tol)))
             };
             let (rpp, verdict) = match run() {
                 Ok((rpp, verdict)) => (rpp.to_string(), verdict),
@@ -70,7 +64,53 @@ pub(crate) fn similarity_case(
             );
         }
     }
+    // The cuBLAS products with the filter kernel: the default chunk, then chunks of about a
+    // third of the corpus (several chunks, the last one shorter); unseeded and seeded.
+    for chunk in [None, Some((n / 3 + 1) as u32)] {
+        for seed in [false, true] {
+            if seed && !(k..n).contains(&default_seed_rows(n, k)) {
+                continue;
+            }
+            let run = || -> Result<(u32, std::result::Result<(), String>)> {
+                let mut s = GemmSearch::new(&qt, &ct, k, chunk)?;
+                if seed {
+                    s = s.with_seed(None)?;
+                }
+                s.poison()?;
+                s.launch()?;
+                Ok((s.chunk_rows(), judge(&s.read()?, &want, n, tol)))
+            };
+            let (rows, verdict) = match run() {
+                Ok((rows, verdict)) => (rows.to_string(), verdict),
+                Err(e) => ("?".to_string(), Err(format!("error {e}"))),
+            };
+            all_ok &= verdict.is_ok();
+            println!(
+                "PARITY\tsimilarity\tgemm{}\tnq={nq} n={n} d={d} k={k} chunk_rows={rows}{}\t{}",
+                if seed { "+seed" } else { "" },
+                distinct.map_or(String::new(), |m| format!(" ({m} distinct rows)")),
+                match &verdict {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => format!("FAIL {e}"),
+                }
+            );
+        }
+    }
     Ok(all_ok)
+}
+
+/// A search's hits against the reference's: no id past the corpus (a seed entry, id
+/// 0xFFFFFFFF, or padding must never reach the results), then [`compare_hits`].
+fn judge(
+    got: &[Vec<Hit>],
+    want: &[Vec<Hit>],
+    n: usize,
+    tol: f32,
+) -> std::result::Result<(), String> {
+    match got.iter().flatten().find(|h| h.id as usize >= n) {
+        Some(h) => Err(format!("id {} past the corpus", h.id)),
+        None => compare_hits(got, want, tol),
+    }
 }
 
 /// The similarity cases of `cases` (nq, n, d, k), then fixed cases: many small parts, and
@@ -171,6 +211,38 @@ pub(crate) fn sweep(
                         let tbs = bytes / (ms / 1e3) / 1e12;
                         println!(
                             "SWEEP\tn={n}\tnq={nq}\tk={k}\t{name}\trows_per_part={rows} ({label})\t{ms:.3} ms\t{tbs:.2} TB/s\t{:.0}% of {peak_tbs} TB/s",
+                            100.0 * tbs / peak_tbs
+                        );
+                    }
+                }
+                // cuBLAS products + the filter kernel, for batches: the default chunk, half and
+                // twice it, and the default seeded.
+                if nq >= 16 {
+                    let base = GemmSearch::new(&queries, &corpus, k, None)?.chunk_rows();
+                    for (label, chunk, seeded) in [
+                        ("1x", base, false),
+                        ("half", (base / 2).max(1024), false),
+                        ("2x", base.saturating_mul(2), false),
+                        ("1x", base, true),
+                    ] {
+                        let name = if seeded { "gemm+seed" } else { "gemm" };
+                        let timed = GemmSearch::new(&queries, &corpus, k, Some(chunk))
+                            .and_then(|s| if seeded { s.with_seed(None) } else { Ok(s) })
+                            .map_err(anyhow::Error::from)
+                            .and_then(|mut s| {
+                                let stream = s.stream();
+                                time_launches(&stream, 0.8, || Ok(s.launch()?))
+                            });
+                        let ms = match timed {
+                            Ok(ms) => ms,
+                            Err(e) => {
+                                println!("SWEEP\tn={n}\tnq={nq}\tk={k}\t{name}\tERROR {e}");
+                                continue;
+                            }
+                        };
+                        let tbs = bytes / (ms / 1e3) / 1e12;
+                        println!(
+                            "SWEEP\tn={n}\tnq={nq}\tk={k}\t{name}\tchunk_rows={chunk} ({label})\t{ms:.3} ms\t{tbs:.2} TB/s\t{:.0}% of {peak_tbs} TB/s",
                             100.0 * tbs / peak_tbs
                         );
                     }

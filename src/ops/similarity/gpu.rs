@@ -3,7 +3,7 @@
 use candle_core::cuda_backend::cudarc::driver::sys::{
     CUdevice_attribute, CUfunction_attribute_enum,
 };
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Storage, Tensor};
 use half::f16;
@@ -83,10 +83,7 @@ pub struct Search {
     variant: &'static Variant,
     rows_per_part: u32,
     parts: u32,
-    part_scores: CudaSlice<f32>,
-    part_ids: CudaSlice<u32>,
-    out_scores: CudaSlice<f32>,
-    out_ids: CudaSlice<u32>,
+    lists: Lists,
     /// The search over a prefix of the corpus whose k-th best scores seed the thresholds
     /// (kernels/similarity.cu, SEEDED THRESHOLDS).
     seed: Option<Box<Search>>,
@@ -141,13 +138,8 @@ impl Search {
             None => default_rows_per_part(&dev, n, nq, variant)?,
         };
         let parts = n.div_ceil(rows_per_part as usize);
-        let stream = dev.cuda_stream();
-        let part_len = nq * parts * k;
         Ok(Self {
-            part_scores: stream.alloc_zeros::<f32>(part_len).map_err(dev_err)?,
-            part_ids: stream.alloc_zeros::<u32>(part_len).map_err(dev_err)?,
-            out_scores: stream.alloc_zeros::<f32>(nq * k).map_err(dev_err)?,
-            out_ids: stream.alloc_zeros::<u32>(nq * k).map_err(dev_err)?,
+            lists: Lists::new(&dev, nq as u32, parts as u32, k as u32, n as u32)?,
             dev,
             queries: queries.clone(),
             corpus: corpus.clone(),
@@ -167,20 +159,11 @@ impl Search {
     /// default variant and part size for that prefix. The results are the same; a part
     /// whose rows all score below the prefix's k-th best then offers no candidate.
     pub fn with_seed(mut self, rows: Option<usize>) -> Result<Self> {
-        let (n, k) = (self.n as usize, self.k as usize);
-        let rows = rows.unwrap_or_else(|| default_seed_rows(n, k));
-        if rows < k || rows >= n {
-            return Err(OpsError::Shape(format!(
-                "a seed prefix of {rows} rows for k {k} and {n} rows (needs k <= rows < n)"
-            )));
-        }
-        let prefix = self.corpus.narrow(0, 0, rows)?;
-        self.seed = Some(Box::new(Search::new(
+        self.seed = Some(Box::new(seed_search(
             &self.queries,
-            &prefix,
-            k,
-            None,
-            None,
+            &self.corpus,
+            self.k,
+            rows,
         )?));
         Ok(self)
     }
@@ -201,22 +184,7 @@ impl Search {
     /// Fills every output buffer with NaN scores and 0xFFFFFFFF ids, so a slot a kernel
     /// forgets to write cannot pass for a result.
     pub fn poison(&mut self) -> Result<()> {
-        let stream = self.dev.cuda_stream();
-        let nan = vec![f32::NAN; self.part_scores.len()];
-        let bad = vec![u32::MAX; self.part_ids.len()];
-        stream
-            .memcpy_htod(&nan, &mut self.part_scores)
-            .map_err(dev_err)?;
-        stream
-            .memcpy_htod(&bad, &mut self.part_ids)
-            .map_err(dev_err)?;
-        stream
-            .memcpy_htod(&nan[..self.out_scores.len()], &mut self.out_scores)
-            .map_err(dev_err)?;
-        stream
-            .memcpy_htod(&bad[..self.out_ids.len()], &mut self.out_ids)
-            .map_err(dev_err)?;
-        Ok(())
+        self.lists.poison(&self.dev)
     }
 
     /// Enqueues the partial and merge kernels on the device's stream (no synchronisation),
@@ -250,10 +218,7 @@ impl Search {
         // The seed: the prefix's merged scores from its k-th entry on, one per query k
         // apart; a null pointer without one.
         let null = 0u64;
-        let seed_view = self
-            .seed
-            .as_ref()
-            .map(|s| s.out_scores.slice(self.k as usize - 1..));
+        let seed_view = self.seed.as_ref().map(|s| s.lists.seed_view());
         let mut b = partial.builder();
         b.arg(&q)
             .arg(&c)
@@ -262,8 +227,8 @@ impl Search {
             .arg(&self.nq)
             .arg(&self.k)
             .arg(&self.rows_per_part)
-            .arg(&mut self.part_scores)
-            .arg(&mut self.part_ids);
+            .arg(&mut self.lists.part_scores)
+            .arg(&mut self.lists.part_ids);
         match &seed_view {
             Some(view) => b.arg(view),
             None => b.arg(&null),
@@ -274,9 +239,318 @@ impl Search {
         // seed (same queries, same k) holds nq * k scores, read at q * k + k - 1.
         unsafe { b.launch(cfg) }.map_err(dev_err)?;
 
-        let merge = self
+        self.lists.merge(&self.dev)
+    }
+
+    /// Waits for the device and copies the results back: `nq` lists of `min(k, n)` hits.
+    pub fn read(&self) -> Result<Vec<Vec<Hit>>> {
+        self.lists.read(&self.dev)
+    }
+
+    /// The device's stream, for timing with events.
+    pub fn stream(&self) -> std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream> {
+        self.dev.cuda_stream()
+    }
+}
+
+/// A prepared search whose products come from cuBLAS (kernels/similarity.cu, GEMM FILTER): the
+/// corpus in chunks of `chunk_rows` rows, each chunk's scores (f32) into one reused buffer, then
+/// filtered into per-part top-k lists and merged. For batches of queries, where the tensor-core
+/// kernels of [`Search`] run far below the GEMM's throughput.
+pub struct GemmSearch {
+    dev: CudaDevice,
+    blas: candle_core::cuda_backend::cudarc::cublas::CudaBlas,
+    queries: Tensor,
+    corpus: Tensor,
+    n: u32,
+    d: u32,
+    nq: u32,
+    k: u32,
+    chunk_rows: u32,
+    /// Rows of each filter part (a chunk's last part may have fewer).
+    rows_per_part: u32,
+    /// Parts over all chunks.
+    parts: u32,
+    scores: CudaSlice<f32>,
+    lists: Lists,
+    seed: Option<Box<Search>>,
+}
+
+/// Threads of the filter kernel (as PARTIAL_THREADS in the kernel) and its candidate buffer.
+const FILTER_THREADS: u32 = 256;
+const FILTER_BUF: u32 = 512;
+
+impl GemmSearch {
+    /// Prepares a search of `queries` `(nq, d)` against `corpus` `(n, d)`, both f16, contiguous,
+    /// on one CUDA device, in chunks of `chunk_rows` rows (default: a 32 MB score buffer,
+    /// 4,096 rows at least).
+    pub fn new(
+        queries: &Tensor,
+        corpus: &Tensor,
+        k: usize,
+        chunk_rows: Option<u32>,
+    ) -> Result<Self> {
+        let (nq, d) = queries.dims2()?;
+        let (n, cd) = corpus.dims2()?;
+        if cd != d || d == 0 || queries.dtype() != DType::F16 || corpus.dtype() != DType::F16 {
+            return Err(OpsError::Shape(format!(
+                "f16 queries of width {d} against f16 rows of {cd}"
+            )));
+        }
+        if !queries.is_contiguous() || !corpus.is_contiguous() {
+            return Err(OpsError::Shape(
+                "queries and corpus must be contiguous".into(),
+            ));
+        }
+        if k == 0 || k > 256 || n == 0 || nq == 0 || n > i32::MAX as usize {
+            return Err(OpsError::Shape(format!("k {k} (1..=256), n {n}, nq {nq}")));
+        }
+        let dev = cuda_device(corpus, "corpus")?;
+        let chunk_rows = chunk_rows
+            .map(|c| c.max(1) as usize)
+            .unwrap_or_else(|| ((32 << 20) / (4 * nq)).max(4096))
+            .min(n) as u32;
+        let sms = dev
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(dev_err)? as u32;
+        // About four blocks per multiprocessor over the chunk's (part, query) grid.
+        let chunk_parts = (4 * sms)
+            .div_ceil(nq as u32)
+            .clamp(1, chunk_rows.div_ceil(FILTER_THREADS));
+        let rows_per_part = chunk_rows.div_ceil(chunk_parts);
+        let chunks = (n as u32).div_ceil(chunk_rows);
+        let last_rows = n as u32 - (chunks - 1) * chunk_rows;
+        // As `launch` counts them: each chunk's rows in parts of `rows_per_part`.
+        let parts =
+            (chunks - 1) * chunk_rows.div_ceil(rows_per_part) + last_rows.div_ceil(rows_per_part);
+        let stream = dev.cuda_stream();
+        Ok(Self {
+            blas: candle_core::cuda_backend::cudarc::cublas::CudaBlas::new(stream.clone())
+                .map_err(dev_err)?,
+            // SAFETY: each chunk's GEMM writes the scores before its filter reads them.
+            scores: unsafe { stream.alloc::<f32>(nq * chunk_rows as usize) }.map_err(dev_err)?,
+            lists: Lists::new(&dev, nq as u32, parts as u32, k as u32, n as u32)?,
+            dev,
+            queries: queries.clone(),
+            corpus: corpus.clone(),
+            n: n as u32,
+            d: d as u32,
+            nq: nq as u32,
+            k: k as u32,
+            chunk_rows,
+            rows_per_part,
+            parts,
+            seed: None,
+        })
+    }
+
+    /// Seeds the filter's thresholds as [`Search::with_seed`] does.
+    pub fn with_seed(mut self, rows: Option<usize>) -> Result<Self> {
+        self.seed = Some(Box::new(seed_search(
+            &self.queries,
+            &self.corpus,
+            self.k,
+            rows,
+        )?));
+        Ok(self)
+    }
+
+    pub fn chunk_rows(&self) -> u32 {
+        self.chunk_rows
+    }
+
+    /// Fills the outputs with NaN scores and 0xFFFFFFFF ids, so a slot nothing writes cannot
+    /// pass for a result.
+    pub fn poison(&mut self) -> Result<()> {
+        self.lists.poison(&self.dev)
+    }
+
+    /// Enqueues every chunk's GEMM and filter, then the merge (no synchronisation).
+    pub fn launch(&mut self) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as blas_sys};
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        if let Some(seed) = self.seed.as_mut() {
+            seed.launch()?;
+        }
+        let stream = self.dev.cuda_stream();
+        let filter = self
             .dev
-            .get_or_load_custom_func(MERGE_KERNEL, MODULE, PTX)?;
+            .get_or_load_custom_func("similarity_filter_scores", MODULE, PTX)?;
+        let k2 = self.k.next_power_of_two();
+        let smem = (k2 + FILTER_BUF) * 8;
+        let (q_storage, _) = self.queries.storage_and_layout();
+        let (c_storage, _) = self.corpus.storage_and_layout();
+        let q = f16_slice(&q_storage, &self.queries)?;
+        let c = f16_slice(&c_storage, &self.corpus)?;
+        let null = 0u64;
+        let seed_view = self.seed.as_ref().map(|s| s.lists.seed_view());
+        let d = self.d as usize;
+        let (alpha, beta) = (1f32, 0f32);
+        let mut row0 = 0u32;
+        let mut part0 = 0u32;
+        while row0 < self.n {
+            let rows = self.chunk_rows.min(self.n - row0);
+            {
+                let chunk = c.slice(row0 as usize * d..(row0 + rows) as usize * d);
+                let (a_ptr, _a) = chunk.device_ptr(&stream);
+                let (b_ptr, _b) = q.device_ptr(&stream);
+                let (c_ptr, _c) = self.scores.device_ptr(&stream);
+                // Column-major: scores^T (rows x nq, ld rows) = chunk (d x rows stored, used
+                // transposed) times queries^T (d x nq); row-major that is (nq, rows).
+                // SAFETY: the pointers are live device buffers of this stream: the chunk holds
+                // rows x d halves, the queries nq x d, the scores at least nq x rows floats;
+                // alpha and beta are f32 as the compute type wants.
+                unsafe {
+                    blas::gemm_ex(
+                        *self.blas.handle(),
+                        blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                        blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                        rows as i32,
+                        self.nq as i32,
+                        self.d as i32,
+                        (&alpha as *const f32).cast(),
+                        a_ptr as *const _,
+                        blas_sys::cudaDataType::CUDA_R_16F,
+                        self.d as i32,
+                        b_ptr as *const _,
+                        blas_sys::cudaDataType::CUDA_R_16F,
+                        self.d as i32,
+                        (&beta as *const f32).cast(),
+                        c_ptr as *mut _,
+                        blas_sys::cudaDataType::CUDA_R_32F,
+                        rows as i32,
+                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+                    )
+                }
+                .map_err(dev_err)?;
+            }
+            let chunk_parts = rows.div_ceil(self.rows_per_part);
+            let cfg = LaunchConfig {
+                grid_dim: (chunk_parts, self.nq, 1),
+                block_dim: (FILTER_THREADS, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            let mut b = filter.builder();
+            b.arg(&self.scores)
+                .arg(&rows)
+                .arg(&row0)
+                .arg(&self.nq)
+                .arg(&self.k)
+                .arg(&self.rows_per_part)
+                .arg(&part0)
+                .arg(&self.parts)
+                .arg(&mut self.lists.part_scores)
+                .arg(&mut self.lists.part_ids);
+            match &seed_view {
+                Some(view) => b.arg(view),
+                None => b.arg(&null),
+            };
+            b.arg(&self.k);
+            // SAFETY: the arguments match `similarity_filter_scores`: the scores hold nq rows
+            // of `rows` floats (this chunk's GEMM, earlier on the stream); parts part0 ..
+            // part0 + chunk_parts are below `parts`, so the partial lists hold their entries;
+            // the seed, when there is one, holds nq * k scores read at q * k + k - 1; the
+            // shared memory holds k2 + 512 keys.
+            unsafe { b.launch(cfg) }.map_err(dev_err)?;
+            row0 += rows;
+            part0 += chunk_parts;
+        }
+        if part0 != self.parts {
+            return Err(OpsError::Shape(format!(
+                "{part0} filter parts launched for {} planned",
+                self.parts
+            )));
+        }
+        self.lists.merge(&self.dev)
+    }
+
+    /// Waits for the device and copies the results back: `nq` lists of `min(k, n)` hits.
+    pub fn read(&self) -> Result<Vec<Vec<Hit>>> {
+        self.lists.read(&self.dev)
+    }
+
+    /// The device's stream, for timing with events.
+    pub fn stream(&self) -> std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream> {
+        self.dev.cuda_stream()
+    }
+}
+
+/// The seeding search of [`Search::with_seed`]: the default search over the corpus's first
+/// `rows` rows (default [`default_seed_rows`]; at least k, fewer than the corpus).
+fn seed_search(queries: &Tensor, corpus: &Tensor, k: u32, rows: Option<usize>) -> Result<Search> {
+    let (n, k) = (corpus.dim(0)?, k as usize);
+    let rows = rows.unwrap_or_else(|| default_seed_rows(n, k));
+    if rows < k || rows >= n {
+        return Err(OpsError::Shape(format!(
+            "a seed prefix of {rows} rows for k {k} and {n} rows (needs k <= rows < n)"
+        )));
+    }
+    Search::new(queries, &corpus.narrow(0, 0, rows)?, k, None, None)
+}
+
+/// The partial top-k lists of a search and its merged results: `parts` lists of k per query,
+/// then the k best of each query's lists.
+struct Lists {
+    part_scores: CudaSlice<f32>,
+    part_ids: CudaSlice<u32>,
+    out_scores: CudaSlice<f32>,
+    out_ids: CudaSlice<u32>,
+    nq: u32,
+    parts: u32,
+    k: u32,
+    /// Corpus rows (a query gets min(k, n) hits).
+    n: u32,
+}
+
+impl Lists {
+    fn new(dev: &CudaDevice, nq: u32, parts: u32, k: u32, n: u32) -> Result<Self> {
+        let stream = dev.cuda_stream();
+        let part_len = nq as usize * parts as usize * k as usize;
+        let out_len = nq as usize * k as usize;
+        Ok(Self {
+            part_scores: stream.alloc_zeros::<f32>(part_len).map_err(dev_err)?,
+            part_ids: stream.alloc_zeros::<u32>(part_len).map_err(dev_err)?,
+            out_scores: stream.alloc_zeros::<f32>(out_len).map_err(dev_err)?,
+            out_ids: stream.alloc_zeros::<u32>(out_len).map_err(dev_err)?,
+            nq,
+            parts,
+            k,
+            n,
+        })
+    }
+
+    /// Fills every buffer with NaN scores and 0xFFFFFFFF ids, so a slot a kernel forgets to
+    /// write cannot pass for a result.
+    fn poison(&mut self, dev: &CudaDevice) -> Result<()> {
+        let stream = dev.cuda_stream();
+        let nan = vec![f32::NAN; self.part_scores.len()];
+        let bad = vec![u32::MAX; self.part_ids.len()];
+        stream
+            .memcpy_htod(&nan, &mut self.part_scores)
+            .map_err(dev_err)?;
+        stream
+            .memcpy_htod(&bad, &mut self.part_ids)
+            .map_err(dev_err)?;
+        stream
+            .memcpy_htod(&nan[..self.out_scores.len()], &mut self.out_scores)
+            .map_err(dev_err)?;
+        stream
+            .memcpy_htod(&bad[..self.out_ids.len()], &mut self.out_ids)
+            .map_err(dev_err)
+    }
+
+    /// The merged k-th best score of each query, k apart: a seed for another search of the
+    /// same queries and k.
+    fn seed_view(&self) -> CudaView<'_, f32> {
+        self.out_scores.slice(self.k as usize - 1..)
+    }
+
+    /// Enqueues the merge.
+    fn merge(&mut self, dev: &CudaDevice) -> Result<()> {
+        let merge = dev.get_or_load_custom_func(MERGE_KERNEL, MODULE, PTX)?;
         let msmem = merge_smem_bytes(self.k);
         if msmem > 0 {
             merge
@@ -299,14 +573,15 @@ impl Search {
             .arg(&self.k)
             .arg(&mut self.out_scores)
             .arg(&mut self.out_ids);
-        // SAFETY: as above; the outputs hold (nq, k) entries.
+        // SAFETY: the arguments match `similarity_merge`; the partial buffers hold (nq, parts,
+        // k) entries and the outputs (nq, k), as allocated in `new`.
         unsafe { b.launch(cfg) }.map_err(dev_err)?;
         Ok(())
     }
 
-    /// Waits for the device and copies the results back: `nq` lists of `min(k, n)` hits.
-    pub fn read(&self) -> Result<Vec<Vec<Hit>>> {
-        let stream = self.dev.cuda_stream();
+    /// Waits for the device and reads the merged results: `nq` lists of `min(k, n)` hits.
+    fn read(&self, dev: &CudaDevice) -> Result<Vec<Vec<Hit>>> {
+        let stream = dev.cuda_stream();
         let scores = stream.clone_dtoh(&self.out_scores).map_err(dev_err)?;
         let ids = stream.clone_dtoh(&self.out_ids).map_err(dev_err)?;
         let k = self.k as usize;
@@ -321,11 +596,6 @@ impl Search {
                     .collect()
             })
             .collect())
-    }
-
-    /// The device's stream, for timing with events.
-    pub fn stream(&self) -> std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream> {
-        self.dev.cuda_stream()
     }
 }
 
