@@ -373,3 +373,42 @@ fn offline_runs_batch_without_changing_any_output() {
     let too_big = vec![request(prompt(&mut rng, 300), 10, 0)];
     assert!(run_offline(&model, &text, cfg(1, 64), cache(4), too_big).is_err());
 }
+
+/// The GPU check's engine set-up on the CPU: seeded dummy weights with the synthetic byte-level
+/// text side, every request generating exactly its tokens (ids past the bytes decode as text
+/// of their own), in a batch that prefills in chunks.
+#[test]
+fn dummy_weights_with_the_synthetic_text_side_run_through_the_scheduler() {
+    use cited::engine::scheduler::run_offline;
+    let cfg: cited::models::llama::LlamaConfig = serde_json::from_value(serde_json::json!({
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+        "max_position_embeddings": 512,
+    }))
+    .unwrap();
+    let model = Llama::dummy(&cfg, &Device::Cpu, QuantMode::Dequantized, 3).unwrap();
+    let text = TextSide::synthetic(cfg.vocab_size, cfg.max_position_embeddings).unwrap();
+    let mut rng = Rng::new(5);
+    let requests: Vec<GenerateRequest> = (0..4)
+        .map(|i| request(rng.tokens(40 + 13 * i, 300), 9, 0))
+        .collect();
+    let cache = KvCache::with_tokens(&cfg, 4 * 128);
+    let sched = SchedulerConfig {
+        max_running: 4,
+        max_batch_tokens: 32,
+    };
+    let results = run_offline(&model, &text, sched, cache, requests).unwrap();
+    assert_eq!(results.len(), 4);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.stats.generated_tokens, 9);
+        assert_eq!(
+            r.stats.prompt_tokens,
+            40 + 13 * i,
+            "results in submission order"
+        );
+    }
+}
