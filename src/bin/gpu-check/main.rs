@@ -258,7 +258,7 @@ fn main() -> Result<()> {
                 (40, 2_000, 512, 128),
                 (33, 4_000, 1024, 256),
             ];
-            let a = similarity_parity(&dev, &cases)?;
+            let a = similarity_parity(&dev, &cases, true)?;
             let b = embedding_parity(&dev, false)?;
             let c = sampling_parity(&dev, false)?;
             let d = paged_parity(&dev, false)?;
@@ -271,7 +271,8 @@ fn main() -> Result<()> {
             let part = |p: &str| only.is_empty() || only.iter().any(|o| o == p);
             let mut ok = true;
             if part("similarity") {
-                ok &= similarity_parity(&dev, &[(3, 1000, 64, 10), (40, 3000, 128, 50)])?;
+                // Small cases only: under compute-sanitizer every run is slow.
+                ok &= similarity_parity(&dev, &[(3, 1000, 64, 10), (40, 3000, 128, 50)], false)?;
             }
             if part("embeddings") {
                 ok &= embedding_parity(&dev, true)?;
