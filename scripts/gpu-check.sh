@@ -161,5 +161,5 @@ grep -E "^SWEEP" "$log" | awk -F'\t' '$7 ~ / ms$/ {
     key=$2" "$3" "$4; ms=$7+0
     if (!(key in best) || ms < best[key]) { best[key]=ms; line[key]=$0 }
 } END { for (k in line) print line[k] }' | sort -t$'\t' -k2,2V -k3,3V -k4,4V | tee -a "$log"
-grep -E "^(SAMPLE|ATTN|EMBED|PROFILE|GENERATE|ENGINE|ANCHOR)" "$log" | tee -a "$log"
+grep -E "^(SAMPLE|ATTN|EMBED|PROFILE|GENERATE|ENGINE|GRAPH|ANCHOR)" "$log" | tee -a "$log"
 exit $status

@@ -19,7 +19,7 @@ use super::gguf::GgufFile;
 use super::kv_cache::KvCache;
 use super::{Batch, LogitsAt, Result};
 use crate::error::{read_json, ModelError};
-use crate::ops::paged_attention::paged_attention;
+use crate::ops::paged_attention::{paged_attention, PagedGeometry};
 use crate::ops::qmatmul::{self, QMatrix};
 use crate::ops::rng::SplitMix64;
 
@@ -788,6 +788,21 @@ impl Llama {
     /// tokens cached for it. The cache must have the blocks for the batch's new positions
     /// ([`KvCache::blocks_needed`]); otherwise nothing is computed and an error returned.
     pub fn forward(&self, batch: &Batch, cache: &mut KvCache, at: LogitsAt) -> Result<Tensor> {
+        let g = self.check_batch(batch, cache)?;
+        cache.reserve(batch)?;
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = &self.device {
+            if crate::ops::llama_fused::supports(&g) {
+                return self.forward_gpu(cuda, batch, cache, at);
+            }
+        }
+        self.forward_host(batch, cache, at, &g)
+    }
+
+    /// Checks that `batch` continues each sequence's history in `cache`, stays within the
+    /// model's positions and vocabulary, and that the cache has the model's shape; returns the
+    /// cache's geometry.
+    fn check_batch(&self, batch: &Batch, cache: &KvCache) -> Result<PagedGeometry> {
         if batch.is_empty() {
             return Err(ModelError::Invalid("empty batch".into()));
         }
@@ -831,13 +846,19 @@ impl Llama {
                 "a KV cache for {g:?} used with a model of another shape"
             )));
         }
-        cache.reserve(batch)?;
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(cuda) = &self.device {
-            if crate::ops::llama_fused::supports(&g) {
-                return self.forward_gpu(cuda, batch, cache, at);
-            }
-        }
+        Ok(g)
+    }
+
+    /// [`Llama::forward`] on the host (the CPU, or a GPU whose geometry our kernels do not
+    /// take), the batch checked and reserved.
+    fn forward_host(
+        &self,
+        batch: &Batch,
+        cache: &mut KvCache,
+        at: LogitsAt,
+        g: &PagedGeometry,
+    ) -> Result<Tensor> {
+        let g = *g;
         if cache.on_gpu() {
             return Err(ModelError::Invalid(
                 "a KV cache on a GPU used by a model off it".into(),
@@ -916,7 +937,7 @@ impl Llama {
         cache: &mut KvCache,
         at: LogitsAt,
     ) -> Result<Tensor> {
-        use crate::ops::llama_fused::{add_norm, silu_mul, Step};
+        use crate::ops::llama_fused::Step;
         let g = *cache.geometry();
         cache.move_to_device(cuda)?;
         let mut step = {
@@ -933,13 +954,36 @@ impl Llama {
                 self.tensor_core_prefill,
             )?
         };
+        let ids = Tensor::new(batch.input_ids(), &self.device)?;
+        let h = self.layers_gpu(&mut step, &ids, cache)?;
+        let h = match at {
+            LogitsAt::All => h,
+            LogitsAt::LastOfEach => {
+                let last = Tensor::new(batch.last_token_indices(), &self.device)?;
+                h.index_select(&last, 0)?
+            }
+        };
+        self.lm_head.forward(&h)
+    }
+
+    /// The layers and the final norm on the GPU from `step`'s rows and the token `ids` (u32 on
+    /// the device), uploading nothing: (rows, hidden).
+    #[cfg(feature = "cuda")]
+    fn layers_gpu(
+        &self,
+        step: &mut crate::ops::llama_fused::Step,
+        ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        use crate::ops::llama_fused::{add_norm, silu_mul};
+        let g = *cache.geometry();
         let (cos, sin) = self.device_rope_tables()?;
         let interleaved = self.cfg.rope_style == RopeStyle::Interleaved;
         let eps = self.cfg.rms_norm_eps as f32;
         let scale = 1.0 / (g.head_dim as f32).sqrt();
-        let ids = Tensor::new(batch.input_ids(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?; // (n, hidden)
-                                                       // The last block's output, added to the residual stream by the next norm's kernel.
+        // (n, hidden)
+        let mut x = self.embed.index_select(ids, 0)?;
+        // The last block's output, added to the residual stream by the next norm's kernel.
         let mut pending: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
             let (x1, h) = add_norm(&x, pending.as_ref(), &layer.attn_norm, eps)?;
@@ -953,13 +997,69 @@ impl Llama {
             x = x2;
         }
         let (_, h) = add_norm(&x, pending.as_ref(), &self.norm, eps)?;
-        let h = match at {
-            LogitsAt::All => h,
-            LogitsAt::LastOfEach => {
-                let last = Tensor::new(batch.last_token_indices(), &self.device)?;
-                h.index_select(&last, 0)?
-            }
+        Ok(h)
+    }
+
+    /// Buffers for graph-capturable decode steps of `rows` sequences at contexts up to
+    /// `max_len` positions: the rows ([`crate::ops::llama_fused::Step`]) and the token ids (u32)
+    /// on the device, which [`Llama::prepare_decode`] fills and
+    /// [`Llama::forward_decode_on_device`] reads. Moves `cache` to the device.
+    #[cfg(feature = "cuda")]
+    pub fn decode_buffers(
+        &self,
+        cache: &mut KvCache,
+        rows: usize,
+        max_len: usize,
+    ) -> Result<(crate::ops::llama_fused::Step, Tensor)> {
+        let Device::Cuda(cuda) = &self.device else {
+            return Err(ModelError::Invalid("decode buffers are for a GPU".into()));
         };
+        cache.move_to_device(cuda)?;
+        let step = crate::ops::llama_fused::Step::with_capacity(
+            cuda,
+            cache.geometry(),
+            rows,
+            max_len,
+            cache.num_blocks(),
+        )?;
+        let ids = Tensor::zeros(rows, DType::U32, &self.device)?;
+        Ok((step, ids))
+    }
+
+    /// Checks and reserves a decode batch (one token per sequence, as many as the buffers
+    /// hold) and writes its rows and token ids into the buffers of [`Llama::decode_buffers`].
+    #[cfg(feature = "cuda")]
+    pub fn prepare_decode(
+        &self,
+        batch: &Batch,
+        cache: &mut KvCache,
+        step: &mut crate::ops::llama_fused::Step,
+        ids: &Tensor,
+    ) -> Result<()> {
+        self.check_batch(batch, cache)?;
+        if batch.num_tokens() != batch.num_seqs() {
+            return Err(ModelError::Invalid(
+                "a decode batch holds one token per sequence".into(),
+            ));
+        }
+        cache.reserve(batch)?;
+        let (slots, tables) = cache.token_rows(batch);
+        step.update(batch.positions(), &slots, &tables)?;
+        crate::ops::llama_fused::write_u32(ids, batch.input_ids())?;
+        Ok(())
+    }
+
+    /// One decode step from the buffers [`Llama::prepare_decode`] filled: the logits of every
+    /// row, (rows, vocab). Nothing is uploaded or read back, so the call can be captured in a
+    /// CUDA graph and replayed after each `prepare_decode`.
+    #[cfg(feature = "cuda")]
+    pub fn forward_decode_on_device(
+        &self,
+        step: &mut crate::ops::llama_fused::Step,
+        ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let h = self.layers_gpu(step, ids, cache)?;
         self.lm_head.forward(&h)
     }
 }

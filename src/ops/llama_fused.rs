@@ -269,6 +269,74 @@ impl Step {
         })
     }
 
+    /// Buffers for decode steps of `tokens` one-token sequences at contexts up to `max_len`
+    /// positions (tables of up to `max_len / block_size` blocks, the split plan made for that
+    /// length), to be filled by [`Step::update`] before each step: the rows a CUDA graph
+    /// captured over them reads.
+    pub fn with_capacity(
+        dev: &CudaDevice,
+        g: &PagedGeometry,
+        tokens: usize,
+        max_len: usize,
+        num_blocks: usize,
+    ) -> Result<Self> {
+        let bs = g.block_size;
+        let blocks = max_len.div_ceil(bs).max(1);
+        if tokens == 0 || max_len == 0 || num_blocks == 0 {
+            return Err(OpsError::Shape(format!(
+                "decode buffers for {tokens} rows of {max_len} positions"
+            )));
+        }
+        // Placeholder rows (block 0 throughout) sized for the longest context.
+        let table = vec![0u32; blocks];
+        let p = (max_len - 1) as u32;
+        let positions = vec![p; tokens];
+        let slots = vec![p % bs as u32; tokens];
+        let tables = vec![table.as_slice(); tokens];
+        let seqs: Vec<_> = (0..tokens).map(|t| t..t + 1).collect();
+        Self::new(
+            dev, g, &positions, &slots, &tables, num_blocks, &seqs, false,
+        )
+    }
+
+    /// Rewrites a decode step's rows in place (one token per sequence, as many as the buffers
+    /// hold, within their capacity): each token's position, cache slot and its sequence's
+    /// block table.
+    pub fn update(&mut self, positions: &[u32], slots: &[u32], tables: &[&[u32]]) -> Result<()> {
+        let bs = self.g.block_size;
+        let fits = positions.len() == self.tokens
+            && slots.len() == self.tokens
+            && tables.len() == self.tokens
+            && self.tiles.is_none()
+            && positions
+                .iter()
+                .zip(slots)
+                .zip(tables)
+                .all(|((&p, &s), t)| {
+                    t.get(p as usize / bs)
+                        .map(|&b| b as usize * bs + p as usize % bs)
+                        == Some(s as usize)
+                });
+        if !fits {
+            return Err(OpsError::Shape(format!(
+                "{} decode rows for buffers of {}",
+                positions.len(),
+                self.tokens
+            )));
+        }
+        let lens: Vec<u32> = positions.iter().map(|&p| p + 1).collect();
+        self.rows.update(tables, &lens)?;
+        let stream = self.dev.cuda_stream();
+        stream
+            .memcpy_htod(positions, &mut self.positions)
+            .map_err(dev_err)?;
+        stream
+            .memcpy_htod(slots, &mut self.slots)
+            .map_err(dev_err)?;
+        self.last_position = positions.iter().copied().max().unwrap_or(0);
+        Ok(())
+    }
+
     /// Rotates the query and key heads of `qkv` (tokens, (heads + 2 kv_heads) * head_dim) by
     /// the tables `cos`, `sin` (max_positions, head_dim / 2) at each token's position, writes
     /// the keys and values into the layer's cache `k`, `v`, and returns the rotated queries
@@ -406,4 +474,62 @@ impl Step {
         }
         Ok(wrap(&self.dev, out, (self.tokens, width)))
     }
+}
+
+/// Overwrites the u32 tensor `t` (contiguous, on a CUDA device) with `data`, in stream order:
+/// the token ids a captured CUDA graph reads.
+pub fn write_u32(t: &Tensor, data: &[u32]) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, DevicePtr};
+    let dev = cuda_device(t, "tensor")?;
+    if t.dtype() != DType::U32 || t.elem_count() != data.len() || !t.is_contiguous() {
+        return Err(OpsError::Shape(format!(
+            "{} ids into a {:?} tensor of {}",
+            data.len(),
+            t.dtype(),
+            t.elem_count()
+        )));
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(c) = &*storage else {
+        return Err(OpsError::Device("ids are not on a CUDA device".into()));
+    };
+    let start = layout.start_offset();
+    let view = c.as_cuda_slice::<u32>()?.slice(start..start + data.len());
+    let stream = dev.cuda_stream();
+    let (ptr, _guard) = view.device_ptr(&stream);
+    // SAFETY: `ptr` addresses `data.len()` u32 of the tensor's own storage, alive while the
+    // storage guard is held; the copy is ordered on the stream every reader of the tensor
+    // uses, and the host slice outlives the call (the copy from pageable memory completes
+    // before the call returns).
+    unsafe {
+        result::memcpy_htod_async(ptr, data, stream.cu_stream()).map_err(dev_err)?;
+    }
+    Ok(())
+}
+
+/// Copies the f32 tensor `src` into `dst` (same element count, both contiguous on one CUDA
+/// device), in stream order: how a captured CUDA graph leaves its result in a buffer that
+/// outlives the graph's own allocations.
+pub fn copy_into(dst: &Tensor, src: &Tensor) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, DevicePtr};
+    let dev = cuda_device(dst, "destination")?;
+    if dst.elem_count() != src.elem_count() {
+        return Err(OpsError::Shape(format!(
+            "{:?} into {:?}",
+            src.dims(),
+            dst.dims()
+        )));
+    }
+    let (ds, _) = dst.storage_and_layout();
+    let (ss, _) = src.storage_and_layout();
+    let d = f32_view(dst, &ds, "destination")?;
+    let s = f32_view(src, &ss, "source")?;
+    let stream = dev.cuda_stream();
+    let (dp, _dg) = d.device_ptr(&stream);
+    let (sp, _sg) = s.device_ptr(&stream);
+    // SAFETY: both pointers address `len` f32 of live storage (guards held), on this stream.
+    unsafe {
+        result::memcpy_dtod_async(dp, sp, d.len() * 4, stream.cu_stream()).map_err(dev_err)?;
+    }
+    Ok(())
 }

@@ -352,6 +352,11 @@ pub(crate) fn generate_check(
                 );
             }
             if mode != QuantMode::Dequantized {
+                // Decode steps replayed from a CUDA graph, at the small batches where launches
+                // set the pace.
+                for &b in batches.iter().filter(|&&b| b <= 32) {
+                    graph_rates(dev, name, &model, b, prompt, 32)?;
+                }
                 // The same model through the engine's scheduler (host work per step included).
                 engine_rates(dev, name, &model, batches, prompt, steps, chunk)?;
             }
@@ -433,4 +438,130 @@ pub(crate) fn engine_rates(
             );
     }
     Ok(())
+}
+
+/// Decode steps replayed from a CUDA graph (item 3's experiment): `b` sequences prefilled with
+/// `prompt` tokens; one plain step on the device buffers (loading every kernel), one step
+/// captured and launched, its logits compared with the same step run plainly (the same kernels
+/// on the same buffers: they must agree), then `steps` plain steps and `steps` replayed steps
+/// timed. Prints one GRAPH line; an error is reported there and ends only this experiment.
+pub(crate) fn graph_rates(
+    dev: &Device,
+    name: &str,
+    model: &Llama,
+    b: usize,
+    prompt: usize,
+    steps: usize,
+) -> Result<()> {
+    match graph_run(dev, model, b, prompt, steps) {
+        Ok((diff, plain_ms, graph_ms)) => println!(
+            "GRAPH\t{name}\tbatch={b} prompt={prompt}\t{graph_ms:.3} ms/step replayed\tplain {plain_ms:.3} ms/step ({:.2}x); captured step's logits vs plain: max difference {diff:.2e}",
+            plain_ms / graph_ms.max(1e-9)
+        ),
+        Err(e) => println!("GRAPH\t{name}\tbatch={b} prompt={prompt}\tERROR {e:#}"),
+    }
+    Ok(())
+}
+
+/// [`graph_rates`]' run: (largest logit difference, plain ms/step, replayed ms/step).
+fn graph_run(
+    dev: &Device,
+    model: &Llama,
+    b: usize,
+    prompt: usize,
+    steps: usize,
+) -> Result<(f32, f64, f64)> {
+    use candle_core::cuda_backend::cudarc::driver::sys::{
+        CUgraphInstantiate_flags, CUstreamCaptureMode,
+    };
+    let Device::Cuda(cuda) = dev else {
+        bail!("not a CUDA device");
+    };
+    let cfg = model.config();
+    let max_len = prompt + 2 * steps + 8;
+    let mut cache = KvCache::with_tokens(cfg, b * (max_len + 16));
+    let mut rng = Rng(SplitMix64::new(59));
+    let mut last = Vec::with_capacity(b);
+    for s in 0..b {
+        let toks: Vec<u32> = (0..prompt)
+            .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
+            .collect();
+        let mut batch = Batch::new();
+        batch.push(s as u64, &toks, 0);
+        let logits = model.forward(&batch, &mut cache, LogitsAt::LastOfEach)?;
+        last.push(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?[0]);
+    }
+    let (mut step, ids) = model.decode_buffers(&mut cache, b, max_len)?;
+    // candle uploads small kernel parameters from the host; cached by content, the plain
+    // step's copies serve the capture.
+    let _cache_guard = cuda.enable_cuda_graph_htod_cache();
+    let mut pos = prompt;
+    let next_batch = |last: &[u32], pos: usize| {
+        let mut batch = Batch::new();
+        for (s, &t) in last.iter().enumerate() {
+            batch.push(s as u64, &[t], pos);
+        }
+        batch
+    };
+    let argmax = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
+    };
+    // A plain step on the buffers: every kernel and workspace loaded before the capture.
+    model.prepare_decode(&next_batch(&last, pos), &mut cache, &mut step, &ids)?;
+    last = argmax(&model.forward_decode_on_device(&mut step, &ids, &mut cache)?)?;
+    pos += 1;
+    // The captured step.
+    model.prepare_decode(&next_batch(&last, pos), &mut cache, &mut step, &ids)?;
+    let stream = cuda.cuda_stream();
+    dev.synchronize()?;
+    // The logits land in a buffer made outside the capture; everything the graph allocates
+    // it also frees.
+    let out = Tensor::zeros((b, cfg.vocab_size), DType::F32, dev)?;
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
+    let captured = model
+        .forward_decode_on_device(&mut step, &ids, &mut cache)
+        .map_err(anyhow::Error::from)
+        .and_then(|logits| Ok(copy_into(&out, &logits)?));
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+    captured?;
+    let graph = graph?.context("the capture recorded nothing")?;
+    graph.launch()?;
+    let replayed = out
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    // The same step again, plainly (it rewrites the same K/V rows with the same values).
+    let plain = model.forward_decode_on_device(&mut step, &ids, &mut cache)?;
+    let plain_v = plain
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let diff = replayed
+        .iter()
+        .zip(&plain_v)
+        .map(|(a, b)| (a - b).abs())
+        .fold(
+            0f32,
+            |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
+        );
+    last = argmax(&plain)?;
+    pos += 1;
+    // Timed: plain steps, then replayed ones, each refilling the buffers first.
+    dev.synchronize()?;
+    let started = Instant::now();
+    for _ in 0..steps {
+        model.prepare_decode(&next_batch(&last, pos), &mut cache, &mut step, &ids)?;
+        last = argmax(&model.forward_decode_on_device(&mut step, &ids, &mut cache)?)?;
+        pos += 1;
+    }
+    let plain_ms = started.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64;
+    let started = Instant::now();
+    for _ in 0..steps {
+        model.prepare_decode(&next_batch(&last, pos), &mut cache, &mut step, &ids)?;
+        graph.launch()?;
+        last = argmax(&out)?;
+        pos += 1;
+    }
+    let graph_ms = started.elapsed().as_secs_f64() * 1e3 / steps.max(1) as f64;
+    Ok((diff, plain_ms, graph_ms))
 }

@@ -195,6 +195,38 @@ impl DecodeRows {
         })
     }
 
+    /// Rewrites the rows' tables and lengths in place, for a replayed CUDA graph that reads
+    /// these buffers: as many rows as before, tables of at most the first `new`'s longest,
+    /// lengths within the split plan made then, blocks below the count checked then.
+    pub fn update(&mut self, tables: &[&[u32]], lens: &[u32]) -> Result<()> {
+        let (seqs, max_blocks) = (self.seqs as usize, self.max_blocks as usize);
+        let capacity = self.splits as usize * self.split_len as usize;
+        let fits = tables.len() == seqs
+            && lens.len() == seqs
+            && tables.iter().zip(lens).all(|(t, &len)| {
+                len > 0
+                    && len as usize <= capacity
+                    && t.len() <= max_blocks
+                    && t.len() * self.g.block_size >= len as usize
+                    && t.iter().all(|&b| (b as usize) < self.num_blocks)
+            });
+        if !fits {
+            return Err(OpsError::Shape(format!(
+                "{} rows for {seqs} rows of at most {max_blocks} blocks and {capacity} positions",
+                lens.len()
+            )));
+        }
+        let mut flat = vec![0u32; seqs * max_blocks];
+        for (s, t) in tables.iter().enumerate() {
+            flat[s * max_blocks..s * max_blocks + t.len()].copy_from_slice(t);
+        }
+        let stream = self.dev.cuda_stream();
+        stream
+            .memcpy_htod(&flat, &mut self.tables)
+            .map_err(dev_err)?;
+        stream.memcpy_htod(lens, &mut self.lens).map_err(dev_err)
+    }
+
     pub fn splits(&self) -> u32 {
         self.splits
     }
