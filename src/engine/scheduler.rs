@@ -480,7 +480,17 @@ impl Scheduler {
             .iter()
             .map(|&j| &self.running[plan[j].0].sampler)
             .collect();
-        let entries: Vec<_> = samplers.iter().map(|s| s.penalty_entries()).collect();
+        // A sampler without penalties needs no entries (the kernel would change nothing).
+        let entries: Vec<_> = samplers
+            .iter()
+            .map(|s| {
+                if s.params().penalizes() {
+                    s.penalty_entries()
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
         let reqs: Vec<gpu::Row<'_>> = samplers
             .iter()
             .zip(&entries)

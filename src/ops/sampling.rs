@@ -48,6 +48,14 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Whether any penalty is on (else a sequence's own tokens change nothing and their
+    /// penalty entries need not be built).
+    pub fn penalizes(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+    }
+
     /// Checks the ranges; the error names the field.
     pub fn validate(&self) -> Result<(), InvalidParam> {
         let check = |ok: bool, field: &'static str, range: &str| {
@@ -327,12 +335,12 @@ impl Sampler {
         for p in &mut self.processors {
             p.process(logits);
         }
-        apply_penalties(
-            logits,
-            &self.params,
-            &self.penalty_entries(),
-            &self.suppress,
-        );
+        let entries = if self.params.penalizes() {
+            self.penalty_entries()
+        } else {
+            Vec::new()
+        };
+        apply_penalties(logits, &self.params, &entries, &self.suppress);
         let greedy = argmax(logits)
             .ok_or_else(|| OpsError::Invalid("no token is allowed by the logits".into()))?;
         if self.params.temperature == 0.0 {
@@ -571,6 +579,45 @@ pub mod gpu;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_penalties_a_sequences_own_tokens_change_nothing() {
+        let plain = SamplingParams::default();
+        assert!(!plain.penalizes());
+        for p in [
+            SamplingParams {
+                repetition_penalty: 1.3,
+                ..Default::default()
+            },
+            SamplingParams {
+                presence_penalty: -0.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                frequency_penalty: 0.2,
+                ..Default::default()
+            },
+        ] {
+            assert!(p.penalizes(), "{p:?}");
+        }
+        // What skipping the entries relies on: with no penalty on, they edit no logit.
+        let entries = [
+            PenaltyEntry {
+                id: 1,
+                count: 3,
+                recent: true,
+            },
+            PenaltyEntry {
+                id: 4,
+                count: 1,
+                recent: false,
+            },
+        ];
+        let before = vec![0.5f32, -1.0, 2.0, 0.0, 3.5];
+        let mut after = before.clone();
+        apply_penalties(&mut after, &plain, &entries, &[]);
+        assert_eq!(after, before);
+    }
 
     #[test]
     fn no_repeat_ngram_blocks_only_a_repeated_run() {
