@@ -5,12 +5,10 @@
 //! unfused candle path (the CPU path) is the reference they are checked against.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage};
-use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Storage, Tensor};
 use half::f16;
 
-use super::{cuda_device, dev_err, Result};
+use super::{cuda_device, dev_err, wrap_cuda, Result};
 use crate::error::OpsError;
 
 /// The PTX of `kernels/bert.cu`, compiled by build.rs.
@@ -87,15 +85,6 @@ fn check_f16(ts: &[(&Tensor, &str)]) -> Result<()> {
     Ok(())
 }
 
-fn wrap<T: candle_core::cuda_backend::CudaDType>(
-    dev: CudaDevice,
-    out: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
-    shape: (usize, usize),
-) -> Tensor {
-    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev));
-    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
-}
-
 /// cuBLASLt on one device, for GEMMs with the bias and activation in their epilogue.
 pub struct Epilogues {
     lt: candle_core::cuda_backend::cudarc::cublaslt::CudaBlasLT,
@@ -162,7 +151,7 @@ impl Epilogues {
                     .map_err(dev_err)
             }
         })?;
-        Ok(wrap(dev, y, (rows, out)))
+        Ok(wrap_cuda(&dev, y, (rows, out)))
     }
 }
 
@@ -241,7 +230,7 @@ pub fn attention(
         // every row the kernel touches lies inside `qkv` and `out`.
         unsafe { l.launch(cfg) }.map_err(dev_err)?;
     }
-    Ok(wrap(dev, out, (tokens, hidden)))
+    Ok(wrap_cuda(&dev, out, (tokens, hidden)))
 }
 
 /// `LayerNorm(a + bias + residual) * gamma + beta` row by row; all (rows, cols) or (cols).
@@ -306,7 +295,7 @@ pub fn add_norm(
         unsafe { l.launch(cfg) }.map_err(dev_err)?;
         Ok(())
     })?;
-    Ok(wrap(dev, out, (rows, cols)))
+    Ok(wrap_cuda(&dev, out, (rows, cols)))
 }
 
 /// Whether [`embed_norm`] takes this hidden size (it splits into a power-of-two group of lanes,
@@ -411,7 +400,7 @@ pub fn embed_norm(
         unsafe { l.launch(norm_launch(rows, cols, vec)) }.map_err(dev_err)?;
         Ok(())
     })?;
-    Ok(wrap(dev, out, (rows, cols)))
+    Ok(wrap_cuda(&dev, out, (rows, cols)))
 }
 
 /// Mean of each packed sequence's rows of `hidden` (tokens, cols) f16, scaled to unit L2 norm:
@@ -453,7 +442,7 @@ pub fn pool_normalize(hidden: &Tensor, starts: &[u32]) -> Result<Tensor> {
         // order with no empty sequence, the width is even and at most 1,024.
         unsafe { l.launch(cfg) }.map_err(dev_err)?;
     }
-    Ok(wrap(dev, out, (seqs, cols)))
+    Ok(wrap_cuda(&dev, out, (seqs, cols)))
 }
 
 /// `act(x + bias)` for (rows, cols) `x` and (cols) `bias`.
@@ -493,5 +482,5 @@ pub fn bias_act(x: &Tensor, bias: &Tensor, act: Act) -> Result<Tensor> {
         // SAFETY: the arguments match `cited_bert_bias_act`; shapes checked above.
         unsafe { l.launch(cfg) }.map_err(dev_err)?;
     }
-    Ok(wrap(dev, out, (rows, cols)))
+    Ok(wrap_cuda(&dev, out, (rows, cols)))
 }

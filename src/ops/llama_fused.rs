@@ -14,8 +14,7 @@
 //! per tile.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage};
-use candle_core::op::BackpropOp;
+use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Storage, Tensor};
 use half::f16;
 
@@ -23,7 +22,7 @@ use super::paged_attention::gpu::{
     check_geometry, DecodeRows, PrefillTiles, Variant, DEFAULT_VARIANT,
 };
 use super::paged_attention::{prefill_tiles, PagedGeometry};
-use super::{cuda_device, dev_err, Result};
+use super::{cuda_device, dev_err, wrap_cuda, Result};
 use crate::error::OpsError;
 
 /// The PTX of `kernels/llama.cu`, compiled by build.rs.
@@ -31,12 +30,6 @@ pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llama.ptx"));
 const MODULE: &str = "cited_llama";
 /// Threads of the add + norm kernel, as in the kernel.
 const NORM_THREADS: u32 = 256;
-
-/// Wraps a device buffer of `shape` as a tensor.
-fn wrap(dev: &CudaDevice, out: CudaSlice<f32>, shape: (usize, usize)) -> Tensor {
-    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
-    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
-}
 
 /// `y = x + delta` (just `x` without a delta) and its RMSNorm `y * rsqrt(mean(y^2) + eps) * w`,
 /// in one pass: `x`, `delta` (rows, cols) f32, `w` (cols) f32. Returns (y, norm).
@@ -100,10 +93,10 @@ pub fn add_norm(
         unsafe { b.launch(cfg) }.map_err(dev_err)?;
     }
     let y = match y {
-        Some(y) => wrap(&dev, y, (rows, cols)),
+        Some(y) => wrap_cuda(&dev, y, (rows, cols)),
         None => x.clone(),
     };
-    Ok((y, wrap(&dev, h, (rows, cols))))
+    Ok((y, wrap_cuda(&dev, h, (rows, cols))))
 }
 
 /// The gated activation `silu(gate) * up` of `gu` (rows, 2 ff), the gate and up projections
@@ -138,7 +131,7 @@ pub fn silu_mul(gu: &Tensor) -> Result<Tensor> {
         // rows x ff.
         unsafe { b.launch(cfg) }.map_err(dev_err)?;
     }
-    Ok(wrap(&dev, act, (rows, ff)))
+    Ok(wrap_cuda(&dev, act, (rows, ff)))
 }
 
 /// Whether the GPU forward pass takes this geometry (else the host path runs attention).
@@ -418,7 +411,7 @@ impl Step {
             // (checked above).
             unsafe { b.launch(cfg) }.map_err(dev_err)?;
         }
-        Ok(wrap(&self.dev, q, (tokens, g.heads * g.head_dim)))
+        Ok(wrap_cuda(&self.dev, q, (tokens, g.heads * g.head_dim)))
     }
 
     /// Attention of every token's query heads `q` (tokens, heads * head_dim) over its
@@ -472,7 +465,7 @@ impl Step {
                 )?;
             }
         }
-        Ok(wrap(&self.dev, out, (self.tokens, width)))
+        Ok(wrap_cuda(&self.dev, out, (self.tokens, width)))
     }
 }
 

@@ -37,6 +37,31 @@ pub(crate) fn cuda_device(
     }
 }
 
+/// A device buffer of `shape` as a tensor (the outputs of our kernels).
+#[cfg(feature = "cuda")]
+pub(crate) fn wrap_cuda<T: candle_core::cuda_backend::CudaDType>(
+    dev: &candle_core::cuda_backend::CudaDevice,
+    out: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    shape: (usize, usize),
+) -> candle_core::Tensor {
+    let storage = candle_core::Storage::Cuda(
+        candle_core::cuda_backend::CudaStorage::wrap_cuda_slice(out, dev.clone()),
+    );
+    candle_core::Tensor::from_storage(storage, shape, candle_core::op::BackpropOp::none(), false)
+}
+
+/// The device's multiprocessors, which the kernels' grids are sized against.
+#[cfg(feature = "cuda")]
+pub(crate) fn multiprocessors(dev: &candle_core::cuda_backend::CudaDevice) -> Result<u32> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(dev_err)?;
+    Ok(sms.max(1) as u32)
+}
+
 /// Whether the device's stream-ordered memory pool keeps freed memory (`keep`) or hands it back
 /// to the driver at every synchronisation (the driver's default). Kept, a forward pass reuses
 /// the buffers of the last one instead of mapping fresh memory each time; the pool grows to the

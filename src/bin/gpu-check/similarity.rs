@@ -29,71 +29,55 @@ pub(crate) fn similarity_case(
     // f32 sums of d products of values near 1: rounding differs by order, well under 1e-3.
     let tol = 2e-3 * (d as f32 / 384.0).sqrt().max(1.0);
     let mut all_ok = true;
+    let seedable = (k..n).contains(&default_seed_rows(n, k));
+    let ties = distinct.map_or(String::new(), |m| format!(" ({m} distinct rows)"));
+    // Runs one search (poisoned first) and prints its verdict line; `detail` names its part
+    // size or chunk.
+    let mut check = |name: String, run: &dyn Fn() -> Result<(String, Vec<Vec<Hit>>)>| {
+        let (detail, verdict) = match run() {
+            Ok((detail, got)) => (detail, judge(&got, &want, n, tol)),
+            Err(e) => ("?".to_string(), Err(format!("error {e}"))),
+        };
+        all_ok &= verdict.is_ok();
+        println!(
+            "PARITY\tsimilarity\t{name}\tnq={nq} n={n} d={d} k={k} {detail}{ties}\t{}",
+            match &verdict {
+                Ok(()) => "ok".to_string(),
+                Err(e) => format!("FAIL {e}"),
+            }
+        );
+    };
+    let plus = |seed: bool| if seed { "+seed" } else { "" };
     for v in VARIANTS
         .iter()
         .filter(|v| k as u32 <= v.max_k && d as u32 <= v.max_d)
     {
         // Unseeded, then seeded where the corpus has room for a prefix.
-        let seeded = [false, true]
-            .into_iter()
-            .filter(|&s| !s || (k..n).contains(&default_seed_rows(n, k)));
-        for seed in seeded {
-            let run = || -> Result<(u32, std::result::Result<(), String>)> {
+        for seed in [false, true].into_iter().filter(|&s| !s || seedable) {
+            check(format!("{}{}", v.name, plus(seed)), &|| {
                 let mut s = Search::new(&qt, &ct, k, Some(v), rows_per_part)?;
                 if seed {
                     s = s.with_seed(None)?;
                 }
                 s.poison()?;
                 s.launch()?;
-                Ok((s.rows_per_part(), judge(&s.read()?, &want, n, tol)))
-            };
-            let (rpp, verdict) = match run() {
-                Ok((rpp, verdict)) => (rpp.to_string(), verdict),
-                Err(e) => ("?".to_string(), Err(format!("error {e}"))),
-            };
-            all_ok &= verdict.is_ok();
-            println!(
-                "PARITY\tsimilarity\t{}{}\tnq={nq} n={n} d={d} k={k} rows_per_part={rpp}{}\t{}",
-                v.name,
-                if seed { "+seed" } else { "" },
-                distinct.map_or(String::new(), |m| format!(" ({m} distinct rows)")),
-                match &verdict {
-                    Ok(()) => "ok".to_string(),
-                    Err(e) => format!("FAIL {e}"),
-                }
-            );
+                Ok((format!("rows_per_part={}", s.rows_per_part()), s.read()?))
+            });
         }
     }
     // The cuBLAS products with the filter kernel: the default chunk, then chunks of about a
     // third of the corpus (several chunks, the last one shorter); unseeded and seeded.
     for chunk in [None, Some((n / 3 + 1) as u32)] {
-        for seed in [false, true] {
-            if seed && !(k..n).contains(&default_seed_rows(n, k)) {
-                continue;
-            }
-            let run = || -> Result<(u32, std::result::Result<(), String>)> {
+        for seed in [false, true].into_iter().filter(|&s| !s || seedable) {
+            check(format!("gemm{}", plus(seed)), &|| {
                 let mut s = GemmSearch::new(&qt, &ct, k, chunk)?;
                 if seed {
                     s = s.with_seed(None)?;
                 }
                 s.poison()?;
                 s.launch()?;
-                Ok((s.chunk_rows(), judge(&s.read()?, &want, n, tol)))
-            };
-            let (rows, verdict) = match run() {
-                Ok((rows, verdict)) => (rows.to_string(), verdict),
-                Err(e) => ("?".to_string(), Err(format!("error {e}"))),
-            };
-            all_ok &= verdict.is_ok();
-            println!(
-                "PARITY\tsimilarity\tgemm{}\tnq={nq} n={n} d={d} k={k} chunk_rows={rows}{}\t{}",
-                if seed { "+seed" } else { "" },
-                distinct.map_or(String::new(), |m| format!(" ({m} distinct rows)")),
-                match &verdict {
-                    Ok(()) => "ok".to_string(),
-                    Err(e) => format!("FAIL {e}"),
-                }
-            );
+                Ok((format!("chunk_rows={}", s.chunk_rows()), s.read()?))
+            });
         }
     }
     Ok(all_ok)

@@ -1,7 +1,7 @@
 //! The CUDA twin for decode steps (one query token per sequence):
 //! `kernels/paged_attention.cu`, loaded once per device.
 
-use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Storage, Tensor};
@@ -9,7 +9,7 @@ use half::f16;
 
 use super::{PagedGeometry, Result, PREFILL_TILE};
 use crate::error::OpsError;
-use crate::ops::{cuda_device, dev_err};
+use crate::ops::{cuda_device, dev_err, multiprocessors};
 
 /// The PTX of `kernels/paged_attention.cu`, compiled by build.rs.
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx"));
@@ -152,12 +152,7 @@ impl DecodeRows {
                 // About four blocks per multiprocessor in all (three fit at once), each
                 // taking 128 to 1,024 positions: long splits amortise a block's set-up and
                 // merge, short ones fill the device when the batch is small.
-                let sms = dev
-                    .cuda_stream()
-                    .context()
-                    .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-                    .map_err(dev_err)?
-                    .max(1) as u64;
+                let sms = multiprocessors(dev)? as u64;
                 let work: u64 = lens.iter().map(|&l| l as u64).sum::<u64>() * g.kv_heads as u64;
                 let per_block = work.div_ceil(4 * sms).clamp(128, 1024) as u32;
                 per_block.min(longest).div_ceil(bs) * bs

@@ -1,8 +1,6 @@
 //! The CUDA twin: `kernels/similarity.cu`, loaded once per device.
 
-use candle_core::cuda_backend::cudarc::driver::sys::{
-    CUdevice_attribute, CUfunction_attribute_enum,
-};
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Storage, Tensor};
@@ -13,7 +11,7 @@ use crate::error::OpsError;
 use crate::ops::similarity_variants::{
     merge_smem_bytes, Variant, MERGE_KERNEL, MERGE_THREADS, VARIANTS,
 };
-use crate::ops::{cuda_device, dev_err};
+use crate::ops::{cuda_device, dev_err, multiprocessors};
 
 /// The PTX of `kernels/similarity.cu`, compiled by build.rs.
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/similarity.ptx"));
@@ -43,11 +41,7 @@ pub fn default_variant(nq: usize, k: usize, d: usize) -> &'static Variant {
 /// the tensor-core variants, whose shared memory allows one block per SM and which ran
 /// fastest with fewer, longer parts in the sweep; four times for the others).
 pub fn default_rows_per_part(dev: &CudaDevice, n: usize, nq: usize, v: &Variant) -> Result<u32> {
-    let sms = dev
-        .cuda_stream()
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(dev_err)? as usize;
+    let sms = multiprocessors(dev)? as usize;
     let per_sm = if v.tensor_cores { 2 } else { 4 };
     let query_blocks = nq.div_ceil(v.queries_per_block as usize);
     let parts = (sms * per_sm)
@@ -82,7 +76,7 @@ pub struct Search {
     k: u32,
     variant: &'static Variant,
     rows_per_part: u32,
-    parts: u32,
+    /// The partial lists (one per part and query) and the merged results.
     lists: Lists,
     /// The search over a prefix of the corpus whose k-th best scores seed the thresholds
     /// (kernels/similarity.cu, SEEDED THRESHOLDS).
@@ -149,7 +143,6 @@ impl Search {
             k: k as u32,
             variant,
             rows_per_part,
-            parts: parts as u32,
             seed: None,
         })
     }
@@ -166,11 +159,6 @@ impl Search {
             rows,
         )?));
         Ok(self)
-    }
-
-    /// Rows of the seeding prefix, if seeded.
-    pub fn seed_rows(&self) -> Option<usize> {
-        self.seed.as_ref().map(|s| s.n as usize)
     }
 
     pub fn variant(&self) -> &'static Variant {
@@ -211,7 +199,7 @@ impl Search {
         let q = f16_slice(&q_storage, &self.queries)?;
         let c = f16_slice(&c_storage, &self.corpus)?;
         let cfg = LaunchConfig {
-            grid_dim: (self.parts, self.nq.div_ceil(v.queries_per_block), 1),
+            grid_dim: (self.lists.parts, self.nq.div_ceil(v.queries_per_block), 1),
             block_dim: (v.threads, 1, 1),
             shared_mem_bytes: smem,
         };
@@ -269,9 +257,8 @@ pub struct GemmSearch {
     chunk_rows: u32,
     /// Rows of each filter part (a chunk's last part may have fewer).
     rows_per_part: u32,
-    /// Parts over all chunks.
-    parts: u32,
     scores: CudaSlice<f32>,
+    /// The partial lists (parts over all chunks) and the merged results.
     lists: Lists,
     seed: Option<Box<Search>>,
 }
@@ -310,11 +297,7 @@ impl GemmSearch {
             .map(|c| c.max(1) as usize)
             .unwrap_or_else(|| ((32 << 20) / (4 * nq)).max(4096))
             .min(n) as u32;
-        let sms = dev
-            .cuda_stream()
-            .context()
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(dev_err)? as u32;
+        let sms = multiprocessors(&dev)?;
         // About four blocks per multiprocessor over the chunk's (part, query) grid.
         let chunk_parts = (4 * sms)
             .div_ceil(nq as u32)
@@ -341,7 +324,6 @@ impl GemmSearch {
             k: k as u32,
             chunk_rows,
             rows_per_part,
-            parts,
             seed: None,
         })
     }
@@ -441,7 +423,7 @@ impl GemmSearch {
                 .arg(&self.k)
                 .arg(&self.rows_per_part)
                 .arg(&part0)
-                .arg(&self.parts)
+                .arg(&self.lists.parts)
                 .arg(&mut self.lists.part_scores)
                 .arg(&mut self.lists.part_ids);
             match &seed_view {
@@ -458,10 +440,10 @@ impl GemmSearch {
             row0 += rows;
             part0 += chunk_parts;
         }
-        if part0 != self.parts {
+        if part0 != self.lists.parts {
             return Err(OpsError::Shape(format!(
                 "{part0} filter parts launched for {} planned",
-                self.parts
+                self.lists.parts
             )));
         }
         self.lists.merge(&self.dev)
