@@ -237,6 +237,10 @@ pub struct EngineArgs {
     /// of two on a GPU, whose attention kernel finds pages by shift and mask).
     #[arg(long, env = "CITED_KV_BLOCK_SIZE", default_value_t = 16)]
     pub kv_block_size: usize,
+    /// Replay steps that only decode from CUDA graphs, recorded per batch shape as they first
+    /// occur (GPU only).
+    #[arg(long, env = "CITED_CUDA_GRAPHS")]
+    pub cuda_graphs: bool,
 }
 
 /// The engine limits a device gets where the flags leave them unset.
@@ -298,10 +302,17 @@ impl EngineArgs {
                 "a power of two on a GPU (1, 2, 4, ..., 1024)".into(),
             ));
         }
+        if self.cuda_graphs && !gpu {
+            return Err(ConfigError::BadValue(
+                "cuda-graphs",
+                "only with --device cuda".into(),
+            ));
+        }
         Ok(crate::engine::worker::EngineConfig {
             scheduler: crate::engine::scheduler::SchedulerConfig {
                 max_running,
                 max_batch_tokens,
+                cuda_graphs: self.cuda_graphs,
             },
             max_waiting,
             kv_cache_bytes: kv_cache_memory << 20,
@@ -654,6 +665,15 @@ mod tests {
         assert!(odd.to_config(false).is_ok());
         let err = odd.to_config(true).unwrap_err();
         assert!(err.to_string().contains("power of two"), "{err}");
+        // CUDA graphs: off unless asked for, and only on a GPU.
+        assert!(!gpu.scheduler.cuda_graphs);
+        let graphs = EngineArgs {
+            cuda_graphs: true,
+            ..unset.clone()
+        };
+        assert!(graphs.to_config(true).unwrap().scheduler.cuda_graphs);
+        let err = graphs.to_config(false).unwrap_err();
+        assert!(err.to_string().contains("--device cuda"), "{err}");
         let zero = EngineArgs {
             max_running: Some(0),
             ..unset

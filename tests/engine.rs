@@ -74,6 +74,7 @@ async fn answers_generated_together_equal_each_alone() {
         scheduler: SchedulerConfig {
             max_running: 4,
             max_batch_tokens: 16,
+            ..Default::default()
         },
         max_waiting: 16,
         ..EngineConfig::default()
@@ -108,6 +109,7 @@ async fn a_full_queue_refuses_and_a_cancelled_answer_frees_its_slot() {
         scheduler: SchedulerConfig {
             max_running: 1,
             max_batch_tokens: 64,
+            ..Default::default()
         },
         max_waiting: 1,
         ..EngineConfig::default()

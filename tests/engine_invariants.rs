@@ -17,8 +17,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use cited::engine::scheduler::SchedulerConfig;
 use cited::engine::worker::{
-    EngineConfig, EngineHandle, EngineInfo, GenerateEvent, GenerateRequest, GenerationStats,
-    TextSide, TokenLogprob,
+    EngineConfig, EngineHandle, EngineInfo, EngineStats, GenerateEvent, GenerateRequest,
+    GenerationStats, TextSide, TokenLogprob,
 };
 use cited::error::EngineError;
 use cited::models::bert::Embedder;
@@ -63,6 +63,7 @@ fn engine(blocks: usize, max_running: usize, max_batch_tokens: usize) -> EngineH
         scheduler: SchedulerConfig {
             max_running,
             max_batch_tokens,
+            ..Default::default()
         },
         max_waiting: 2_000,
         kv_cache_bytes: blocks * KvCache::bytes_per_block(model.config(), 16),
@@ -352,10 +353,12 @@ fn offline_runs_batch_without_changing_any_output() {
     let cfg = |max_running, max_batch_tokens| SchedulerConfig {
         max_running,
         max_batch_tokens,
+        ..Default::default()
     };
     let cache = |blocks| KvCache::new(model.config(), blocks, 16);
+    let stats = EngineStats::default();
     // 12 blocks hold 192 positions: six sequences of up to 100 cannot all stay.
-    let together = run_offline(&model, &text, cfg(6, 48), cache(12), requests()).unwrap();
+    let together = run_offline(&model, &text, cfg(6, 48), cache(12), requests(), &stats).unwrap();
     assert_eq!(together.len(), prompts.len());
     for (i, r) in together.iter().enumerate() {
         assert_eq!(r.stats.generated_tokens, max_tokens(i));
@@ -365,13 +368,14 @@ fn offline_runs_batch_without_changing_any_output() {
             cfg(1, 256),
             cache(12),
             vec![request(prompts[i].clone(), max_tokens(i), 0)],
+            &EngineStats::default(),
         )
         .unwrap();
         assert_eq!(alone[0].text, r.text, "request {i}");
     }
     // A request the cache can never hold is an error, not a hang.
     let too_big = vec![request(prompt(&mut rng, 300), 10, 0)];
-    assert!(run_offline(&model, &text, cfg(1, 64), cache(4), too_big).is_err());
+    assert!(run_offline(&model, &text, cfg(1, 64), cache(4), too_big, &stats).is_err());
 }
 
 /// The GPU check's engine set-up on the CPU: seeded dummy weights with the synthetic byte-level
@@ -400,8 +404,17 @@ fn dummy_weights_with_the_synthetic_text_side_run_through_the_scheduler() {
     let sched = SchedulerConfig {
         max_running: 4,
         max_batch_tokens: 32,
+        ..Default::default()
     };
-    let results = run_offline(&model, &text, sched, cache, requests).unwrap();
+    let results = run_offline(
+        &model,
+        &text,
+        sched,
+        cache,
+        requests,
+        &EngineStats::default(),
+    )
+    .unwrap();
     assert_eq!(results.len(), 4);
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r.stats.generated_tokens, 9);

@@ -48,6 +48,9 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Tokens (decode tokens plus prefill chunks) in one forward pass.
     pub max_batch_tokens: usize,
+    /// On a GPU, run steps that only decode through CUDA graphs
+    /// ([`crate::models::decode_graph`]); no effect elsewhere.
+    pub cuda_graphs: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -55,6 +58,7 @@ impl Default for SchedulerConfig {
         Self {
             max_running: 16,
             max_batch_tokens: 256,
+            cuda_graphs: false,
         }
     }
 }
@@ -104,6 +108,9 @@ pub(crate) struct Scheduler {
     preempted: VecDeque<Running>,
     pub waiting: VecDeque<Pending>,
     next_id: u64,
+    /// The decode steps' graphs, with `cfg.cuda_graphs`.
+    #[cfg(feature = "cuda")]
+    graphs: Option<crate::models::decode_graph::DecodeGraphs>,
 }
 
 impl Scheduler {
@@ -115,6 +122,10 @@ impl Scheduler {
             preempted: VecDeque::new(),
             waiting: VecDeque::new(),
             next_id: 0,
+            #[cfg(feature = "cuda")]
+            graphs: cfg
+                .cuda_graphs
+                .then(|| crate::models::decode_graph::DecodeGraphs::new(cfg.max_running)),
         }
     }
 
@@ -334,9 +345,8 @@ impl Scheduler {
             let r = &self.running[i];
             batch.push(r.id, &r.tokens[r.computed..r.computed + n], r.computed);
         }
-        let rows = model
-            .forward(&batch, &mut self.cache, LogitsAt::LastOfEach)
-            .map_err(EngineError::from)
+        let rows = self
+            .forward(model, &batch, stats)
             .and_then(|l| self.pick(&plan, &l));
         let rows = match rows {
             Ok(rows) => rows,
@@ -425,6 +435,32 @@ impl Scheduler {
         }
         self.publish(stats);
         true
+    }
+
+    /// The logits of the last token of each sequence in `batch`: through a decode graph when
+    /// one takes the batch, else the model's forward pass.
+    fn forward(
+        &mut self,
+        model: &Llama,
+        batch: &Batch,
+        stats: &EngineStats,
+    ) -> Result<Tensor, EngineError> {
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = self.graphs.as_mut() {
+            let logits = graphs.forward(model, batch, &mut self.cache);
+            stats
+                .graph_replays
+                .store(graphs.replays(), Ordering::Relaxed);
+            stats
+                .graphs_recorded
+                .store(graphs.recorded() as u64, Ordering::Relaxed);
+            if let Some(logits) = logits? {
+                return Ok(logits);
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = stats;
+        Ok(model.forward(batch, &mut self.cache, LogitsAt::LastOfEach)?)
     }
 
     /// What each planned row's logits become: the rows whose sequences need no token yet are
@@ -612,21 +648,22 @@ pub struct OfflineResult {
 
 /// Runs `requests` through a scheduler on this thread until every one finishes: continuous
 /// batching exactly as the server's worker runs it, without the HTTP side (benches, the GPU
-/// check). Results come in submission order; a request that failed gives its error.
+/// check), counting into `stats`. Results come in submission order; a request that failed
+/// gives its error.
 pub fn run_offline(
     model: &Llama,
     text: &TextSide,
     cfg: SchedulerConfig,
     cache: KvCache,
     requests: Vec<GenerateRequest>,
+    stats: &EngineStats,
 ) -> Result<Vec<OfflineResult>, EngineError> {
-    let stats = EngineStats::default();
     let mut scheduler = Scheduler::new(cfg, cache);
     let mut receivers: Vec<_> = requests
         .into_iter()
-        .map(|r| scheduler.submit(r, &stats))
+        .map(|r| scheduler.submit(r, stats))
         .collect();
-    while scheduler.step(model, text, &stats) {}
+    while scheduler.step(model, text, stats) {}
     if scheduler.has_work() {
         return Err(EngineError::Invalid(
             "requests left that the KV cache cannot hold".into(),

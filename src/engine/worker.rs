@@ -247,6 +247,9 @@ pub struct EngineStats {
     /// Full prompt blocks looked up in the prefix cache, and found.
     pub prefix_blocks_looked_up: AtomicU64,
     pub prefix_blocks_hit: AtomicU64,
+    /// Decode steps replayed from a CUDA graph, and the graphs recorded so far.
+    pub graph_replays: AtomicU64,
+    pub graphs_recorded: AtomicU64,
 }
 
 /// Engine limits.

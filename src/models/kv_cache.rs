@@ -1,9 +1,11 @@
 //! The paged key/value history of the generator. Models are immutable; whoever drives them owns
 //! one of these and names sequences by id in each [`super::Batch`].
 //!
-//! Storage: for each layer, K and V as `(num_blocks, kv_heads, block_size, head_dim)` f16
-//! (see [`crate::ops::paged_attention`]); the blocks are handed out by a [`BlockPool`], one
-//! [`BlockTable`] per live sequence. A sequence may start on blocks another sequence with the
+//! Storage: for each layer, K and V as `(num_blocks + 1, kv_heads, block_size, head_dim)` f16
+//! (see [`crate::ops::paged_attention`]); the first `num_blocks` are handed out by a
+//! [`BlockPool`], one [`BlockTable`] per live sequence; the last, the spare block, belongs to no
+//! sequence: the padding rows of a decode step replayed at a larger batch than it holds
+//! ([`KvCache::padded_decode_rows`]) write and read there. A sequence may start on blocks another sequence with the
 //! same cache salt already computed ([`KvCache::start`]); those blocks are shared, read-only
 //! (a sequence only ever writes positions after its reused prefix, into blocks of its own).
 //!
@@ -21,6 +23,9 @@ use super::{Batch, Result};
 use crate::error::ModelError;
 use crate::ops::paged_attention::{write_kv, PagedGeometry, SeqView};
 
+/// Rows of a decode step: each row's position, cache slot and block table.
+pub(crate) type DecodeRowsOf<'a> = (Vec<u32>, Vec<u32>, Vec<&'a [u32]>);
+
 /// K/V storage of every layer and the tables of every live sequence.
 pub struct KvCache {
     geometry: PagedGeometry,
@@ -30,6 +35,8 @@ pub struct KvCache {
     /// Whether any position was ever written (an untouched host cache moves to a device as
     /// fresh zeros, without a copy).
     written: bool,
+    /// The block table of a padding row: the spare block alone.
+    spare_table: [u32; 1],
 }
 
 /// Where the layers' K and V live.
@@ -82,7 +89,8 @@ impl KvCache {
             head_dim: cfg.head_dim(),
             block_size: block_size.max(1),
         };
-        let elems = num_blocks * geometry.block_elems();
+        // The pool's blocks and the spare block.
+        let elems = (num_blocks + 1) * geometry.block_elems();
         Self {
             geometry,
             pool: BlockPool::new(num_blocks, geometry.block_size),
@@ -93,6 +101,7 @@ impl KvCache {
                     .collect(),
             ),
             written: false,
+            spare_table: [num_blocks as u32],
         }
     }
 
@@ -296,10 +305,43 @@ impl KvCache {
         (slots, tables)
     }
 
-    /// Blocks each layer stores.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) fn num_blocks(&self) -> usize {
+    /// Blocks the pool hands out.
+    pub fn num_blocks(&self) -> usize {
         self.pool.total()
+    }
+
+    /// Blocks each layer stores: the pool's, then the spare block.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn storage_blocks(&self) -> usize {
+        self.pool.total() + 1
+    }
+
+    /// The rows of a decode step (one token per sequence of `batch`, reserved already) padded
+    /// to `rows`: each token's position, cache slot and its sequence's block table as
+    /// [`KvCache::token_rows`] gives them, then rows at position 0 of the spare block, which
+    /// no sequence's table holds: what they write there and read back changes nothing any
+    /// sequence sees.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn padded_decode_rows(
+        &self,
+        batch: &Batch,
+        rows: usize,
+    ) -> Result<DecodeRowsOf<'_>> {
+        let n = batch.num_seqs();
+        if batch.num_tokens() != n || n > rows {
+            return Err(ModelError::Invalid(format!(
+                "{} tokens of {n} sequences for {rows} one-token decode rows",
+                batch.num_tokens()
+            )));
+        }
+        let (mut slots, mut tables) = self.token_rows(batch);
+        let mut positions = batch.positions().to_vec();
+        let spare = self.pool.total() as u32;
+        positions.resize(rows, 0);
+        slots.resize(rows, spare * self.geometry.block_size as u32);
+        tables.resize(rows, std::slice::from_ref(&self.spare_table[0]));
+        debug_assert_eq!(self.spare_table[0], spare);
+        Ok((positions, slots, tables))
     }
 
     /// Whether the storage lives on a GPU.
@@ -418,5 +460,52 @@ mod tests {
         step(&b, &mut cache);
         assert_eq!(cache.seq_len(7), 14);
         assert_eq!(cache.num_blocks(), 12);
+    }
+
+    /// A decode step padded past its sequences: the real rows are the ones `token_rows`
+    /// names, the padding rows sit at position 0 of the spare block, which is stored past the
+    /// pool's blocks and never handed out, even with every pool block taken.
+    #[test]
+    fn padding_rows_use_only_the_spare_block() {
+        let cfg = config();
+        let mut cache = KvCache::new(&cfg, 3, 4);
+        assert_eq!((cache.num_blocks(), cache.storage_blocks()), (3, 4));
+        let g = *cache.geometry();
+        let (k, _, _) = cache.views(0, &Batch::new()).unwrap();
+        assert_eq!(k.len(), 4 * g.block_elems());
+        // Two sequences take all three blocks.
+        let mut b = Batch::new();
+        b.push(1, &[1, 2, 3, 4, 5, 6, 7, 8], 0);
+        b.push(2, &[6, 7, 8], 0);
+        cache.reserve(&b).unwrap();
+        assert_eq!(cache.available_blocks(), 0);
+        let mut step = Batch::new();
+        step.push(2, &[9], 3);
+        step.push(1, &[9], 8);
+        // Sequence 1 needs a third block of its own for position 8: the pool has none left,
+        // and the spare is not the pool's.
+        assert!(cache.reserve(&step).is_err());
+        let mut step = Batch::new();
+        step.push(2, &[9], 3);
+        cache.reserve(&step).unwrap();
+        let (slots, tables) = cache.token_rows(&step);
+        let (positions, padded_slots, padded_tables) = cache.padded_decode_rows(&step, 4).unwrap();
+        assert_eq!(positions, vec![3, 0, 0, 0]);
+        assert_eq!(padded_slots[0], slots[0]);
+        assert_eq!(padded_tables[0], tables[0]);
+        for r in 1..4 {
+            assert_eq!(padded_tables[r], &[3]);
+            assert_eq!(padded_slots[r], 3 * 4);
+        }
+        for id in [1, 2] {
+            assert!(!cache.tables[&id].blocks().contains(&3));
+        }
+        // Exactly full needs no padding; more sequences than rows, or a prompt chunk, is an
+        // error.
+        assert_eq!(cache.padded_decode_rows(&step, 1).unwrap().0, vec![3]);
+        assert!(cache.padded_decode_rows(&step, 0).is_err());
+        let mut chunk = Batch::new();
+        chunk.push(2, &[1, 2], 4);
+        assert!(cache.padded_decode_rows(&chunk, 4).is_err());
     }
 }

@@ -949,7 +949,7 @@ impl Llama {
                 batch.positions(),
                 &slots,
                 &tables,
-                cache.num_blocks(),
+                cache.storage_blocks(),
                 &seqs,
                 self.tensor_core_prefill,
             )?
@@ -1020,14 +1020,16 @@ impl Llama {
             cache.geometry(),
             rows,
             max_len,
-            cache.num_blocks(),
+            cache.storage_blocks(),
         )?;
         let ids = Tensor::zeros(rows, DType::U32, &self.device)?;
         Ok((step, ids))
     }
 
-    /// Checks and reserves a decode batch (one token per sequence, as many as the buffers
-    /// hold) and writes its rows and token ids into the buffers of [`Llama::decode_buffers`].
+    /// Checks and reserves a decode batch (one token per sequence, at most as many as the
+    /// buffers hold) and writes its rows and token ids into the buffers of
+    /// [`Llama::decode_buffers`]; rows past the batch's sequences are padding on the cache's
+    /// spare block ([`KvCache::padded_decode_rows`]), their logits meaningless.
     #[cfg(feature = "cuda")]
     pub fn prepare_decode(
         &self,
@@ -1037,15 +1039,18 @@ impl Llama {
         ids: &Tensor,
     ) -> Result<()> {
         self.check_batch(batch, cache)?;
-        if batch.num_tokens() != batch.num_seqs() {
-            return Err(ModelError::Invalid(
-                "a decode batch holds one token per sequence".into(),
-            ));
+        let rows = step.tokens();
+        if batch.num_tokens() != batch.num_seqs() || batch.num_seqs() > rows {
+            return Err(ModelError::Invalid(format!(
+                "a decode batch holds one token per sequence, at most {rows}"
+            )));
         }
         cache.reserve(batch)?;
-        let (slots, tables) = cache.token_rows(batch);
-        step.update(batch.positions(), &slots, &tables)?;
-        crate::ops::llama_fused::write_u32(ids, batch.input_ids())?;
+        let (positions, slots, tables) = cache.padded_decode_rows(batch, rows)?;
+        step.update(&positions, &slots, &tables)?;
+        let mut tokens = batch.input_ids().to_vec();
+        tokens.resize(rows, 0);
+        crate::ops::llama_fused::write_u32(ids, &tokens)?;
         Ok(())
     }
 

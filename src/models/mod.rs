@@ -7,6 +7,7 @@
 pub mod batch;
 pub mod bert;
 pub mod chat_template;
+pub mod decode_graph;
 pub mod gguf;
 pub mod kv_blocks;
 pub mod kv_cache;

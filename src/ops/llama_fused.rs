@@ -292,6 +292,11 @@ impl Step {
         )
     }
 
+    /// Token rows of each step.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
     /// Rewrites a decode step's rows in place (one token per sequence, as many as the buffers
     /// hold, within their capacity): each token's position, cache slot and its sequence's
     /// block table.

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub prefix_cache_hits_total: IntCounter,
     pub prompt_tokens_cached_total: IntCounter,
     pub preemptions_total: IntCounter,
+    pub decode_graph_replays_total: IntCounter,
+    pub decode_graphs: IntGauge,
     pub corpus_documents: IntGauge,
     pub corpus_chunks: IntGauge,
 }
@@ -149,6 +151,14 @@ impl Metrics {
                 "cited_preemptions_total",
                 "Sequences preempted (blocks freed, history recomputed later) for lack of KV blocks",
             ),
+            decode_graph_replays_total: counter(
+                "cited_decode_graph_replays_total",
+                "Decode steps replayed from a CUDA graph (--cuda-graphs)",
+            ),
+            decode_graphs: gauge(
+                "cited_decode_graphs",
+                "CUDA graphs recorded for decode steps, one per batch shape met (--cuda-graphs)",
+            ),
             corpus_documents: gauge("cited_corpus_documents", "Documents in the store"),
             corpus_chunks: gauge("cited_corpus_chunks", "Chunks in the store"),
             registry,
@@ -194,6 +204,12 @@ impl Metrics {
             stats.cached_prompt_tokens.load(Relaxed),
         );
         sync(&self.preemptions_total, stats.preemptions.load(Relaxed));
+        sync(
+            &self.decode_graph_replays_total,
+            stats.graph_replays.load(Relaxed),
+        );
+        self.decode_graphs
+            .set(stats.graphs_recorded.load(Relaxed) as i64);
         self.generations_waiting
             .set(stats.waiting.load(Relaxed) as i64);
         self.kv_cache_blocks

@@ -383,7 +383,9 @@ pub(crate) fn engine_bench(dev: &Device, work: &Workload, max_batch_tokens: usiz
     Ok(())
 }
 
-/// [`engine_bench`] for one model.
+/// [`engine_bench`] for one model: each batch size run plainly, then with the decode steps
+/// replayed from CUDA graphs (the same prompts; greedy, so the texts should agree but for
+/// near-ties, as the graphs' attention splits its positions differently).
 pub(crate) fn engine_rates(
     dev: &Device,
     name: &str,
@@ -395,8 +397,16 @@ pub(crate) fn engine_rates(
 ) -> Result<()> {
     let cfg = model.config().clone();
     let text = TextSide::synthetic(cfg.vocab_size, cfg.max_position_embeddings)?;
-    let mut rng = Rng(SplitMix64::new(53));
-    let mut run = |b: usize, prompt: usize, out: usize| -> Result<(f64, usize, f64)> {
+    struct Run {
+        secs: f64,
+        generated: usize,
+        prefill: f64,
+        texts: Vec<String>,
+        replays: u64,
+        recorded: u64,
+    }
+    let run = |b: usize, prompt: usize, out: usize, cuda_graphs: bool| -> Result<Run> {
+        let mut rng = Rng(SplitMix64::new(53 + b as u64));
         let requests: Vec<GenerateRequest> = (0..b)
             .map(|_| {
                 let ids = (0..prompt)
@@ -411,31 +421,65 @@ pub(crate) fn engine_rates(
         let sched = SchedulerConfig {
             max_running: b,
             max_batch_tokens,
+            cuda_graphs,
         };
+        let stats = EngineStats::default();
         dev.synchronize()?;
         let started = Instant::now();
-        let results = run_offline(model, &text, sched, cache, requests)?;
+        let results = run_offline(model, &text, sched, cache, requests, &stats)?;
         let secs = started.elapsed().as_secs_f64();
-        let generated = results.iter().map(|r| r.stats.generated_tokens).sum();
         let prefill = results
             .iter()
             .map(|r| r.stats.prefill.as_secs_f64())
             .sum::<f64>()
             / b as f64;
-        Ok((secs, generated, prefill))
+        Ok(Run {
+            secs,
+            generated: results.iter().map(|r| r.stats.generated_tokens).sum(),
+            prefill,
+            texts: results.into_iter().map(|r| r.text).collect(),
+            replays: stats.graph_replays.load(Ordering::Relaxed),
+            recorded: stats.graphs_recorded.load(Ordering::Relaxed),
+        })
     };
     // Loads the kernels and warms cuBLAS and the memory pool before timing.
-    run(2, 16, 4)?;
+    run(2, 16, 4, false)?;
     for &b in batches {
-        let (secs, generated, prefill) = run(b, prompt, out)?;
-        if generated != b * out {
-            bail!("{generated} tokens generated of {}", b * out);
-        }
-        println!(
-                "ENGINE\t{name} dummy Q4_1 (output Q8_0)\tbatch={b} prompt={prompt} out={out}\t{:.1} tok/s\t{secs:.2} s in all, time to first token {:.1} ms on average",
-                generated as f64 / secs,
-                prefill * 1e3
+        let plain = run(b, prompt, out, false)?;
+        let graphs = match run(b, prompt, out, true) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                println!("ENGINE\t{name} dummy Q4_1 (output Q8_0)\tbatch={b} prompt={prompt} out={out}, CUDA graphs\tERROR {e:#}");
+                None
+            }
+        };
+        for (r, how) in
+            std::iter::once((&plain, "")).chain(graphs.iter().map(|g| (g, ", CUDA graphs")))
+        {
+            if r.generated != b * out {
+                bail!("{} tokens generated of {}", r.generated, b * out);
+            }
+            println!(
+                "ENGINE\t{name} dummy Q4_1 (output Q8_0)\tbatch={b} prompt={prompt} out={out}{how}\t{:.1} tok/s\t{:.2} s in all, time to first token {:.1} ms on average; {} steps replayed from {} graphs",
+                r.generated as f64 / r.secs,
+                r.secs,
+                r.prefill * 1e3,
+                r.replays,
+                r.recorded
             );
+        }
+        if let Some(g) = &graphs {
+            let same = plain
+                .texts
+                .iter()
+                .zip(&g.texts)
+                .filter(|(a, b)| a == b)
+                .count();
+            println!(
+                "ENGINE\t{name}\tbatch={b}, CUDA graphs against plain steps\t{same} of {b} texts equal\t{:.2}x tok/s",
+                plain.secs / g.secs.max(1e-9)
+            );
+        }
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! and is tab-separated, so the script can make its table from them.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +17,7 @@ use clap::{Parser, Subcommand};
 use half::f16;
 
 use cited::engine::scheduler::{run_offline, SchedulerConfig};
-use cited::engine::worker::{GenerateRequest, TextSide};
+use cited::engine::worker::{EngineStats, GenerateRequest, TextSide};
 use cited::models::bert::{pooled, Bert, BertConfig};
 use cited::models::kv_cache::KvCache;
 use cited::models::llama::{Llama, LlamaConfig, QuantMode, RopeStyle};
