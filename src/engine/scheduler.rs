@@ -29,7 +29,7 @@ use crate::models::kv_cache::KvCache;
 use crate::models::llama::Llama;
 use crate::models::tokenizer::StreamDecoder;
 use crate::models::{Batch, LogitsAt};
-use crate::ops::sampling::{top_logprobs, Sampler};
+use crate::ops::sampling::{top_logprobs, DevicePlan, Sampler};
 
 /// A planned row's share of a step's logits.
 enum Row {
@@ -464,22 +464,29 @@ impl Scheduler {
     }
 
     /// What each planned row's logits become: the rows whose sequences need no token yet are
-    /// left on the device; on a GPU, the sampling kernel chooses the tokens of the rows whose
-    /// samplers it can serve (no logits processor, no log-probabilities asked); every other
-    /// row comes to the host for its sampler.
+    /// left on the device; on a GPU, the kernels choose the tokens of the rows whose samplers
+    /// they can serve (no log-probabilities asked, every logits processor's edit known before
+    /// the logits: [`Sampler::device_plan`]); every other row comes to the host for its
+    /// sampler.
     fn pick(&self, plan: &[(usize, usize)], logits: &Tensor) -> Result<Vec<Row>, EngineError> {
         let mut rows: Vec<Row> = Vec::with_capacity(plan.len());
-        let (mut host, mut kernel) = (Vec::new(), Vec::new());
+        let (mut host, mut kernel, mut plans) = (Vec::new(), Vec::new(), Vec::new());
+        let vocab = logits.dim(1)?;
         for (j, &(i, n)) in plan.iter().enumerate() {
             let r = &self.running[i];
             rows.push(Row::Unused);
             if r.computed + n < r.tokens.len() {
                 continue;
             }
-            if logits.device().is_cuda() && r.logprobs.is_none() && r.sampler.kernel_can_choose() {
-                kernel.push(j);
-            } else {
-                host.push(j);
+            let on_device = (logits.device().is_cuda() && r.logprobs.is_none())
+                .then(|| r.sampler.device_plan(vocab))
+                .flatten();
+            match on_device {
+                Some(p) => {
+                    kernel.push(j);
+                    plans.push(p);
+                }
+                None => host.push(j),
             }
         }
         let select = |at: &[usize]| -> Result<Tensor, EngineError> {
@@ -495,7 +502,7 @@ impl Scheduler {
             }
         }
         if !kernel.is_empty() {
-            let tokens = self.choose_on_device(plan, &kernel, &select(&kernel)?)?;
+            let tokens = self.choose_on_device(plan, &kernel, &plans, &select(&kernel)?)?;
             for (&j, t) in kernel.iter().zip(tokens) {
                 rows[j] = Row::Chosen(t);
             }
@@ -503,15 +510,20 @@ impl Scheduler {
         Ok(rows)
     }
 
-    /// The sampling kernel's tokens for the rows `at` of the plan, whose logits are `logits`.
+    /// The kernels' tokens for the rows `at` of the plan, whose logits are `logits` (edited
+    /// in place) and whose samplers' steps are `device`.
     #[cfg(feature = "cuda")]
     fn choose_on_device(
         &self,
         plan: &[(usize, usize)],
         at: &[usize],
+        device: &[DevicePlan],
         logits: &Tensor,
     ) -> Result<Vec<Option<u32>>, EngineError> {
-        use crate::ops::sampling::gpu;
+        use crate::ops::sampling::{gpu, Edit};
+        let logits = logits.contiguous()?;
+        let edits: Vec<(usize, &Edit)> = device.iter().map(|d| &d.edit).enumerate().collect();
+        gpu::apply_edits(&logits, &edits)?;
         let samplers: Vec<&Sampler> = at
             .iter()
             .map(|&j| &self.running[plan[j].0].sampler)
@@ -530,14 +542,15 @@ impl Scheduler {
         let reqs: Vec<gpu::Row<'_>> = samplers
             .iter()
             .zip(&entries)
-            .map(|(s, e)| gpu::Row {
+            .zip(device)
+            .map(|((s, e), d)| gpu::Row {
                 params: s.params(),
                 step: s.step(),
                 penalties: e,
-                bans: s.suppressed(),
+                bans: &d.bans,
             })
             .collect();
-        let mut step = gpu::Step::new(&logits.contiguous()?, &reqs)?;
+        let mut step = gpu::Step::new(&logits, &reqs)?;
         step.launch()?;
         Ok(step.read()?)
     }
@@ -547,6 +560,7 @@ impl Scheduler {
         &self,
         _plan: &[(usize, usize)],
         _at: &[usize],
+        _device: &[DevicePlan],
         _logits: &Tensor,
     ) -> Result<Vec<Option<u32>>, EngineError> {
         Err(EngineError::Ops(crate::error::OpsError::Device(

@@ -4,6 +4,7 @@
 //! logits-processor hook: a test that forbids citation brackets, later citation constraints) are
 //! removed before anything else, so they can never be chosen.
 
+pub use self::edit::{DevicePlan, Edit};
 use super::rng::SplitMix64;
 use crate::error::OpsError;
 
@@ -124,6 +125,12 @@ impl std::fmt::Display for InvalidParam {
 pub trait LogitsProcessor: Send {
     fn process(&mut self, logits: &mut [f32]);
     fn accept(&mut self, token: u32);
+    /// This step's edit as data, when it can be said before the logits are seen and equals
+    /// what `process` does to logits a model gives (finite); `None` (the default) keeps the
+    /// sequence's draws on the host.
+    fn edit(&self) -> Option<Edit> {
+        None
+    }
 }
 
 /// Forbids any token that would complete a run of `n` generated tokens seen before in the same
@@ -159,27 +166,22 @@ impl NoRepeatNgram {
 }
 
 impl LogitsProcessor for NoRepeatNgram {
+    /// Bans the tokens that would complete a run seen before, unless that leaves no token.
     fn process(&mut self, logits: &mut [f32]) {
+        if let Some(e) = self.edit() {
+            e.apply(logits);
+        }
+    }
+
+    fn edit(&self) -> Option<Edit> {
         if self.n < 2 || self.tokens.len() < self.n - 1 {
-            return;
+            return Some(Edit::Keep);
         }
         let prefix = &self.tokens[self.tokens.len() + 1 - self.n..];
-        let Some(banned) = self.seen.get(prefix) else {
-            return;
-        };
-        // Never leave the step without a token to choose (another processor may have narrowed
-        // the choice to exactly these).
-        let open = logits
-            .iter()
-            .enumerate()
-            .any(|(t, x)| x.is_finite() && !banned.contains(&(t as u32)));
-        if open {
-            for &t in banned {
-                if let Some(x) = logits.get_mut(t as usize) {
-                    *x = f32::NEG_INFINITY;
-                }
-            }
-        }
+        Some(match self.seen.get(prefix) {
+            Some(banned) => Edit::Ban(banned.clone()),
+            None => Edit::Keep,
+        })
     }
 
     fn accept(&mut self, token: u32) {
@@ -289,10 +291,12 @@ impl Sampler {
         &self.suppress
     }
 
-    /// Whether the sampling kernel can choose this sampler's tokens: it applies the settings,
-    /// penalties and suppressed ids, not logits processors, which run on the host.
-    pub fn kernel_can_choose(&self) -> bool {
-        self.processors.is_empty()
+    /// How the GPU chooses this sampler's next token over a vocabulary of `vocab` (the edit
+    /// kernel, then the sampling kernel with the plan's bans, this sampler's settings and
+    /// penalties); `None` when a logits processor must see the logits on the host.
+    pub fn device_plan(&self, vocab: usize) -> Option<DevicePlan> {
+        let edits: Option<Vec<Edit>> = self.processors.iter().map(|p| p.edit()).collect();
+        edit::fold(edits?, &self.suppress, vocab)
     }
 
     /// Records `token`, chosen for this sampler elsewhere (by the sampling kernel from this
@@ -335,12 +339,25 @@ impl Sampler {
         for p in &mut self.processors {
             p.process(logits);
         }
+        self.draw_after(logits, &self.suppress)
+    }
+
+    /// What the kernels do with `plan` (this sampler's [`Sampler::device_plan`]), on the host:
+    /// the plan's edit, then the penalties and the plan's bans, then the draw. `logits` are
+    /// modified in place; nothing is recorded ([`Sampler::accept`] does that).
+    pub fn choose_planned(&self, plan: &DevicePlan, logits: &mut [f32]) -> Result<u32, OpsError> {
+        plan.edit.apply(logits);
+        self.draw_after(logits, &plan.bans)
+    }
+
+    /// Penalties, then `bans`, then the draw.
+    fn draw_after(&self, logits: &mut [f32], bans: &[u32]) -> Result<u32, OpsError> {
         let entries = if self.params.penalizes() {
             self.penalty_entries()
         } else {
             Vec::new()
         };
-        apply_penalties(logits, &self.params, &entries, &self.suppress);
+        apply_penalties(logits, &self.params, &entries, bans);
         let greedy = argmax(logits)
             .ok_or_else(|| OpsError::Invalid("no token is allowed by the logits".into()))?;
         if self.params.temperature == 0.0 {
@@ -573,6 +590,7 @@ pub fn draw(logits: &[f32], params: &SamplingParams, u: f32) -> u32 {
     last.expect("a finite logit is kept")
 }
 
+pub mod edit;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use crate::ops::sampling::edit::{in_mask, token_mask, Edit, Nudge};
 use crate::ops::sampling::LogitsProcessor;
 
 /// What the tracker releases: text for the client, or a citation right after its marker's text.
@@ -125,12 +126,12 @@ pub struct CitationGuide {
 #[derive(Debug)]
 pub struct CitationVocab {
     /// Tokens that are exactly `[` or ` [`.
-    open: Vec<u32>,
+    open: Arc<[u32]>,
     close: Option<u32>,
     /// Token of each digit.
     digits: [Option<u32>; 10],
-    /// Tokens that end a sentence or a line.
-    ends_sentence: Vec<bool>,
+    /// Tokens that end a sentence or a line, as a bit set ([`token_mask`]).
+    ends_sentence: Arc<[u32]>,
     /// Tokens that are a word of cure or certainty (` cure`, ` curable`, ...).
     cure: Vec<u32>,
     /// Tokens that are the word `source(s)`: answers cite with markers, they do not talk about
@@ -170,10 +171,10 @@ impl CitationVocab {
                 || (t.ends_with(['.', '!', '?']) && !t.chars().any(|c| c.is_ascii_digit()));
         }
         Self {
-            open,
+            open: open.into(),
             close,
             digits,
-            ends_sentence,
+            ends_sentence: token_mask(vocab, |t| ends_sentence[t as usize]),
             cure,
             source_words,
         }
@@ -215,35 +216,29 @@ impl CitationGuide {
             },
         }
     }
-
-    fn top(logits: &[f32]) -> Option<usize> {
-        crate::ops::sampling::argmax(logits).map(|t| t as usize)
-    }
 }
 
 impl LogitsProcessor for CitationGuide {
     fn process(&mut self, logits: &mut [f32]) {
-        match self.state {
+        if let Some(e) = self.edit() {
+            e.apply(logits);
+        }
+    }
+
+    /// Outside a marker, at a sentence of at least [`MIN_SENTENCE_TOKENS`] not yet cited: the
+    /// nudge toward an opening bracket. Inside one: only the digits that keep the number
+    /// within the passages given, and the closing bracket once there is a number.
+    fn edit(&self) -> Option<Edit> {
+        Some(match self.state {
             GuideState::Text { tokens, cited } => {
                 if cited || tokens < MIN_SENTENCE_TOKENS || self.passages == 0 {
-                    return;
-                }
-                let Some(top) = Self::top(logits) else { return };
-                if !self.vocab.ends_sentence.get(top).copied().unwrap_or(false) {
-                    return;
-                }
-                let best_open = self
-                    .vocab
-                    .open
-                    .iter()
-                    .copied()
-                    .filter(|&o| (o as usize) < logits.len())
-                    .max_by(|&a, &b| logits[a as usize].total_cmp(&logits[b as usize]));
-                if let Some(o) = best_open {
-                    let (top_logit, open_logit) = (logits[top], logits[o as usize]);
-                    if open_logit.is_finite() && open_logit > top_logit - self.margin {
-                        logits[o as usize] = top_logit + 1.0;
-                    }
+                    Edit::Keep
+                } else {
+                    Edit::Nudge(Nudge {
+                        ends: self.vocab.ends_sentence.clone(),
+                        open: self.vocab.open.clone(),
+                        margin: self.margin,
+                    })
                 }
             }
             GuideState::Number(value) => {
@@ -260,15 +255,12 @@ impl LogitsProcessor for CitationGuide {
                     allowed.extend(self.vocab.close);
                 }
                 if allowed.is_empty() {
-                    return;
-                }
-                for (id, x) in logits.iter_mut().enumerate() {
-                    if !allowed.contains(&(id as u32)) {
-                        *x = f32::NEG_INFINITY;
-                    }
+                    Edit::Keep
+                } else {
+                    Edit::Allow(allowed)
                 }
             }
-        }
+        })
     }
 
     fn accept(&mut self, token: u32) {
@@ -276,13 +268,7 @@ impl LogitsProcessor for CitationGuide {
             GuideState::Text { tokens, cited } => {
                 if self.vocab.open.contains(&token) {
                     GuideState::Number(0)
-                } else if self
-                    .vocab
-                    .ends_sentence
-                    .get(token as usize)
-                    .copied()
-                    .unwrap_or(false)
-                {
+                } else if in_mask(&self.vocab.ends_sentence, token) {
                     GuideState::Text {
                         tokens: 0,
                         cited: false,
@@ -373,6 +359,92 @@ mod tests {
         let (text, cites, _) = run(5, &["t(12;16) [see below] [", "] [[1]] [1", "2345] end ["]);
         assert_eq!(text, "t(12;16) [see below] [] [[1]] [12345] end [");
         assert_eq!(cites, vec![1]);
+    }
+
+    /// The GPU path's plan, run on the host ([`Sampler::choose_planned`]: the one edit that
+    /// reads the logits, then penalties with the sampler's and the processors' bans together),
+    /// draws what the host path draws with the guide and the n-gram ban as processors, step by
+    /// step over random logits that open and close markers, end sentences and repeat runs;
+    /// greedy and sampled, with and without penalties.
+    #[test]
+    fn the_device_plan_draws_what_the_processors_draw() {
+        use crate::ops::rng::SplitMix64;
+        use crate::ops::sampling::{NoRepeatNgram, Sampler, SamplingParams};
+        // Specials, then filler words; id 19 is suppressed.
+        let mut words: Vec<String> = [
+            "word", " more", ".", " [", "[", "]", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9",
+            "\n", " and", " the", "x",
+        ]
+        .map(String::from)
+        .to_vec();
+        words.extend((0..40).map(|i| format!(" w{i}")));
+        let names = words.clone();
+        let vocab = Arc::new(CitationVocab::new(words.len(), move |id| {
+            names[id as usize].clone()
+        }));
+        let settings = [
+            SamplingParams::default(),
+            SamplingParams {
+                temperature: 0.8,
+                top_p: 0.9,
+                seed: 11,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                repetition_penalty: 1.3,
+                presence_penalty: 0.4,
+                seed: 12,
+                ..Default::default()
+            },
+        ];
+        let (mut nudged, mut allowed, mut banned, mut failed) = (0, 0, 0, 0);
+        for (k, params) in settings.iter().enumerate() {
+            for passages in [1, 3, 12] {
+                let sampler = || {
+                    Sampler::new(params.clone(), vec![19])
+                        .with_processor(Box::new(CitationGuide::new(passages, vocab.clone(), 3.0)))
+                        .with_processor(Box::new(NoRepeatNgram::new(3)))
+                };
+                let (mut host, mut device) = (sampler(), sampler());
+                let mut rng = SplitMix64::new(100 + k as u64 * 7 + passages as u64);
+                for step in 0..400 {
+                    // A few ids get a lift so markers, sentence ends and repeats all happen.
+                    let logits: Vec<f32> = (0..words.len())
+                        .map(|t| {
+                            let lift = if matches!(t, 2 | 3 | 5 | 7 | 16) {
+                                3.0
+                            } else {
+                                0.0
+                            };
+                            (rng.unit() - 0.5) * 6.0 + lift
+                        })
+                        .collect();
+                    let plan = device
+                        .device_plan(words.len())
+                        .expect("both processors plan");
+                    match &plan.edit {
+                        Edit::Nudge(_) => nudged += 1,
+                        Edit::Allow(_) => allowed += 1,
+                        _ => {}
+                    }
+                    banned += (plan.bans.len() > 1) as usize;
+                    // Both fail alike when the n-gram ban leaves only a suppressed id (a tiny
+                    // vocabulary's corner).
+                    let want = host.sample(&mut logits.clone()).ok();
+                    let got = device.choose_planned(&plan, &mut logits.clone()).ok();
+                    assert_eq!(got, want, "settings {k}, {passages} passages, step {step}");
+                    match got {
+                        Some(t) => device.accept(t),
+                        None => failed += 1,
+                    }
+                }
+            }
+        }
+        assert!(
+            nudged > 30 && allowed > 100 && banned > 100 && failed < 100,
+            "{nudged} {allowed} {banned} {failed}"
+        );
     }
 
     /// A toy vocabulary: words, `.`, ` [`, `]`, digits.

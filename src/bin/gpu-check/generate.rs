@@ -405,48 +405,62 @@ pub(crate) fn engine_rates(
         replays: u64,
         recorded: u64,
     }
-    let run = |b: usize, prompt: usize, out: usize, cuda_graphs: bool| -> Result<Run> {
-        let mut rng = Rng(SplitMix64::new(53 + b as u64));
-        let requests: Vec<GenerateRequest> = (0..b)
-            .map(|_| {
-                let ids = (0..prompt)
-                    .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
-                    .collect();
-                let mut r = GenerateRequest::new(ids, out);
-                r.ignore_eos = true;
-                r
+    // The answer path's logits processors: the citation guide over five passages, no 8-gram
+    // twice (their edits run on the GPU beside the sampling kernel).
+    let citation_vocab = Arc::new(CitationVocab::new(cfg.vocab_size, |id| {
+        String::from_utf8_lossy(text.tokenizer.token_bytes(id)).into_owned()
+    }));
+    let run =
+        |b: usize, prompt: usize, out: usize, cuda_graphs: bool, processors: bool| -> Result<Run> {
+            let mut rng = Rng(SplitMix64::new(53 + b as u64));
+            let requests: Vec<GenerateRequest> = (0..b)
+                .map(|_| {
+                    let ids = (0..prompt)
+                        .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
+                        .collect();
+                    let mut r = GenerateRequest::new(ids, out);
+                    r.ignore_eos = true;
+                    if processors {
+                        r.processors.push(Box::new(CitationGuide::new(
+                            5,
+                            citation_vocab.clone(),
+                            3.0,
+                        )));
+                        r.processors.push(Box::new(NoRepeatNgram::new(8)));
+                    }
+                    r
+                })
+                .collect();
+            let cache = KvCache::with_tokens(&cfg, b * (prompt + out + 32));
+            let sched = SchedulerConfig {
+                max_running: b,
+                max_batch_tokens,
+                cuda_graphs,
+            };
+            let stats = EngineStats::default();
+            dev.synchronize()?;
+            let started = Instant::now();
+            let results = run_offline(model, &text, sched, cache, requests, &stats)?;
+            let secs = started.elapsed().as_secs_f64();
+            let prefill = results
+                .iter()
+                .map(|r| r.stats.prefill.as_secs_f64())
+                .sum::<f64>()
+                / b as f64;
+            Ok(Run {
+                secs,
+                generated: results.iter().map(|r| r.stats.generated_tokens).sum(),
+                prefill,
+                texts: results.into_iter().map(|r| r.text).collect(),
+                replays: stats.graph_replays.load(Ordering::Relaxed),
+                recorded: stats.graphs_recorded.load(Ordering::Relaxed),
             })
-            .collect();
-        let cache = KvCache::with_tokens(&cfg, b * (prompt + out + 32));
-        let sched = SchedulerConfig {
-            max_running: b,
-            max_batch_tokens,
-            cuda_graphs,
         };
-        let stats = EngineStats::default();
-        dev.synchronize()?;
-        let started = Instant::now();
-        let results = run_offline(model, &text, sched, cache, requests, &stats)?;
-        let secs = started.elapsed().as_secs_f64();
-        let prefill = results
-            .iter()
-            .map(|r| r.stats.prefill.as_secs_f64())
-            .sum::<f64>()
-            / b as f64;
-        Ok(Run {
-            secs,
-            generated: results.iter().map(|r| r.stats.generated_tokens).sum(),
-            prefill,
-            texts: results.into_iter().map(|r| r.text).collect(),
-            replays: stats.graph_replays.load(Ordering::Relaxed),
-            recorded: stats.graphs_recorded.load(Ordering::Relaxed),
-        })
-    };
     // Loads the kernels and warms cuBLAS and the memory pool before timing.
-    run(2, 16, 4, false)?;
+    run(2, 16, 4, false, false)?;
     for &b in batches {
-        let plain = run(b, prompt, out, false)?;
-        let graphs = match run(b, prompt, out, true) {
+        let plain = run(b, prompt, out, false, false)?;
+        let graphs = match run(b, prompt, out, true, false) {
             Ok(g) => Some(g),
             Err(e) => {
                 println!("ENGINE\t{name} dummy Q4_1 (output Q8_0)\tbatch={b} prompt={prompt} out={out}, CUDA graphs\tERROR {e:#}");

@@ -8,6 +8,7 @@
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -26,7 +27,9 @@ use cited::ops::llama_fused::copy_into;
 use cited::ops::paged_attention::gpu::{Decode, VARIANTS as DECODE_VARIANTS};
 use cited::ops::paged_attention::{paged_attention, PagedGeometry, SeqView};
 use cited::ops::rng::SplitMix64;
-use cited::ops::sampling::gpu::{Row, Step, Variant as SampleVariant};
+use cited::ops::sampling::edit::{token_mask, Edit, Nudge};
+use cited::ops::sampling::gpu::{apply_edits, Row, Step, Variant as SampleVariant};
+use cited::ops::sampling::NoRepeatNgram;
 use cited::ops::sampling::{
     apply_penalties, argmax, draw, kept_tokens, PenaltyEntry, SamplingParams,
 };
@@ -34,6 +37,7 @@ use cited::ops::similarity::gpu::{default_seed_rows, GemmSearch, Search};
 use cited::ops::similarity::{compare_hits, topk_cpu, Hit};
 use cited::ops::similarity_variants::{Variant, VARIANTS};
 use cited::ops::{bert_fused, keep_freed_memory, track_buffer_events};
+use cited::rag::citations::{CitationGuide, CitationVocab};
 
 mod attention;
 mod embed;

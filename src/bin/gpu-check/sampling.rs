@@ -78,7 +78,8 @@ pub(crate) fn sampling_boundary(row: &[f32], p: &SamplingParams, u: f32, got: u3
     false
 }
 
-/// The sampling kernel against the CPU reference; prints one `PARITY` line per case.
+/// The sampling kernel against the CPU reference, then the logits-edit kernel
+/// ([`edit_parity`]); prints one `PARITY` line per case.
 pub(crate) fn sampling_parity(dev: &Device, small: bool) -> Result<bool> {
     let mut rng = Rng(SplitMix64::new(17));
     let cases: &[(usize, usize)] = if small {
@@ -190,6 +191,109 @@ pub(crate) fn sampling_parity(dev: &Device, small: bool) -> Result<bool> {
                     println!("PARITY\tsampling {variant:?}\t{w}");
                 }
             }
+        }
+    }
+    // The logits processors' edits, which run before the sampling kernel in the engine.
+    all_ok &= edit_parity(dev, small)?;
+    Ok(all_ok)
+}
+
+/// The logits-edit kernel (logits processors' allow-lists and the citation nudge) against
+/// [`Edit::apply`]: every edited row bitwise equal, the rows without an edit untouched. Rows
+/// are built so the nudge fires in some (the top a sentence end, an open token within the
+/// margin) and not in others, with ties for the top and among the open tokens, -inf entries,
+/// ids past the vocabulary and repeated ids in allow-lists. Prints one `PARITY` line per shape.
+pub(crate) fn edit_parity(dev: &Device, small: bool) -> Result<bool> {
+    let mut rng = Rng(SplitMix64::new(29));
+    let cases: &[(usize, usize)] = if small {
+        &[(12, 1000)]
+    } else {
+        &[(12, 1000), (40, 49152), (24, 151936), (6, 7)]
+    };
+    let mut all_ok = true;
+    for &(rows, vocab) in cases {
+        let mut host: Vec<f32> = (0..rows * vocab).map(|_| rng.normal() * 3.0).collect();
+        let ends = token_mask(vocab, |t| t % 5 == 2);
+        let mut edits: Vec<Edit> = Vec::new();
+        for r in 0..rows {
+            let row = &mut host[r * vocab..(r + 1) * vocab];
+            let pick = |rng: &mut Rng| (rng.next() % vocab as u64) as u32;
+            let edit = match r % 6 {
+                0 => Edit::Keep,
+                1 => {
+                    let mut ids: Vec<u32> = (0..1 + r % 12).map(|_| pick(&mut rng)).collect();
+                    ids.push(ids[0]);
+                    ids.push(vocab as u32 + 3);
+                    Edit::Allow(ids)
+                }
+                2 => Edit::Ban(vec![pick(&mut rng)]),
+                _ => {
+                    // A top at a sentence end (r % 6 == 3: tied at two ids; 4: an open token
+                    // within the margin; 5: the top ends nothing).
+                    let sentence_end = 2 + 5 * (pick(&mut rng) % ((vocab as u32 - 3) / 5 + 1));
+                    let top = (sentence_end + u32::from(r % 6 == 5)).min(vocab as u32 - 1);
+                    row[top as usize] = 20.0;
+                    if r % 6 == 3 && top as usize + 5 < vocab {
+                        row[top as usize + 5] = 20.0;
+                    }
+                    let open: Vec<u32> = (0..3)
+                        .map(|_| pick(&mut rng))
+                        .chain([vocab as u32 + 1])
+                        .collect();
+                    if r % 6 == 4 {
+                        row[open[0] as usize] = 19.5;
+                        row[open[2] as usize] = 19.5;
+                        row[open[1] as usize] = f32::NEG_INFINITY;
+                    }
+                    Edit::Nudge(Nudge {
+                        ends: ends.clone(),
+                        open: open.into(),
+                        margin: if r % 12 < 6 { 1.0 } else { 0.25 },
+                    })
+                }
+            };
+            // A few -inf entries everywhere.
+            for _ in 0..4 {
+                let t = pick(&mut rng) as usize;
+                if row[t] < 19.0 {
+                    row[t] = f32::NEG_INFINITY;
+                }
+            }
+            edits.push(edit);
+        }
+        let t = Tensor::from_vec(host.clone(), (rows, vocab), dev)?;
+        let listed: Vec<(usize, &Edit)> = edits.iter().enumerate().collect();
+        apply_edits(&t, &listed)?;
+        let got = t.flatten_all()?.to_vec1::<f32>()?;
+        let (mut fired, mut wrong) = (0, Vec::new());
+        for (r, e) in edits.iter().enumerate() {
+            let mut want = host[r * vocab..(r + 1) * vocab].to_vec();
+            e.apply(&mut want);
+            if matches!(e, Edit::Nudge(_)) && want != host[r * vocab..(r + 1) * vocab] {
+                fired += 1;
+            }
+            // A ban is the sampling kernel's: the edit kernel leaves the row as it was.
+            if matches!(e, Edit::Ban(_)) {
+                want.copy_from_slice(&host[r * vocab..(r + 1) * vocab]);
+            }
+            let row = &got[r * vocab..(r + 1) * vocab];
+            if let Some(t) = (0..vocab).find(|&t| row[t].to_bits() != want[t].to_bits()) {
+                wrong.push(
+                    format!("row {r} ({e:?}): id {t}: gpu {} cpu {}", row[t], want[t])
+                        .chars()
+                        .take(200)
+                        .collect::<String>(),
+                );
+            }
+        }
+        let ok = wrong.is_empty() && fired > 0;
+        all_ok &= ok;
+        println!(
+            "PARITY\tlogits edit\trows={rows} vocab={vocab}\tnudges fired {fired}\t{}",
+            if ok { "ok" } else { "FAIL" }
+        );
+        for w in wrong.iter().take(5) {
+            println!("PARITY\tlogits edit\t{w}");
         }
     }
     Ok(all_ok)

@@ -244,3 +244,53 @@ impl Step {
         self.dev.cuda_stream()
     }
 }
+
+/// The PTX of `kernels/logits_edit.cu`, compiled by build.rs.
+pub const EDIT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/logits_edit.ptx"));
+const EDIT_MODULE: &str = "cited_logits_edit";
+
+/// Applies the edits that read the logits (allow-lists, the citation nudge) of `edits`
+/// (row, edit) to `logits` (rows, vocab; f32, contiguous, on a CUDA device) in place, on the
+/// device's stream: what [`super::Edit::apply`] does to each row. Bans are left to the
+/// sampling kernel's banned ids ([`super::DevicePlan`]).
+pub fn apply_edits(logits: &Tensor, edits: &[(usize, &super::Edit)]) -> Result<(), OpsError> {
+    let (table, n) = super::edit::edit_table(edits);
+    if n == 0 {
+        return Ok(());
+    }
+    let dev = cuda_device(logits, "logits")?;
+    let (rows, vocab) = logits.dims2()?;
+    if logits.dtype() != DType::F32 || edits.iter().any(|&(r, _)| r >= rows) {
+        return Err(OpsError::Shape(format!(
+            "edits of rows {:?} on {:?} logits of {rows} rows",
+            edits.iter().map(|e| e.0).collect::<Vec<_>>(),
+            logits.dtype()
+        )));
+    }
+    let (storage, layout) = logits.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(OpsError::Device("logits are not on a CUDA device".into()));
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Err(OpsError::Shape("logits are not contiguous".into()));
+    };
+    // The kernel writes the tensor's own storage: its other views see the edit, as they
+    // would see the host reference's edit of the same rows.
+    let view = cs.as_cuda_slice::<f32>()?.slice(start..end);
+    let stream = dev.cuda_stream();
+    let meta = stream.clone_htod(&table).map_err(dev_err)?;
+    let func = dev.get_or_load_custom_func("cited_logits_edit", EDIT_MODULE, EDIT_PTX)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let vocab = vocab as u32;
+    let mut b = func.builder();
+    b.arg(&view).arg(&vocab).arg(&meta);
+    // SAFETY: the arguments match `cited_logits_edit`: `rows` rows of `vocab` f32 (each
+    // edit's row checked against `rows` above), and a table whose headers point inside itself
+    // (`edit_table`).
+    unsafe { b.launch(cfg) }.map_err(dev_err)?;
+    Ok(())
+}
