@@ -20,6 +20,7 @@ use half::f16;
 use cited::engine::scheduler::{run_offline, SchedulerConfig};
 use cited::engine::worker::{EngineStats, GenerateRequest, TextSide};
 use cited::models::bert::{pooled, Bert, BertConfig};
+use cited::models::decode_graph::DecodeGraphs;
 use cited::models::kv_cache::KvCache;
 use cited::models::llama::{Llama, LlamaConfig, QuantMode, RopeStyle};
 use cited::models::{Batch, LogitsAt};
@@ -243,6 +244,13 @@ fn time_ms(dev: &Device, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
+    // Warnings (a decode graph that could not be recorded, say) go to the log.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
     let dev = Device::new_cuda(args.device).context("opening the CUDA device")?;
     keep_freed_memory(&dev, true)?;
