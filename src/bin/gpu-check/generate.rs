@@ -172,6 +172,44 @@ pub(crate) fn decoder_parity(dev: &Device, small: bool) -> Result<bool> {
     Ok(ok)
 }
 
+/// Rows of logits compared: the largest difference over the largest logit of `want`, rows
+/// with the same top token, rows, and whether every row is within 1e-3 with the same top token
+/// (or a top-2 margin within that).
+#[derive(Default)]
+struct RowsMatch {
+    worst: f32,
+    same: usize,
+    rows: usize,
+    fail: bool,
+}
+
+impl RowsMatch {
+    /// Adds the rows of one forward pass, `vocab` logits each; returns each row's top token
+    /// in `want`.
+    fn add(&mut self, want: &[f32], got: &[f32], vocab: usize) -> Vec<u32> {
+        let top = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let mut best = Vec::new();
+        for (wr, gr) in want.chunks(vocab).zip(got.chunks(vocab)) {
+            let err = wr
+                .iter()
+                .zip(gr)
+                .map(|(a, b)| (a - b).abs())
+                .fold(
+                    0f32,
+                    |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
+                )
+                / top;
+            self.worst = self.worst.max(err);
+            let ((wbest, margin), (gbest, _)) = (top2(wr), top2(gr));
+            self.rows += 1;
+            self.same += (wbest == gbest) as usize;
+            self.fail |= err > 1e-3 || (wbest != gbest && margin > 1e-3 * top);
+            best.push(wbest);
+        }
+        best
+    }
+}
+
 /// The engine's decode graphs ([`DecodeGraphs`]) against plain forward passes on the GPU,
 /// same weights, two caches fed the same tokens: three sequences prefilled, decode steps of
 /// all three (graph rows 4: one padding row on the spare block; the first step runs plainly
@@ -198,7 +236,7 @@ pub(crate) fn graph_parity(dev: &Device) -> Result<bool> {
     }
     let mut graphs = DecodeGraphs::new(8);
     let mut live: Vec<usize> = vec![0, 1, 2];
-    let (mut worst, mut same, mut rows, mut pass) = (0f32, 0usize, 0usize, true);
+    let mut m = RowsMatch::default();
     for step in 0..8 {
         if step == 4 {
             live.retain(|&s| s != 1);
@@ -218,35 +256,18 @@ pub(crate) fn graph_parity(dev: &Device) -> Result<bool> {
             .context("no decode graph took the batch")?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let top = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-        for (i, (wr, gr)) in want
-            .chunks(cfg.vocab_size)
-            .zip(got.chunks(cfg.vocab_size))
-            .enumerate()
-        {
-            let err = wr
-                .iter()
-                .zip(gr)
-                .map(|(a, b)| (a - b).abs())
-                .fold(
-                    0f32,
-                    |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
-                )
-                / top;
-            worst = worst.max(err);
-            let ((wbest, margin), (gbest, _)) = (top2(wr), top2(gr));
-            rows += 1;
-            same += (wbest == gbest) as usize;
-            pass &= err <= 1e-3 && (wbest == gbest || margin <= 1e-3 * top);
-            let s = live[i];
-            last[s] = wbest;
+        for (&s, best) in live.iter().zip(m.add(&want, &got, cfg.vocab_size)) {
+            last[s] = best;
             pos[s] += 1;
         }
     }
     // Two shapes (4 rows, then 2), each recorded once; the other six steps replayed.
-    pass &= graphs.recorded() == 2 && graphs.replays() == 6;
+    let pass = !m.fail && graphs.recorded() == 2 && graphs.replays() == 6;
     println!(
-        "PARITY\tdecode graphs\tgqa 4, dim 64: 3 sequences (one padding row), then 2; 8 steps\tmax error {worst:.2e} of the largest logit, {same}/{rows} rows with the same top token, {} graphs recorded, {} steps replayed\t{}",
+        "PARITY\tdecode graphs\tgqa 4, dim 64: 3 sequences (one padding row), then 2; 8 steps\tmax error {:.2e} of the largest logit, {}/{} rows with the same top token, {} graphs recorded, {} steps replayed\t{}",
+        m.worst,
+        m.same,
+        m.rows,
         graphs.recorded(),
         graphs.replays(),
         if pass { "ok" } else { "FAIL" }
@@ -264,35 +285,21 @@ fn decoder_rows_match(
     want: &[Vec<f32>],
     got: &[Vec<f32>],
 ) -> bool {
-    let (mut worst, mut rows, mut same) = (0f32, 0usize, 0usize);
-    let mut pass = true;
+    let mut m = RowsMatch::default();
     for (w, g) in want.iter().zip(got) {
-        let top = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-        for (wr, gr) in w.chunks(cfg.vocab_size).zip(g.chunks(cfg.vocab_size)) {
-            let err = wr
-                .iter()
-                .zip(gr)
-                .map(|(a, b)| (a - b).abs())
-                .fold(
-                    0f32,
-                    |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
-                )
-                / top;
-            worst = worst.max(err);
-            let (wbest, margin) = top2(wr);
-            let (gbest, _) = top2(gr);
-            rows += 1;
-            same += (wbest == gbest) as usize;
-            pass &= err <= 1e-3 && (wbest == gbest || margin <= 1e-3 * top);
-        }
+        m.add(w, g, cfg.vocab_size);
     }
+    let pass = !m.fail;
     println!(
-        "PARITY\tdecoder {name}{}\tprompts {} + {} together, then a decode token, a chunk of {}, a new prompt of {}\tmax error {worst:.2e} of the largest logit, {same}/{rows} rows with the same top token\t{}",
+        "PARITY\tdecoder {name}{}\tprompts {} + {} together, then a decode token, a chunk of {}, a new prompt of {}\tmax error {:.2e} of the largest logit, {}/{} rows with the same top token\t{}",
         if tensor_cores { ", tensor-core prefill" } else { "" },
         lens[0],
         lens[1],
         lens[2],
         lens[3],
+        m.worst,
+        m.same,
+        m.rows,
         if pass { "ok" } else { "FAIL" }
     );
     pass
