@@ -123,9 +123,12 @@ impl Scheduler {
             waiting: VecDeque::new(),
             next_id: 0,
             #[cfg(feature = "cuda")]
-            graphs: cfg
-                .cuda_graphs
-                .then(|| crate::models::decode_graph::DecodeGraphs::new(cfg.max_running)),
+            graphs: cfg.cuda_graphs.then(|| {
+                crate::models::decode_graph::DecodeGraphs::new(
+                    cfg.max_running,
+                    cfg.max_batch_tokens,
+                )
+            }),
         }
     }
 

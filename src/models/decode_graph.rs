@@ -14,7 +14,10 @@
 //!
 //! The first batch of a shape runs its step plainly on the graph's buffers (that result is the
 //! step's; every kernel and workspace is loaded by then), then records it; later batches of
-//! that shape replay it. A recording that fails leaves that shape running plainly on its
+//! that shape replay it. Before the first recording, candle's workspaces for quantized
+//! products are grown to the largest forward pass the engine runs
+//! ([`super::llama::Llama::reserve_workspaces`]): they are replaced when they grow, and a graph
+//! must never point at a replaced one. A recording that fails leaves that shape running plainly on its
 //! buffers, with a warning; any other batch (prompt chunks, more rows or a longer context than
 //! any graph takes) goes through [`super::llama::Llama::forward`].
 
@@ -88,6 +91,10 @@ mod gpu {
     /// The graphs of one model and one KV cache, made as batches need them.
     pub struct DecodeGraphs {
         max_rows: usize,
+        /// The most tokens any forward pass of the engine takes.
+        max_tokens: usize,
+        /// Whether the quantized products' workspaces were grown for `max_tokens`.
+        reserved: bool,
         shapes: HashMap<(usize, usize), Shape>,
         /// (max_rows, vocab) f32: every graph copies its logits into the leading rows.
         logits: Option<Tensor>,
@@ -101,10 +108,13 @@ mod gpu {
     unsafe impl Send for DecodeGraphs {}
 
     impl DecodeGraphs {
-        /// Graphs for batches of up to `max_rows` sequences.
-        pub fn new(max_rows: usize) -> Self {
+        /// Graphs for batches of up to `max_rows` sequences, beside forward passes of up to
+        /// `max_tokens` tokens.
+        pub fn new(max_rows: usize, max_tokens: usize) -> Self {
             Self {
                 max_rows: max_rows.max(1),
+                max_tokens: max_tokens.max(max_rows),
+                reserved: false,
                 shapes: HashMap::new(),
                 logits: None,
                 replays: 0,
@@ -177,6 +187,10 @@ mod gpu {
                 let plain = model.forward_decode_on_device(&mut shape.step, &shape.ids, cache)?;
                 copy_into(&out, &plain)?;
             } else {
+                if !self.reserved {
+                    model.reserve_workspaces(self.max_tokens)?;
+                    self.reserved = true;
+                }
                 // candle uploads small kernel parameters from the host; cached by content
                 // while this guard lives, the plain step's uploads serve the recording.
                 let _params = cuda.enable_cuda_graph_htod_cache();

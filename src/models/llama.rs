@@ -1000,6 +1000,26 @@ impl Llama {
         Ok(h)
     }
 
+    /// Grows candle's per-device workspaces for quantized products to what a forward pass of
+    /// up to `max_tokens` rows needs, by running the widest product (the down projection)
+    /// once at up to 8 rows and once at `max_tokens`. Those workspaces only grow, and a grown
+    /// one replaces its buffer: a CUDA graph recorded before a larger batch came would keep
+    /// the freed one.
+    #[cfg(feature = "cuda")]
+    pub fn reserve_workspaces(&self, max_tokens: usize) -> Result<()> {
+        let Some(layer) = self.layers.first() else {
+            return Ok(());
+        };
+        for rows in [max_tokens.min(8), max_tokens] {
+            if rows > 0 {
+                let x =
+                    Tensor::zeros((rows, self.cfg.intermediate_size), DType::F32, &self.device)?;
+                layer.w_down.forward(&x)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Buffers for graph-capturable decode steps of `rows` sequences at contexts up to
     /// `max_len` positions: the rows ([`crate::ops::llama_fused::Step`]) and the token ids (u32)
     /// on the device, which [`Llama::prepare_decode`] fills and

@@ -234,7 +234,7 @@ pub(crate) fn graph_parity(dev: &Device) -> Result<bool> {
         last.push(top2(&logits.flatten_all()?.to_vec1::<f32>()?).0);
         pos.push(n);
     }
-    let mut graphs = DecodeGraphs::new(8);
+    let mut graphs = DecodeGraphs::new(8, 512);
     let mut live: Vec<usize> = vec![0, 1, 2];
     let mut m = RowsMatch::default();
     for step in 0..8 {
