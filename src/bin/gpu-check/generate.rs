@@ -589,6 +589,16 @@ pub(crate) fn engine_rates(
                 plain.secs / g.secs.max(1e-9)
             );
         }
+        if (2..=32).contains(&b) {
+            // The answer path's processors, their edits on the GPU (at the batch the issue's
+            // engine goal names; the device time is short).
+            let guided = run(b, prompt, out, false, true)?;
+            println!(
+                "ENGINE\t{name} dummy Q4_1 (output Q8_0)\tbatch={b} prompt={prompt} out={out}, citation guide + no-repeat 8-gram\t{:.1} tok/s\t{:.2}x the plain run's time",
+                guided.generated as f64 / guided.secs,
+                guided.secs / plain.secs.max(1e-9)
+            );
+        }
     }
     Ok(())
 }
