@@ -538,7 +538,11 @@ impl DeviceSpec {
                 Err(ConfigError::NoCuda(format!("cuda:{n}")))
             }
             Self::Cuda(n) => {
-                let dev = Device::new_cuda(n)
+                // A stream of its own rather than each thread's default stream: the weights
+                // loaded here and the steps the worker thread runs are ordered on one stream
+                // (buffers carry no events), and a stream made for the purpose can be
+                // captured into CUDA graphs.
+                let dev = Device::new_cuda_with_stream(n)
                     .map_err(|e| ConfigError::CudaUnavailable(n, e.to_string()))?;
                 // Steps of the same shapes reuse the last step's buffers, made without events.
                 #[cfg(feature = "cuda")]

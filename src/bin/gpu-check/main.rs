@@ -252,7 +252,8 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let dev = Device::new_cuda(args.device).context("opening the CUDA device")?;
+    // A stream of its own, as the server opens it (`DeviceSpec::open`).
+    let dev = Device::new_cuda_with_stream(args.device).context("opening the CUDA device")?;
     keep_freed_memory(&dev, true)?;
     track_buffer_events(&dev, false);
     match args.command {
