@@ -492,6 +492,15 @@ pub(crate) fn engine_rates(
 ) -> Result<()> {
     let cfg = model.config().clone();
     let text = TextSide::synthetic(cfg.vocab_size, cfg.max_position_embeddings)?;
+    /// How a run goes: decode steps through CUDA graphs; the answer path's processors on every
+    /// request; those processors on the host (each request asks for log-probabilities, which
+    /// brings its logits there) instead of the edit and sampling kernels.
+    #[derive(Clone, Copy, Default)]
+    struct How {
+        graphs: bool,
+        processors: bool,
+        host: bool,
+    }
     struct Run {
         secs: f64,
         generated: usize,
@@ -505,57 +514,64 @@ pub(crate) fn engine_rates(
     let citation_vocab = Arc::new(CitationVocab::new(cfg.vocab_size, |id| {
         String::from_utf8_lossy(text.tokenizer.token_bytes(id)).into_owned()
     }));
-    let run =
-        |b: usize, prompt: usize, out: usize, cuda_graphs: bool, processors: bool| -> Result<Run> {
-            let mut rng = Rng(SplitMix64::new(53 + b as u64));
-            let requests: Vec<GenerateRequest> = (0..b)
-                .map(|_| {
-                    let ids = (0..prompt)
-                        .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
-                        .collect();
-                    let mut r = GenerateRequest::new(ids, out);
-                    r.ignore_eos = true;
-                    if processors {
-                        r.processors.push(Box::new(CitationGuide::new(
-                            5,
-                            citation_vocab.clone(),
-                            3.0,
-                        )));
-                        r.processors.push(Box::new(NoRepeatNgram::new(8)));
-                    }
-                    r
-                })
-                .collect();
-            let cache = KvCache::with_tokens(&cfg, b * (prompt + out + 32));
-            let sched = SchedulerConfig {
-                max_running: b,
-                max_batch_tokens,
-                cuda_graphs,
-            };
-            let stats = EngineStats::default();
-            dev.synchronize()?;
-            let started = Instant::now();
-            let results = run_offline(model, &text, sched, cache, requests, &stats)?;
-            let secs = started.elapsed().as_secs_f64();
-            let prefill = results
-                .iter()
-                .map(|r| r.stats.prefill.as_secs_f64())
-                .sum::<f64>()
-                / b as f64;
-            Ok(Run {
-                secs,
-                generated: results.iter().map(|r| r.stats.generated_tokens).sum(),
-                prefill,
-                texts: results.into_iter().map(|r| r.text).collect(),
-                replays: stats.graph_replays.load(Ordering::Relaxed),
-                recorded: stats.graphs_recorded.load(Ordering::Relaxed),
+    let run = |b: usize, prompt: usize, out: usize, how: How| -> Result<Run> {
+        let mut rng = Rng(SplitMix64::new(53 + b as u64));
+        let requests: Vec<GenerateRequest> = (0..b)
+            .map(|_| {
+                let ids = (0..prompt)
+                    .map(|_| (rng.next() % cfg.vocab_size as u64) as u32)
+                    .collect();
+                let mut r = GenerateRequest::new(ids, out);
+                r.ignore_eos = true;
+                if how.processors {
+                    r.processors
+                        .push(Box::new(CitationGuide::new(5, citation_vocab.clone(), 3.0)));
+                    r.processors.push(Box::new(NoRepeatNgram::new(8)));
+                }
+                if how.host {
+                    r.logprobs = Some(0);
+                }
+                r
             })
+            .collect();
+        let cache = KvCache::with_tokens(&cfg, b * (prompt + out + 32));
+        let sched = SchedulerConfig {
+            max_running: b,
+            max_batch_tokens,
+            cuda_graphs: how.graphs,
         };
+        let stats = EngineStats::default();
+        dev.synchronize()?;
+        let started = Instant::now();
+        let results = run_offline(model, &text, sched, cache, requests, &stats)?;
+        let secs = started.elapsed().as_secs_f64();
+        let prefill = results
+            .iter()
+            .map(|r| r.stats.prefill.as_secs_f64())
+            .sum::<f64>()
+            / b as f64;
+        Ok(Run {
+            secs,
+            generated: results.iter().map(|r| r.stats.generated_tokens).sum(),
+            prefill,
+            texts: results.into_iter().map(|r| r.text).collect(),
+            replays: stats.graph_replays.load(Ordering::Relaxed),
+            recorded: stats.graphs_recorded.load(Ordering::Relaxed),
+        })
+    };
     // Loads the kernels and warms cuBLAS and the memory pool before timing.
-    run(2, 16, 4, false, false)?;
+    run(2, 16, 4, How::default())?;
     for &b in batches {
-        let plain = run(b, prompt, out, false, false)?;
-        let graphs = match run(b, prompt, out, true, false) {
+        let plain = run(b, prompt, out, How::default())?;
+        let graphs = match run(
+            b,
+            prompt,
+            out,
+            How {
+                graphs: true,
+                ..How::default()
+            },
+        ) {
             Ok(g) => Some(g),
             Err(e) => {
                 println!("ENGINE\t{name} dummy Q4_1 (output Q8_0)\tbatch={b} prompt={prompt} out={out}, CUDA graphs\tERROR {e:#}");
@@ -592,12 +608,35 @@ pub(crate) fn engine_rates(
         if (2..=32).contains(&b) {
             // The answer path's processors, their edits on the GPU (at the batch the issue's
             // engine goal names; the device time is short).
-            let guided = run(b, prompt, out, false, true)?;
+            let guided = How {
+                processors: true,
+                ..How::default()
+            };
+            let device = run(b, prompt, out, guided)?;
+            let host = run(
+                b,
+                prompt,
+                out,
+                How {
+                    host: true,
+                    ..guided
+                },
+            )?;
+            let same = device
+                .texts
+                .iter()
+                .zip(&host.texts)
+                .filter(|(a, b)| a == b)
+                .count();
             println!(
-                "ENGINE\t{name} dummy Q4_1 (output Q8_0)\tbatch={b} prompt={prompt} out={out}, citation guide + no-repeat 8-gram\t{:.1} tok/s\t{:.2}x the plain run's time",
-                guided.generated as f64 / guided.secs,
-                guided.secs / plain.secs.max(1e-9)
+                "ENGINE\t{name} dummy Q4_1 (output Q8_0)\tbatch={b} prompt={prompt} out={out}, citation guide + no-repeat 8-gram\t{:.1} tok/s\t{:.2}x the plain run's time; processors on the host: {:.1} tok/s, {same} of {b} texts equal (must be all)",
+                device.generated as f64 / device.secs,
+                device.secs / plain.secs.max(1e-9),
+                host.generated as f64 / host.secs
             );
+            if same != b {
+                println!("PARITY\tengine processors {name}\tbatch={b}: {same} of {b} texts equal between the GPU edit path and the host\tFAIL");
+            }
         }
     }
     Ok(())
