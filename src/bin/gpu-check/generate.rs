@@ -509,6 +509,16 @@ pub(crate) fn engine_rates(
         replays: u64,
         recorded: u64,
     }
+    impl Run {
+        /// Requests whose texts equal those of the same requests in `other`.
+        fn same_texts(&self, other: &Run) -> usize {
+            self.texts
+                .iter()
+                .zip(&other.texts)
+                .filter(|(a, b)| a == b)
+                .count()
+        }
+    }
     // The answer path's logits processors: the citation guide over five passages, no 8-gram
     // twice (their edits run on the GPU beside the sampling kernel).
     let citation_vocab = Arc::new(CitationVocab::new(cfg.vocab_size, |id| {
@@ -594,12 +604,7 @@ pub(crate) fn engine_rates(
             );
         }
         if let Some(g) = &graphs {
-            let same = plain
-                .texts
-                .iter()
-                .zip(&g.texts)
-                .filter(|(a, b)| a == b)
-                .count();
+            let same = plain.same_texts(g);
             println!(
                 "ENGINE\t{name}\tbatch={b}, CUDA graphs against plain steps\t{same} of {b} texts equal\t{:.2}x tok/s",
                 plain.secs / g.secs.max(1e-9)
@@ -622,12 +627,7 @@ pub(crate) fn engine_rates(
                     ..guided
                 },
             )?;
-            let same = device
-                .texts
-                .iter()
-                .zip(&host.texts)
-                .filter(|(a, b)| a == b)
-                .count();
+            let same = device.same_texts(&host);
             println!(
                 "ENGINE\t{name} dummy Q4_1 (output Q8_0)\tbatch={b} prompt={prompt} out={out}, citation guide + no-repeat 8-gram\t{:.1} tok/s\t{:.2}x the plain run's time; processors on the host: {:.1} tok/s, {same} of {b} texts equal (must be all)",
                 device.generated as f64 / device.secs,
