@@ -24,7 +24,6 @@ use cited::models::decode_graph::DecodeGraphs;
 use cited::models::kv_cache::KvCache;
 use cited::models::llama::{Llama, LlamaConfig, QuantMode, RopeStyle};
 use cited::models::{Batch, LogitsAt};
-use cited::ops::llama_fused::copy_into;
 use cited::ops::paged_attention::gpu::{Decode, VARIANTS as DECODE_VARIANTS};
 use cited::ops::paged_attention::{paged_attention, PagedGeometry, SeqView};
 use cited::ops::rng::SplitMix64;
