@@ -286,11 +286,6 @@ impl Sampler {
         &self.params
     }
 
-    /// Token ids never to be chosen.
-    pub fn suppressed(&self) -> &[u32] {
-        &self.suppress
-    }
-
     /// How the GPU chooses this sampler's next token over a vocabulary of `vocab` (the edit
     /// kernel, then the sampling kernel with the plan's bans, this sampler's settings and
     /// penalties); `None` when a logits processor must see the logits on the host.

@@ -156,6 +156,17 @@ pub(crate) fn sweep(
         for &nq in nqs {
             let queries = Tensor::randn(0f32, 1.0, (nq, d), dev)?.to_dtype(DType::F16)?;
             for &k in ks {
+                // One SWEEP line per timed setting: its time and bandwidth, or its error.
+                let report = |name: &str, setting: String, timed: Result<f64>| match timed {
+                    Ok(ms) => {
+                        let tbs = bytes / (ms / 1e3) / 1e12;
+                        println!(
+                            "SWEEP\tn={n}\tnq={nq}\tk={k}\t{name}\t{setting}\t{ms:.3} ms\t{tbs:.2} TB/s\t{:.0}% of {peak_tbs} TB/s",
+                            100.0 * tbs / peak_tbs
+                        );
+                    }
+                    Err(e) => println!("SWEEP\tn={n}\tnq={nq}\tk={k}\t{name}\tERROR {e}"),
+                };
                 for v in VARIANTS
                     .iter()
                     .filter(|v| k as u32 <= v.max_k && d as u32 <= v.max_d && suits(v, nq))
@@ -189,18 +200,7 @@ pub(crate) fn sweep(
                                 .map_err(anyhow::Error::from)
                                 .and_then(|mut s| time_search(&mut s))
                         };
-                        let ms = match timed {
-                            Ok(ms) => ms,
-                            Err(e) => {
-                                println!("SWEEP\tn={n}\tnq={nq}\tk={k}\t{name}\tERROR {e}");
-                                continue;
-                            }
-                        };
-                        let tbs = bytes / (ms / 1e3) / 1e12;
-                        println!(
-                            "SWEEP\tn={n}\tnq={nq}\tk={k}\t{name}\trows_per_part={rows} ({label})\t{ms:.3} ms\t{tbs:.2} TB/s\t{:.0}% of {peak_tbs} TB/s",
-                            100.0 * tbs / peak_tbs
-                        );
+                        report(&name, format!("rows_per_part={rows} ({label})"), timed);
                     }
                 }
                 // cuBLAS products + the filter kernel, for batches: the default chunk, half and
@@ -221,18 +221,7 @@ pub(crate) fn sweep(
                                 let stream = s.stream();
                                 time_launches(&stream, 0.8, || Ok(s.launch()?))
                             });
-                        let ms = match timed {
-                            Ok(ms) => ms,
-                            Err(e) => {
-                                println!("SWEEP\tn={n}\tnq={nq}\tk={k}\t{name}\tERROR {e}");
-                                continue;
-                            }
-                        };
-                        let tbs = bytes / (ms / 1e3) / 1e12;
-                        println!(
-                            "SWEEP\tn={n}\tnq={nq}\tk={k}\t{name}\tchunk_rows={chunk} ({label})\t{ms:.3} ms\t{tbs:.2} TB/s\t{:.0}% of {peak_tbs} TB/s",
-                            100.0 * tbs / peak_tbs
-                        );
+                        report(name, format!("chunk_rows={chunk} ({label})"), timed);
                     }
                 }
             }

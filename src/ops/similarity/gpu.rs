@@ -64,23 +64,108 @@ fn f16_slice<'a>(
     }
 }
 
-/// A prepared search: buffers allocated once, so the same search can be launched repeatedly
-/// (benches) and read back when wanted.
-pub struct Search {
+/// What both searches hold: the inputs, the partial lists and merged results (which also
+/// keep nq, k and n), and the optional seeding search.
+struct Problem {
     dev: CudaDevice,
     queries: Tensor,
     corpus: Tensor,
-    n: u32,
     d: u32,
-    nq: u32,
-    k: u32,
-    variant: &'static Variant,
-    rows_per_part: u32,
     /// The partial lists (one per part and query) and the merged results.
     lists: Lists,
     /// The search over a prefix of the corpus whose k-th best scores seed the thresholds
     /// (kernels/similarity.cu, SEEDED THRESHOLDS).
     seed: Option<Box<Search>>,
+}
+
+impl Problem {
+    /// Checks what both searches need of their inputs: `queries` `(nq, d)` against `corpus`
+    /// `(n, d)`, both f16, contiguous, `k` in 1..=256, 1 to `max_n` rows. Returns (nq, n, d).
+    fn check(
+        queries: &Tensor,
+        corpus: &Tensor,
+        k: usize,
+        max_n: usize,
+    ) -> Result<(usize, usize, usize)> {
+        let (nq, d) = queries.dims2()?;
+        let (n, cd) = corpus.dims2()?;
+        if cd != d || d == 0 || queries.dtype() != DType::F16 || corpus.dtype() != DType::F16 {
+            return Err(OpsError::Shape(format!(
+                "f16 queries of width {d} against f16 rows of {cd}"
+            )));
+        }
+        if !queries.is_contiguous() || !corpus.is_contiguous() {
+            return Err(OpsError::Shape(
+                "queries and corpus must be contiguous".into(),
+            ));
+        }
+        if k == 0 || k > 256 || n == 0 || nq == 0 || n > max_n {
+            return Err(OpsError::Shape(format!("k {k} (1..=256), n {n}, nq {nq}")));
+        }
+        Ok((nq, n, d))
+    }
+
+    /// The checked inputs on `dev`, with lists of `parts` parts.
+    fn new(
+        dev: CudaDevice,
+        queries: &Tensor,
+        corpus: &Tensor,
+        k: usize,
+        parts: usize,
+    ) -> Result<Self> {
+        let (n, d) = corpus.dims2()?;
+        Ok(Self {
+            lists: Lists::new(
+                &dev,
+                queries.dim(0)? as u32,
+                parts as u32,
+                k as u32,
+                n as u32,
+            )?,
+            dev,
+            queries: queries.clone(),
+            corpus: corpus.clone(),
+            d: d as u32,
+            seed: None,
+        })
+    }
+
+    /// The seeding search of [`Search::with_seed`]: the default search over the corpus's
+    /// first `rows` rows (default [`default_seed_rows`]; at least k, fewer than the corpus).
+    fn seed(&mut self, rows: Option<usize>) -> Result<()> {
+        let (n, k) = (self.lists.n as usize, self.lists.k as usize);
+        let rows = rows.unwrap_or_else(|| default_seed_rows(n, k));
+        if rows < k || rows >= n {
+            return Err(OpsError::Shape(format!(
+                "a seed prefix of {rows} rows for k {k} and {n} rows (needs k <= rows < n)"
+            )));
+        }
+        let prefix = self.corpus.narrow(0, 0, rows)?;
+        self.seed = Some(Box::new(Search::new(
+            &self.queries,
+            &prefix,
+            k,
+            None,
+            None,
+        )?));
+        Ok(())
+    }
+
+    /// Enqueues the seeding search, when there is one.
+    fn launch_seed(&mut self) -> Result<()> {
+        match self.seed.as_mut() {
+            Some(seed) => seed.launch(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A prepared search: buffers allocated once, so the same search can be launched repeatedly
+/// (benches) and read back when wanted.
+pub struct Search {
+    p: Problem,
+    variant: &'static Variant,
+    rows_per_part: u32,
 }
 
 /// The prefix a seeded search scores first: at least 16 k rows and 1/64 of the corpus.
@@ -99,25 +184,18 @@ impl Search {
         variant: Option<&'static Variant>,
         rows_per_part: Option<u32>,
     ) -> Result<Self> {
-        let (nq, d) = queries.dims2()?;
-        let (n, cd) = corpus.dims2()?;
-        if cd != d || d % 8 != 0 || d > 2048 {
+        let (nq, n, d) = Problem::check(queries, corpus, k, u32::MAX as usize)?;
+        if d % 8 != 0 || d > 2048 {
             return Err(OpsError::Shape(format!(
-                "queries of width {d} against rows of {cd} (needs equal widths, a multiple of 8, <= 2048)"
+                "rows of width {d} (needs a multiple of 8, <= 2048)"
             )));
         }
-        if queries.dtype() != DType::F16 || corpus.dtype() != DType::F16 {
-            return Err(OpsError::Shape("queries and corpus must be f16".into()));
-        }
-        let aligned = |t: &Tensor| t.is_contiguous() && t.layout().start_offset().is_multiple_of(8);
+        // The kernels read rows in 16-byte pieces.
+        let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(8);
         if !aligned(queries) || !aligned(corpus) {
-            // The kernels read rows in 16-byte pieces.
             return Err(OpsError::Shape(
-                "queries and corpus must be contiguous and start on 8 elements".into(),
+                "queries and corpus must start on 8 elements".into(),
             ));
-        }
-        if k == 0 || k > 256 || n == 0 || nq == 0 || n > u32::MAX as usize {
-            return Err(OpsError::Shape(format!("k {k} (1..=256), n {n}, nq {nq}")));
         }
         let dev = cuda_device(corpus, "corpus")?;
         let variant = variant.unwrap_or_else(|| default_variant(nq, k, d));
@@ -131,19 +209,10 @@ impl Search {
             Some(r) => r.max(1),
             None => default_rows_per_part(&dev, n, nq, variant)?,
         };
-        let parts = n.div_ceil(rows_per_part as usize);
         Ok(Self {
-            lists: Lists::new(&dev, nq as u32, parts as u32, k as u32, n as u32)?,
-            dev,
-            queries: queries.clone(),
-            corpus: corpus.clone(),
-            n: n as u32,
-            d: d as u32,
-            nq: nq as u32,
-            k: k as u32,
+            p: Problem::new(dev, queries, corpus, k, n.div_ceil(rows_per_part as usize))?,
             variant,
             rows_per_part,
-            seed: None,
         })
     }
 
@@ -152,12 +221,7 @@ impl Search {
     /// default variant and part size for that prefix. The results are the same; a part
     /// whose rows all score below the prefix's k-th best then offers no candidate.
     pub fn with_seed(mut self, rows: Option<usize>) -> Result<Self> {
-        self.seed = Some(Box::new(seed_search(
-            &self.queries,
-            &self.corpus,
-            self.k,
-            rows,
-        )?));
+        self.p.seed(rows)?;
         Ok(self)
     }
 
@@ -172,18 +236,17 @@ impl Search {
     /// Fills every output buffer with NaN scores and 0xFFFFFFFF ids, so a slot a kernel
     /// forgets to write cannot pass for a result.
     pub fn poison(&mut self) -> Result<()> {
-        self.lists.poison(&self.dev)
+        self.p.lists.poison(&self.p.dev)
     }
 
     /// Enqueues the partial and merge kernels on the device's stream (no synchronisation),
     /// after the seeding search when there is one.
     pub fn launch(&mut self) -> Result<()> {
-        if let Some(seed) = self.seed.as_mut() {
-            seed.launch()?;
-        }
+        self.p.launch_seed()?;
+        let p = &mut self.p;
         let v = self.variant;
-        let partial = self.dev.get_or_load_custom_func(v.kernel, MODULE, PTX)?;
-        let smem = (v.smem_bytes)(self.k, self.d);
+        let partial = p.dev.get_or_load_custom_func(v.kernel, MODULE, PTX)?;
+        let smem = (v.smem_bytes)(p.lists.k, p.d);
         // Static plus dynamic shared memory over 48 KB needs the limit raised, whatever the
         // dynamic part alone is; raising it when not needed costs nothing.
         if smem > 0 {
@@ -194,50 +257,51 @@ impl Search {
                 )
                 .map_err(dev_err)?;
         }
-        let (q_storage, _) = self.queries.storage_and_layout();
-        let (c_storage, _) = self.corpus.storage_and_layout();
-        let q = f16_slice(&q_storage, &self.queries)?;
-        let c = f16_slice(&c_storage, &self.corpus)?;
+        let (q_storage, _) = p.queries.storage_and_layout();
+        let (c_storage, _) = p.corpus.storage_and_layout();
+        let q = f16_slice(&q_storage, &p.queries)?;
+        let c = f16_slice(&c_storage, &p.corpus)?;
+        let l = &mut p.lists;
         let cfg = LaunchConfig {
-            grid_dim: (self.lists.parts, self.nq.div_ceil(v.queries_per_block), 1),
+            grid_dim: (l.parts, l.nq.div_ceil(v.queries_per_block), 1),
             block_dim: (v.threads, 1, 1),
             shared_mem_bytes: smem,
         };
         // The seed: the prefix's merged scores from its k-th entry on, one per query k
         // apart; a null pointer without one.
         let null = 0u64;
-        let seed_view = self.seed.as_ref().map(|s| s.lists.seed_view());
+        let seed_view = p.seed.as_ref().map(|s| s.p.lists.seed_view());
         let mut b = partial.builder();
         b.arg(&q)
             .arg(&c)
-            .arg(&self.n)
-            .arg(&self.d)
-            .arg(&self.nq)
-            .arg(&self.k)
+            .arg(&l.n)
+            .arg(&p.d)
+            .arg(&l.nq)
+            .arg(&l.k)
             .arg(&self.rows_per_part)
-            .arg(&mut self.lists.part_scores)
-            .arg(&mut self.lists.part_ids);
+            .arg(&mut l.part_scores)
+            .arg(&mut l.part_ids);
         match &seed_view {
             Some(view) => b.arg(view),
             None => b.arg(&null),
         };
-        b.arg(&self.k);
+        b.arg(&l.k);
         // SAFETY: the argument list matches the kernel's signature (kernels/similarity.cu),
         // the buffers hold (nq, parts, k) entries, and the inputs were checked above; the
         // seed (same queries, same k) holds nq * k scores, read at q * k + k - 1.
         unsafe { b.launch(cfg) }.map_err(dev_err)?;
 
-        self.lists.merge(&self.dev)
+        l.merge(&p.dev)
     }
 
     /// Waits for the device and copies the results back: `nq` lists of `min(k, n)` hits.
     pub fn read(&self) -> Result<Vec<Vec<Hit>>> {
-        self.lists.read(&self.dev)
+        self.p.lists.read(&self.p.dev)
     }
 
     /// The device's stream, for timing with events.
     pub fn stream(&self) -> std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream> {
-        self.dev.cuda_stream()
+        self.p.dev.cuda_stream()
     }
 }
 
@@ -246,21 +310,13 @@ impl Search {
 /// filtered into per-part top-k lists and merged. For batches of queries, where the tensor-core
 /// kernels of [`Search`] run far below the GEMM's throughput.
 pub struct GemmSearch {
-    dev: CudaDevice,
+    /// Its lists hold the parts of every chunk.
+    p: Problem,
     blas: candle_core::cuda_backend::cudarc::cublas::CudaBlas,
-    queries: Tensor,
-    corpus: Tensor,
-    n: u32,
-    d: u32,
-    nq: u32,
-    k: u32,
     chunk_rows: u32,
     /// Rows of each filter part (a chunk's last part may have fewer).
     rows_per_part: u32,
     scores: CudaSlice<f32>,
-    /// The partial lists (parts over all chunks) and the merged results.
-    lists: Lists,
-    seed: Option<Box<Search>>,
 }
 
 /// Threads of the filter kernel (as PARTIAL_THREADS in the kernel) and its candidate buffer.
@@ -277,21 +333,7 @@ impl GemmSearch {
         k: usize,
         chunk_rows: Option<u32>,
     ) -> Result<Self> {
-        let (nq, d) = queries.dims2()?;
-        let (n, cd) = corpus.dims2()?;
-        if cd != d || d == 0 || queries.dtype() != DType::F16 || corpus.dtype() != DType::F16 {
-            return Err(OpsError::Shape(format!(
-                "f16 queries of width {d} against f16 rows of {cd}"
-            )));
-        }
-        if !queries.is_contiguous() || !corpus.is_contiguous() {
-            return Err(OpsError::Shape(
-                "queries and corpus must be contiguous".into(),
-            ));
-        }
-        if k == 0 || k > 256 || n == 0 || nq == 0 || n > i32::MAX as usize {
-            return Err(OpsError::Shape(format!("k {k} (1..=256), n {n}, nq {nq}")));
-        }
+        let (nq, n, _) = Problem::check(queries, corpus, k, i32::MAX as usize)?;
         let dev = cuda_device(corpus, "corpus")?;
         let chunk_rows = chunk_rows
             .map(|c| c.max(1) as usize)
@@ -314,28 +356,15 @@ impl GemmSearch {
                 .map_err(dev_err)?,
             // SAFETY: each chunk's GEMM writes the scores before its filter reads them.
             scores: unsafe { stream.alloc::<f32>(nq * chunk_rows as usize) }.map_err(dev_err)?,
-            lists: Lists::new(&dev, nq as u32, parts as u32, k as u32, n as u32)?,
-            dev,
-            queries: queries.clone(),
-            corpus: corpus.clone(),
-            n: n as u32,
-            d: d as u32,
-            nq: nq as u32,
-            k: k as u32,
+            p: Problem::new(dev, queries, corpus, k, parts as usize)?,
             chunk_rows,
             rows_per_part,
-            seed: None,
         })
     }
 
     /// Seeds the filter's thresholds as [`Search::with_seed`] does.
     pub fn with_seed(mut self, rows: Option<usize>) -> Result<Self> {
-        self.seed = Some(Box::new(seed_search(
-            &self.queries,
-            &self.corpus,
-            self.k,
-            rows,
-        )?));
+        self.p.seed(rows)?;
         Ok(self)
     }
 
@@ -346,36 +375,36 @@ impl GemmSearch {
     /// Fills the outputs with NaN scores and 0xFFFFFFFF ids, so a slot nothing writes cannot
     /// pass for a result.
     pub fn poison(&mut self) -> Result<()> {
-        self.lists.poison(&self.dev)
+        self.p.lists.poison(&self.p.dev)
     }
 
     /// Enqueues every chunk's GEMM and filter, then the merge (no synchronisation).
     pub fn launch(&mut self) -> Result<()> {
         use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as blas_sys};
         use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-        if let Some(seed) = self.seed.as_mut() {
-            seed.launch()?;
-        }
-        let stream = self.dev.cuda_stream();
-        let filter = self
+        self.p.launch_seed()?;
+        let p = &mut self.p;
+        let stream = p.dev.cuda_stream();
+        let filter = p
             .dev
             .get_or_load_custom_func("similarity_filter_scores", MODULE, PTX)?;
-        let k2 = self.k.next_power_of_two();
+        let l = &mut p.lists;
+        let (n, nq, k, d) = (l.n, l.nq, l.k, p.d);
+        let k2 = k.next_power_of_two();
         let smem = (k2 + FILTER_BUF) * 8;
-        let (q_storage, _) = self.queries.storage_and_layout();
-        let (c_storage, _) = self.corpus.storage_and_layout();
-        let q = f16_slice(&q_storage, &self.queries)?;
-        let c = f16_slice(&c_storage, &self.corpus)?;
+        let (q_storage, _) = p.queries.storage_and_layout();
+        let (c_storage, _) = p.corpus.storage_and_layout();
+        let q = f16_slice(&q_storage, &p.queries)?;
+        let c = f16_slice(&c_storage, &p.corpus)?;
         let null = 0u64;
-        let seed_view = self.seed.as_ref().map(|s| s.lists.seed_view());
-        let d = self.d as usize;
+        let seed_view = p.seed.as_ref().map(|s| s.p.lists.seed_view());
         let (alpha, beta) = (1f32, 0f32);
         let mut row0 = 0u32;
         let mut part0 = 0u32;
-        while row0 < self.n {
-            let rows = self.chunk_rows.min(self.n - row0);
+        while row0 < n {
+            let rows = self.chunk_rows.min(n - row0);
             {
-                let chunk = c.slice(row0 as usize * d..(row0 + rows) as usize * d);
+                let chunk = c.slice((row0 * d) as usize..((row0 + rows) * d) as usize);
                 let (a_ptr, _a) = chunk.device_ptr(&stream);
                 let (b_ptr, _b) = q.device_ptr(&stream);
                 let (c_ptr, _c) = self.scores.device_ptr(&stream);
@@ -390,15 +419,15 @@ impl GemmSearch {
                         blas_sys::cublasOperation_t::CUBLAS_OP_T,
                         blas_sys::cublasOperation_t::CUBLAS_OP_N,
                         rows as i32,
-                        self.nq as i32,
-                        self.d as i32,
+                        nq as i32,
+                        d as i32,
                         (&alpha as *const f32).cast(),
                         a_ptr as *const _,
                         blas_sys::cudaDataType::CUDA_R_16F,
-                        self.d as i32,
+                        d as i32,
                         b_ptr as *const _,
                         blas_sys::cudaDataType::CUDA_R_16F,
-                        self.d as i32,
+                        d as i32,
                         (&beta as *const f32).cast(),
                         c_ptr as *mut _,
                         blas_sys::cudaDataType::CUDA_R_32F,
@@ -411,7 +440,7 @@ impl GemmSearch {
             }
             let chunk_parts = rows.div_ceil(self.rows_per_part);
             let cfg = LaunchConfig {
-                grid_dim: (chunk_parts, self.nq, 1),
+                grid_dim: (chunk_parts, nq, 1),
                 block_dim: (FILTER_THREADS, 1, 1),
                 shared_mem_bytes: smem,
             };
@@ -419,18 +448,18 @@ impl GemmSearch {
             b.arg(&self.scores)
                 .arg(&rows)
                 .arg(&row0)
-                .arg(&self.nq)
-                .arg(&self.k)
+                .arg(&nq)
+                .arg(&k)
                 .arg(&self.rows_per_part)
                 .arg(&part0)
-                .arg(&self.lists.parts)
-                .arg(&mut self.lists.part_scores)
-                .arg(&mut self.lists.part_ids);
+                .arg(&l.parts)
+                .arg(&mut l.part_scores)
+                .arg(&mut l.part_ids);
             match &seed_view {
                 Some(view) => b.arg(view),
                 None => b.arg(&null),
             };
-            b.arg(&self.k);
+            b.arg(&k);
             // SAFETY: the arguments match `similarity_filter_scores`: the scores hold nq rows
             // of `rows` floats (this chunk's GEMM, earlier on the stream); parts part0 ..
             // part0 + chunk_parts are below `parts`, so the partial lists hold their entries;
@@ -440,37 +469,24 @@ impl GemmSearch {
             row0 += rows;
             part0 += chunk_parts;
         }
-        if part0 != self.lists.parts {
+        if part0 != l.parts {
             return Err(OpsError::Shape(format!(
                 "{part0} filter parts launched for {} planned",
-                self.lists.parts
+                l.parts
             )));
         }
-        self.lists.merge(&self.dev)
+        l.merge(&p.dev)
     }
 
     /// Waits for the device and copies the results back: `nq` lists of `min(k, n)` hits.
     pub fn read(&self) -> Result<Vec<Vec<Hit>>> {
-        self.lists.read(&self.dev)
+        self.p.lists.read(&self.p.dev)
     }
 
     /// The device's stream, for timing with events.
     pub fn stream(&self) -> std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream> {
-        self.dev.cuda_stream()
+        self.p.dev.cuda_stream()
     }
-}
-
-/// The seeding search of [`Search::with_seed`]: the default search over the corpus's first
-/// `rows` rows (default [`default_seed_rows`]; at least k, fewer than the corpus).
-fn seed_search(queries: &Tensor, corpus: &Tensor, k: u32, rows: Option<usize>) -> Result<Search> {
-    let (n, k) = (corpus.dim(0)?, k as usize);
-    let rows = rows.unwrap_or_else(|| default_seed_rows(n, k));
-    if rows < k || rows >= n {
-        return Err(OpsError::Shape(format!(
-            "a seed prefix of {rows} rows for k {k} and {n} rows (needs k <= rows < n)"
-        )));
-    }
-    Search::new(queries, &corpus.narrow(0, 0, rows)?, k, None, None)
 }
 
 /// The partial top-k lists of a search and its merged results: `parts` lists of k per query,
